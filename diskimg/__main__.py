@@ -1,0 +1,5 @@
+import sys
+
+from diskimg.cli import main
+
+sys.exit(main())

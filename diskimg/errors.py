@@ -1,0 +1,122 @@
+"""Every error diskimg raises on purpose, each with the exit code the CLI maps it to.
+
+This module imports nothing from diskimg so that every layer can raise these.  Each error's
+``__str__`` is the one line a user sees after ``diskimg: error:``: it names the file or device
+and says what is wrong.
+"""
+from __future__ import annotations
+
+# Exit codes: one table, documented in the README and tested in tests/cli.
+EXIT_OK = 0
+EXIT_PROBLEM = 1      # a check found a problem: corrupt image, unreadable sectors, WARN/FAIL health
+EXIT_USAGE = 2        # invalid usage or input, or an unsafe operation refused
+EXIT_FAILED = 3       # the operation failed: I/O error, disk full, SMART unreadable
+EXIT_INTERRUPTED = 130
+
+
+class DiskimgError(Exception):
+    """Base of every diskimg error.  ``exit_code`` is what the CLI exits with."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(DiskimgError):
+    """Invalid input or arguments (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class SourceError(UsageError):
+    """The source cannot be used: missing, a directory, unreadable type."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class NotAnImage(UsageError):
+    """A file that is not a diskimg image, or an image this version cannot read."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class IncompleteImage(NotAnImage):
+    """An image without a valid trailer: still being written, interrupted or truncated."""
+
+
+class UnsafeTarget(UsageError):
+    """A restore or image target that would lose data: mounted, too small, the source itself."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class ChainError(UsageError):
+    """An image chain that cannot be resolved or built (missing or mismatched parent)."""
+
+
+class MissingParent(ChainError):
+    def __init__(self, uuid: str, name: str, searched: list[str]) -> None:
+        where = ", ".join(searched) if searched else "nowhere"
+        super().__init__(f"parent image {uuid} ({name}) not found; looked in {where}")
+        self.uuid = uuid
+        self.name = name
+        self.searched = searched
+
+
+class CorruptImage(DiskimgError):
+    """Damage found in an image (exit 1)."""
+
+    exit_code = EXIT_PROBLEM
+
+
+class ChecksumMismatch(CorruptImage):
+    def __init__(self, image: str, block: int, expected: str, actual: str) -> None:
+        super().__init__(
+            f"{image}: checksum mismatch in block {block}: calculated {actual}, should be {expected}"
+        )
+        self.image = image
+        self.block = block
+        self.expected = expected
+        self.actual = actual
+
+
+class OperationFailed(DiskimgError):
+    """An operation that failed for reasons outside the input: I/O error, disk full (exit 3)."""
+
+    exit_code = EXIT_FAILED
+
+
+class ReadError(OperationFailed):
+    """An unreadable area of the source."""
+
+    def __init__(self, path: str, offset: int, length: int, err: OSError, hint: str = "") -> None:
+        msg = f"{path}: read error at byte {offset} ({length} bytes): {err.strerror or err}"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(msg)
+        self.path = path
+        self.offset = offset
+        self.length = length
+        self.errno = err.errno
+
+
+class SmartUnavailable(OperationFailed):
+    """SMART could not be read: no smartctl, or no SMART on the device (exit 3)."""
+
+
+class Interrupted(DiskimgError):
+    exit_code = EXIT_INTERRUPTED

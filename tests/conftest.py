@@ -1,0 +1,90 @@
+"""Shared fixtures: loop devices that are always detached, and a report header saying what this
+machine can test (root, losetup, smartctl, mkfs.*, FUSE)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+TOOLS = ["losetup", "smartctl", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat", "fsck.ext4", "ddrescue",
+         "partclone.ext4", "fusermount3"]
+
+
+def pytest_report_header(config):
+    have = {t: bool(shutil.which(t)) for t in TOOLS}
+    fuse = os.path.exists("/dev/fuse")
+    return [
+        f"diskimg: root={IS_ROOT} fuse={fuse} "
+        + " ".join(f"{t}={'yes' if ok else 'no'}" for t, ok in have.items())
+    ]
+
+
+def pytest_collection_modifyitems(config, items):
+    if IS_ROOT:
+        return
+    skip = pytest.mark.skip(reason="needs root: loop devices, mkfs and mount")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; a failure shows its stderr in the assertion."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+class LoopDevices:
+    """Attaches loop devices over files in a test's tmp_path and always detaches them."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.devices: list[str] = []
+        self.mounts: list[str] = []
+
+    def attach(self, backing: Path, *extra: str) -> str:
+        dev = run("losetup", "--find", "--show", *extra, str(backing)).stdout.strip()
+        self.devices.append(dev)
+        return dev
+
+    def create(self, size: int, name: str = "disk", *extra: str) -> tuple[str, Path]:
+        """A new zero-filled (sparse) backing file of `size` bytes, attached."""
+        backing = self.tmp_path / f"{name}.img"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        return self.attach(backing, *extra), backing
+
+    def mount(self, dev: str, mnt: Path, *opts: str) -> Path:
+        mnt.mkdir(parents=True, exist_ok=True)
+        run("mount", *opts, dev, str(mnt))
+        self.mounts.append(str(mnt))
+        return mnt
+
+    def umount(self, mnt: Path) -> None:
+        run("umount", str(mnt))
+        self.mounts.remove(str(mnt))
+
+    def cleanup(self) -> None:
+        for mnt in reversed(self.mounts):
+            run("umount", "-l", mnt, check=False)
+        for dev in reversed(self.devices):
+            run("losetup", "-d", dev, check=False)
+
+
+@pytest.fixture
+def loops(tmp_path):
+    if not IS_ROOT:
+        pytest.skip("needs root: loop devices")
+    if not shutil.which("losetup"):
+        pytest.skip("losetup not installed")
+    lo = LoopDevices(tmp_path)
+    try:
+        yield lo
+    finally:
+        lo.cleanup()
