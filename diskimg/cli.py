@@ -7,13 +7,21 @@ arguments into one library call and reports its result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
-from diskimg import __version__
-from diskimg.errors import EXIT_FAILED, EXIT_INTERRUPTED, DiskimgError
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from diskimg import __version__, blockdev, imagefile, imaging, restore, verify
+from diskimg import format as fmt
+from diskimg.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, DiskimgError,
+                            UsageError)
+from diskimg.pipeline import default_threads
 
 log = logging.getLogger("diskimg")
 
@@ -35,7 +43,269 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-ADDERS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _parse_size(text: str) -> int:
+    """'1M', '4MiB', '65536', '64k' -> bytes (binary units)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 1M, 4MiB, 65536)")
+
+
+def _progress_bar(total: int, desc: str, disabled: bool):
+    """A tqdm bar on stderr (bytes, rate, ETA); off when stderr is not a terminal."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, disable=True if disabled else None, dynamic_ncols=True)
+
+
+def _human(n: float) -> str:
+    return restore.human(n)
+
+
+# --------------------------------------------------------------------------------------------
+# image
+
+def _add_image(sub) -> None:
+    p = sub.add_parser("image", parents=[_common()], help="image a block device or file",
+                       description="Read SOURCE block by block into the image file IMAGE.")
+    p.add_argument("source", metavar="SOURCE", help="block device or regular file to image")
+    p.add_argument("image", metavar="IMAGE", help="image file to write")
+    p.add_argument("--block-size", type=_parse_size, default=imaging.DEFAULT_BLOCK_SIZE,
+                   metavar="SIZE", help="power of two, 64K to 16M (default: %(default)s bytes)")
+    p.add_argument("--level", type=int, default=imaging.DEFAULT_LEVEL, metavar="N",
+                   help="zstd compression level, 1-19 (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="hashing/compression threads (default: the CPUs available)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--incremental", metavar="PARENT",
+                      help="store only the blocks changed since the image PARENT")
+    kind.add_argument("--differential", metavar="PARENT",
+                      help="store the blocks changed since the full image at the root of "
+                           "PARENT's chain")
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also look for parent images in DIR (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing IMAGE; accept a source whose serial differs "
+                        "from the parent's")
+    p.set_defaults(func=_cmd_image)
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    try:
+        opts = imaging.ImageOptions(
+            block_size=args.block_size, level=args.level,
+            threads=args.threads or default_threads(), force=args.force,
+            incremental=args.incremental, differential=args.differential,
+            search=tuple(args.search))
+        fmt.check_block_size(opts.block_size)
+    except ValueError as err:
+        raise UsageError(f"--block-size: {err}") from err
+    if not 1 <= opts.level <= 22:
+        raise UsageError(f"--level {opts.level}: must be between 1 and 22")
+    if opts.threads < 1:
+        raise UsageError(f"--threads {opts.threads}: must be at least 1")
+    size = _source_size_for_progress(args.source)
+    with _progress_bar(size, "imaging", args.no_progress or args.json) as bar, \
+            logging_redirect_tqdm(loggers=[log]):
+        result = imaging.create_image(args.source, args.image, opts, progress=bar.update)
+    if args.json:
+        _print_json(dataclasses.asdict(result))
+        return EXIT_OK
+    rate = result.size / result.seconds if result.seconds else 0
+    ratio = result.image_bytes / result.size * 100 if result.size else 0
+    print(f"{result.kind} image {result.path} of {args.source}: {_human(result.size)} "
+          f"in {result.seconds:.1f} s ({_human(rate)}/s)")
+    print(f"  blocks: {result.blocks} x {_human(result.block_size)}; stored "
+          f"{result.stored_blocks}, zero {result.zero_blocks}, unused {result.unused_blocks}"
+          + (f", unchanged {result.unchanged_blocks}, changed {result.changed_blocks}"
+             if result.parent else ""))
+    print(f"  image: {_human(result.image_bytes)} ({ratio:.1f}% of the source); "
+          f"uuid {result.uuid}")
+    return EXIT_OK
+
+
+def _source_size_for_progress(path: str) -> int:
+    try:
+        src = blockdev.open_source(path)
+    except DiskimgError:
+        return 0  # create_image reports the problem
+    try:
+        return src.size
+    finally:
+        src.close()
+
+
+# --------------------------------------------------------------------------------------------
+# restore
+
+def _add_restore(sub) -> None:
+    p = sub.add_parser("restore", parents=[_common()], help="restore an image to a device or file",
+                       description="Write IMAGE (resolving its chain) to TARGET block by block, "
+                                   "verifying every block before it is written.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("target", metavar="TARGET", help="block device or file (created if missing)")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="overwrite an existing TARGET without asking")
+    p.add_argument("--only-changed", action="store_true",
+                   help="read TARGET and write only the blocks that differ from the image")
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also look for parent images in DIR (repeatable)")
+    p.add_argument("--threads", type=int, default=None, metavar="N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_restore)
+
+
+def _confirm(args: argparse.Namespace) -> Callable[[str], bool]:
+    def ask(question: str) -> bool:
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            print(f"diskimg: {question}; refusing without --yes (no terminal to ask on)",
+                  file=sys.stderr)
+            return False
+        print(f"diskimg: {question}.", file=sys.stderr)
+        try:
+            answer = input("Type 'yes' to overwrite: ")
+        except EOFError:
+            return False
+        return answer.strip().lower() == "yes"
+    return ask
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    with _ChainSize(args.image) as total, \
+            _progress_bar(total, "restoring", args.no_progress or args.json) as bar, \
+            logging_redirect_tqdm(loggers=[log]):
+        result = restore.restore_image(
+            args.image, args.target, search=args.search, only_changed=args.only_changed,
+            confirm=_confirm(args), threads=args.threads, progress=bar.update)
+    if args.json:
+        _print_json(dataclasses.asdict(result))
+        return EXIT_PROBLEM if result.unreadable else EXIT_OK
+    rate = result.size / result.seconds if result.seconds else 0
+    names = " -> ".join(os.path.basename(p) for p in result.chain_paths)
+    print(f"restored {args.image} to {args.target}: {_human(result.size)} in "
+          f"{result.seconds:.1f} s ({_human(rate)}/s)")
+    print(f"  chain: {names}")
+    line = (f"  blocks: {result.blocks}; written {result.written_blocks}, zeroed "
+            f"{result.zeroed_blocks}, left as holes {result.hole_blocks}")
+    if args.only_changed:
+        line += (f"; read from target {result.read_target_blocks}, already identical "
+                 f"{result.skipped_blocks}")
+    print(line)
+    if result.target_size > result.size:
+        print(f"  note: {args.target} is larger than the image ({_human(result.target_size)} vs "
+              f"{_human(result.size)}); the bytes past {result.size} were left as they were")
+    for off, length in result.unreadable:
+        print(f"  unreadable on the source, restored as zeros: bytes {off}-{off + length - 1}")
+    return EXIT_PROBLEM if result.unreadable else EXIT_OK
+
+
+class _ChainSize:
+    """The device size of an image for the progress bar (0 when it cannot be read; the
+    restore itself then reports why)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> int:
+        try:
+            with imagefile.ImageReader(self.path) as r:
+                return r.header.size
+        except DiskimgError:
+            return 0
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", parents=[_common()], help="check an image and its chain",
+                       description="Check every block of IMAGE and of each image it depends on; "
+                                   "name every damaged block.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also look for parent images in DIR (repeatable)")
+    p.add_argument("--threads", type=int, default=None, metavar="N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    with _progress_bar(0, "verifying", args.no_progress or args.json) as bar, \
+            logging_redirect_tqdm(loggers=[log]):
+        result = verify.verify_image(args.image, search=args.search, threads=args.threads,
+                                     progress=bar.update)
+    if args.json:
+        _print_json({"ok": result.ok, "image": result.image,
+                     "chain": [{"uuid": u, "path": p} for u, p in result.chain],
+                     "blocks_checked": result.blocks_checked,
+                     "errors": [e.to_json() for e in result.errors]})
+        return EXIT_OK if result.ok else EXIT_PROBLEM
+    for uuid, path in result.chain:
+        print(f"checked {path} ({uuid})")
+    for e in result.errors:
+        where = "" if e.block is None else (
+            f"blocks {e.block}-{e.last_block}: " if e.last_block is not None
+            else f"block {e.block} (byte {e.offset}): ")
+        print(f"BAD {e.path}: {where}{e.reason}")
+    if result.ok:
+        print(f"OK: {result.blocks_checked} blocks, {_human(result.bytes_checked)} of data "
+              f"verified in {result.seconds:.1f} s")
+        return EXIT_OK
+    print(f"FAILED: {len(result.errors)} error(s) in {args.image}")
+    return EXIT_PROBLEM
+
+
+# --------------------------------------------------------------------------------------------
+# info
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", parents=[_common()], help="describe an image",
+                       description="Print what IMAGE holds: kind, chain, sizes, source.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    with imagefile.ImageReader(args.image) as reader:
+        info = imagefile.describe(reader)
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    src = info["source"] or {}
+    print(f"image:       {args.image}")
+    print(f"uuid:        {info['uuid']}")
+    print(f"kind:        {info['kind']}" + (f" (parent {info['parent']}, {info['parent_name']})"
+                                           if info["parent"] else ""))
+    if len(info["chain"]) > 1:
+        print(f"chain:       {' -> '.join(info['chain'])}")
+    print(f"source:      {src.get('path')}" + "".join(
+        f", {k} {src[k]}" for k in ("model", "serial") if src.get(k)))
+    print(f"size:        {info['size']} bytes ({_human(info['size'])})")
+    print(f"blocks:      {info['blocks']} x {_human(info['block_size'])}: stored "
+          f"{info['stored_blocks']}, zero {info['zero_blocks']}, unused {info['unused_blocks']}"
+          + (f", changed {info['changed_blocks']}" if info["parent"] else ""))
+    print(f"image size:  {info['image_bytes']} bytes ({_human(info['image_bytes'])})")
+    print(f"created:     {info['created']} by diskimg {info['tool_version']}")
+    for r in info["unreadable"]:
+        print(f"unreadable:  bytes {r['offset']}-{r['offset'] + r['length'] - 1} "
+              f"({r['length']} bytes) read as zeros")
+    return EXIT_OK
+
+
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_image, _add_restore, _add_verify, _add_info,
+]
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -83,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report_error(args, "interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into head and friends: not an error worth a message
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         _report_error(args, f"{where}{e.strerror or e}")

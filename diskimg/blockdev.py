@@ -1,0 +1,190 @@
+"""Opening sources and targets: block devices and regular files, their sizes and sector sizes,
+holes in sparse files, and zeroing ranges.  The one user of block-device ioctls.
+
+A source is always opened read-only: nothing in diskimg holds a writable descriptor to it.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+from diskimg.errors import OperationFailed, SourceError, UnsafeTarget
+
+log = logging.getLogger(__name__)
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKPBSZGET = 0x127B
+BLKZEROOUT = 0x127F
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    fd: int
+    size: int
+    is_block: bool
+    logical_sector: int = 512
+    physical_sector: int = 512
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _ioctl_int(fd: int, req: int, fmt: str) -> int:
+    buf = fcntl.ioctl(fd, req, b"\0" * struct.calcsize(fmt))
+    return struct.unpack(fmt, buf)[0]
+
+
+def device_size(fd: int) -> int:
+    try:
+        return _ioctl_int(fd, BLKGETSIZE64, "Q")
+    except OSError:
+        return os.lseek(fd, 0, os.SEEK_END)
+
+
+def open_source(path: str, direct: bool = False) -> Source:
+    """Open a block device or regular file read-only.  Raises SourceError for anything else."""
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as err:
+        raise SourceError(path, "no such file or device") from err
+    except OSError as err:
+        raise SourceError(path, err.strerror or str(err)) from err
+    if stat.S_ISDIR(st.st_mode):
+        raise SourceError(path, "is a directory; give a block device or an image file")
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise SourceError(path, "is neither a block device nor a regular file")
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise SourceError(path, f"cannot open read-only: {err.strerror}") from err
+    if stat.S_ISBLK(st.st_mode):
+        size = device_size(fd)
+        logical = _ioctl_int(fd, BLKSSZGET, "i")
+        physical = _ioctl_int(fd, BLKPBSZGET, "I")
+        return Source(path, fd, size, True, logical, physical)
+    return Source(path, fd, st.st_size, False)
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data of a regular file, skipping holes (SEEK_DATA/SEEK_HOLE).
+    Falls back to the whole file where the filesystem does not support it."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # no data after pos
+                return
+            yield pos, size - pos  # EINVAL: not supported here
+            return
+        end = min(os.lseek(fd, start, SEEK_HOLE), size)
+        if end > start:
+            yield start, end - start
+        pos = end
+
+
+def pread_full(fd: int, length: int, offset: int, path: str) -> bytes:
+    """Read exactly `length` bytes (short reads retried); OSError is left to the caller."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise OSError(errno.EIO, f"unexpected end of {path} at byte {offset + got}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (short writes continued)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    fd: int
+    size: int
+    is_block: bool
+    created: bool          # a new regular file: zero blocks stay holes
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def stat_target(path: str) -> tuple[bool, bool, int]:
+    """(exists, is_block, size) of a restore target; raises UnsafeTarget for other kinds."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False, False, 0
+    if stat.S_ISDIR(st.st_mode):
+        raise UnsafeTarget(path, "is a directory; give a block device or a file")
+    if stat.S_ISBLK(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return True, True, device_size(fd)
+        finally:
+            os.close(fd)
+    if stat.S_ISREG(st.st_mode):
+        return True, False, st.st_size
+    raise UnsafeTarget(path, "is neither a block device nor a regular file")
+
+
+def open_target(path: str, size: int, exists: bool, is_block: bool,
+                read_back: bool = False) -> Target:
+    """Open a restore target for writing.  Block devices are opened O_EXCL, which the kernel
+    refuses while anything has the device mounted or claimed.  A missing file is created at
+    `size` bytes (sparse)."""
+    mode = os.O_RDWR if read_back else os.O_WRONLY
+    try:
+        if is_block:
+            fd = os.open(path, mode | os.O_EXCL | os.O_CLOEXEC)
+            return Target(path, fd, device_size(fd), True, False)
+        if not exists:
+            fd = os.open(path, mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.ftruncate(fd, size)
+            return Target(path, fd, size, False, True)
+        fd = os.open(path, mode | os.O_CLOEXEC)
+        return Target(path, fd, os.fstat(fd).st_size, False, False)
+    except OSError as err:
+        if err.errno == errno.EBUSY:
+            raise UnsafeTarget(path, "device is busy (mounted or in use)") from err
+        raise OperationFailed(f"{path}: cannot open for writing: {err.strerror}") from err
+
+
+def zero_range(target: Target, offset: int, length: int) -> None:
+    """Make a range of the target read as zeros: BLKZEROOUT on a device (write-zeroes offload
+    where the device has it), zero writes on a file."""
+    if target.is_block:
+        try:
+            fcntl.ioctl(target.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+            return
+        except OSError as err:
+            log.debug("BLKZEROOUT on %s failed (%s); writing zeros", target.path, err)
+    zeros = bytes(min(length, 4 << 20))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        pwrite_full(target.fd, memoryview(zeros)[:n], offset)
+        offset += n

@@ -1,0 +1,152 @@
+"""Chains of images: finding an image's parents and resolving each block through the chain.
+
+A full image stands alone.  An incremental image's parent is any image of the same source; a
+differential image's parent is the full image at the root of the chain it was taken against.  A
+child records its parent's UUID, file name and index digest; parents are looked for next to the
+child under that name, then in each search directory (by name, then by UUID among the images
+there), and the digest proves that the file found is the very image the child was made against.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+from diskimg import format as fmt
+from diskimg.errors import ChainError, CorruptImage, DiskimgError, MissingParent
+from diskimg.imagefile import ImageReader
+
+log = logging.getLogger(__name__)
+
+
+def parent_ref(parent: ImageReader) -> dict:
+    """What a child records of its parent."""
+    return {
+        "uuid": parent.uuid,
+        "name": os.path.basename(parent.path),
+        "index_sha256": parent.index_sha256,
+        "kind": parent.header.kind,
+    }
+
+
+def _search_dirs(child: ImageReader, search: Iterable[str]) -> list[str]:
+    """The child's own directory, then each search directory, without repeats."""
+    dirs = [os.path.dirname(os.path.abspath(child.path))] + [os.path.abspath(d) for d in search]
+    seen: list[str] = []
+    for d in dirs:
+        if d not in seen:
+            seen.append(d)
+    return seen
+
+
+def _peek_uuid(path: str) -> str | None:
+    """The UUID in a file's header, or None when it is not a readable image header."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return fmt.read_header(fd, path)[0].uuid
+    except (DiskimgError, OSError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def find_parent(child: ImageReader, search: Iterable[str] = ()) -> ImageReader:
+    """Open the parent of `child`.  Raises MissingParent or ChainError (replaced parent)."""
+    ref = child.header.parent
+    assert ref is not None
+    uuid, name, digest = ref["uuid"], ref["name"], ref["index_sha256"]
+    dirs = _search_dirs(child, search)
+    impostors: list[str] = []
+    # by recorded name first, then any image in those directories with the right UUID
+    paths = [os.path.join(d, name) for d in dirs]
+    for d in dirs:
+        try:
+            paths += sorted(os.path.join(d, f) for f in os.listdir(d) if f != name)
+        except OSError:
+            continue
+    for path in paths:
+        if not os.path.isfile(path) or os.path.samefile(path, child.path):
+            continue
+        found = _peek_uuid(path)
+        if found is None:
+            continue
+        if found != uuid:
+            if os.path.basename(path) == name:
+                impostors.append(f"{path} is image {found}")
+            continue
+        parent = ImageReader(path)
+        if parent.index_sha256 != digest:
+            parent.close()
+            raise ChainError(f"{path}: has the parent's UUID {uuid} but a different index "
+                             f"(digest {parent.index_sha256[:16]}…, child {child.path} expects "
+                             f"{digest[:16]}…): it is not the image the child was made against")
+        return parent
+    if impostors:
+        raise ChainError(f"parent image {uuid} ({name}) of {child.path} not found: "
+                         + "; ".join(impostors) + " (replaced by a different image?)")
+    raise MissingParent(uuid, name, dirs)
+
+
+@dataclass
+class Chain:
+    """Open images from the root full image (first) to the requested one (last)."""
+
+    images: list[ImageReader]
+
+    @property
+    def leaf(self) -> ImageReader:
+        return self.images[-1]
+
+    @property
+    def uuids(self) -> list[str]:
+        return [i.uuid for i in self.images]
+
+    def close(self) -> None:
+        for i in self.images:
+            i.close()
+
+    def __enter__(self) -> Chain:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def resolve(self, block: int, entry: fmt.IndexEntry) -> tuple[ImageReader, fmt.IndexEntry]:
+        """The image holding `block` and its entry there, given the leaf's entry: the nearest
+        image in the chain whose entry is not PARENT."""
+        level = len(self.images) - 1
+        while entry.kind == fmt.PARENT:
+            level -= 1
+            if level < 0:
+                raise CorruptImage(f"{self.images[0].path}: block {block} refers to a parent "
+                                   f"but this is the root of the chain")
+            entry = self.images[level].entry(block)
+        return self.images[level], entry
+
+
+def open_chain(path: str, search: Iterable[str] = ()) -> Chain:
+    """Open the image at `path` and every image it depends on, checking they fit together."""
+    search = list(search)
+    leaf = ImageReader(path)
+    images = [leaf]
+    try:
+        while images[0].header.parent is not None:
+            child = images[0]
+            parent = find_parent(child, search)
+            images.insert(0, parent)
+            if parent.header.size != child.header.size or \
+                    parent.header.block_size != child.header.block_size:
+                raise ChainError(f"{parent.path}: size or block size differs from its child "
+                                 f"{child.path}")
+            if len(images) > 10000:
+                raise ChainError(f"{path}: chain longer than 10000 images (a loop?)")
+    except BaseException:
+        for i in images:
+            i.close()
+        raise
+    log.info("chain of %s: %s", path, " -> ".join(os.path.basename(i.path) for i in images))
+    return Chain(images)

@@ -1,0 +1,331 @@
+"""Reading and writing one image file: the I/O over the structures of format.py.
+
+`ImageReader` checks the header, trailer and footer when opened, reads the index segment by
+segment (so a multi-terabyte index is never held whole) and reads single blocks.  `ImageWriter`
+appends records under ``IMAGE.partial``, builds the compressed index as entries arrive in block
+order, and renames the file into place only after the trailer is written and fsynced.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Iterator
+
+import zstandard
+
+from diskimg import format as fmt
+from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
+
+log = logging.getLogger(__name__)
+
+
+class BlockError(CorruptImage):
+    """One damaged block of one image."""
+
+    def __init__(self, image: str, uuid: str, block: int, offset: int, reason: str) -> None:
+        super().__init__(f"{image}: block {block} (byte {offset}): {reason}")
+        self.image = image
+        self.uuid = uuid
+        self.block = block
+        self.offset = offset
+        self.reason = reason
+
+
+class TruncatedImage(CorruptImage):
+    """An image (not a .partial file) whose trailer is missing: it was cut short."""
+
+    def __init__(self, path: str, size: int) -> None:
+        super().__init__(f"{path}: image is truncated or incomplete: no trailer at its end "
+                         f"({size} bytes); its index is lost")
+        self.path = path
+        self.size = size
+
+
+class ImageReader:
+    """An open, complete image.  Raises NotAnImage, IncompleteImage or CorruptImage on open."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as err:
+            raise NotAnImage(self.path, "no such file") from err
+        except IsADirectoryError as err:
+            raise NotAnImage(self.path, "is a directory, not an image") from err
+        except PermissionError as err:
+            raise NotAnImage(self.path, "permission denied") from err
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise NotAnImage(self.path, "is a directory, not an image")
+            self.file_size = st.st_size
+            self.header, self.data_start = fmt.read_header(self.fd, self.path)
+            try:
+                self.footer = fmt.read_footer(self.fd, self.path, self.file_size)
+            except IncompleteImage as err:
+                if self.path.endswith(".partial"):
+                    raise
+                # a file that was once complete and has been cut short is damage, not input
+                raise TruncatedImage(self.path, self.file_size) from err
+            index = self.footer.get("index") or {}
+            self.segments: list[tuple[int, int]] = [tuple(s) for s in index.get("segments", [])]
+            self.entries_per_segment = int(index.get("entries_per_segment", 0))
+            self.index_sha256 = index.get("sha256", "")
+            expected = -(-self.header.blocks // self.entries_per_segment) if self.entries_per_segment else 0
+            if len(self.segments) != expected:
+                raise CorruptImage(f"{self.path}: footer's index table lists {len(self.segments)} "
+                                   f"segments, {expected} expected")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._seg_cache: tuple[int, bytes] | None = None
+
+    @property
+    def uuid(self) -> str:
+        return self.header.uuid
+
+    @property
+    def blocks(self) -> int:
+        return self.header.blocks
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> ImageReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- index -------------------------------------------------------------------------------
+
+    def _segment_range(self, seg: int) -> tuple[int, int]:
+        first = seg * self.entries_per_segment
+        return first, min(self.entries_per_segment, self.blocks - first)
+
+    def segment(self, seg: int) -> bytes:
+        """Raw entries of index segment `seg` (raises format.SegmentError when damaged)."""
+        if self._seg_cache and self._seg_cache[0] == seg:
+            return self._seg_cache[1]
+        first, count = self._segment_range(seg)
+        off, length = self.segments[seg]
+        raw = fmt.read_segment(self.fd, self.path, off, length, first, count)
+        self._seg_cache = (seg, raw)
+        return raw
+
+    def entry(self, block: int) -> fmt.IndexEntry:
+        seg, pos = divmod(block, self.entries_per_segment)
+        return fmt.IndexEntry.unpack_from(self.segment(seg), pos * fmt.ENTRY_SIZE)
+
+    def iter_entries(self) -> Iterator[tuple[int, fmt.IndexEntry]]:
+        """Every (block, entry) in order; a damaged segment raises format.SegmentError."""
+        for seg in range(len(self.segments)):
+            first, _ = self._segment_range(seg)
+            for i, e in enumerate(fmt.iter_entries(self.segment(seg))):
+                yield first + i, e
+
+    def index_digest(self) -> str:
+        """SHA-256 over all raw index entries in block order, as recorded in the footer."""
+        h = hashlib.sha256()
+        for seg in range(len(self.segments)):
+            h.update(self.segment(seg))
+        return h.hexdigest()
+
+    # -- blocks ------------------------------------------------------------------------------
+
+    def block_error(self, block: int, reason: str) -> BlockError:
+        return BlockError(self.path, self.uuid, block, block * self.header.block_size, reason)
+
+    def read_block(self, block: int, entry: fmt.IndexEntry) -> bytes:
+        """The uncompressed content of a DATA block, checked against the entry's SHA-256."""
+        length = self.header.block_length(block)
+        try:
+            buf = os.pread(self.fd, fmt.RECORD_HEADER_SIZE + entry.stored_len, entry.offset)
+        except OSError as err:
+            raise OperationFailed(f"{self.path}: read error at byte {entry.offset}: "
+                                  f"{err.strerror}") from err
+        rec = fmt.unpack_record(buf)
+        if rec is None:
+            raise self.block_error(block, "record header damaged (bad magic or CRC-32C)")
+        if rec.block != block or rec.stored_len != entry.stored_len or rec.raw_len != length:
+            raise self.block_error(block, f"record does not match the index (record says block "
+                                          f"{rec.block}, {rec.stored_len} bytes)")
+        if len(buf) != fmt.RECORD_HEADER_SIZE + entry.stored_len:
+            raise self.block_error(block, "record is truncated")
+        payload = memoryview(buf)[fmt.RECORD_HEADER_SIZE:]
+        if rec.codec == fmt.CODEC_ZSTD:
+            try:
+                data = self._decompress(payload, length)
+            except zstandard.ZstdError as err:
+                raise self.block_error(block, f"data does not decompress ({err})") from err
+        elif rec.codec == fmt.CODEC_RAW:
+            data = bytes(payload)
+        else:
+            raise self.block_error(block, f"unknown codec {rec.codec}")
+        if len(data) != length:
+            raise self.block_error(block, f"data is {len(data)} bytes, {length} expected")
+        actual = hashlib.sha256(data).digest()
+        if actual != entry.sha256:
+            raise self.block_error(block, f"checksum mismatch: calculated {actual.hex()}, "
+                                          f"should be {entry.sha256.hex()}")
+        return data
+
+    def _decompress(self, payload: memoryview, length: int) -> bytes:
+        # ZstdDecompressor objects are not safe to share between threads
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=length)
+
+
+@dataclass
+class WriteStats:
+    stored_blocks: int = 0
+    stored_bytes: int = 0
+    zero_blocks: int = 0
+    unused_blocks: int = 0
+    parent_blocks: int = 0
+    unreadable_blocks: int = 0
+
+
+class ImageWriter:
+    """Writes an image under ``PATH.partial``; `finish` makes it complete and renames it."""
+
+    def __init__(self, path: str, header: fmt.Header) -> None:
+        self.path = str(path)
+        self.partial = self.path + ".partial"
+        self.header = header
+        try:
+            self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                              0o644)
+        except OSError as err:
+            raise OperationFailed(f"{self.partial}: cannot create: {err.strerror}") from err
+        self.pos = 0
+        self._write([header.pack()])
+        self._entries = bytearray()
+        self._segments: list[bytes] = []  # compressed, kept until finish (small)
+        self._next_block = 0
+        self._index_hash = hashlib.sha256()
+        self.stats = WriteStats()
+
+    def _write(self, parts: list[bytes | memoryview]) -> None:
+        try:
+            n = os.writev(self.fd, parts)
+            want = sum(len(p) for p in parts)
+            while n < want:  # short write: finish it piece by piece
+                rest = b"".join(bytes(p) for p in parts)[n:]
+                n += os.write(self.fd, rest)
+        except OSError as err:
+            raise OperationFailed(f"{self.partial}: write failed: {err.strerror}") from err
+        self.pos += want
+
+    def add_data(self, block: int, stored: bytes, codec: int, sha256: bytes,
+                 flags: int = 0) -> None:
+        """Append a record for `block` and its index entry."""
+        raw_len = self.header.block_length(block)
+        offset = self.pos
+        self._write([fmt.pack_record(block, stored, raw_len, codec, flags, sha256), stored])
+        self.stats.stored_blocks += 1
+        self.stats.stored_bytes += len(stored)
+        if flags & fmt.FLAG_UNREADABLE:
+            self.stats.unreadable_blocks += 1
+        self.add_entry(block, fmt.IndexEntry(fmt.DATA, sha256, offset, len(stored), codec, flags))
+
+    def add_entry(self, block: int, entry: fmt.IndexEntry) -> None:
+        """The index entry of the next block (entries must come in block order)."""
+        if block != self._next_block:
+            raise ValueError(f"index entry for block {block}, expected {self._next_block}")
+        self._next_block += 1
+        if entry.kind == fmt.ZERO:
+            self.stats.zero_blocks += 1
+        elif entry.kind == fmt.UNUSED:
+            self.stats.unused_blocks += 1
+        elif entry.kind == fmt.PARENT:
+            self.stats.parent_blocks += 1
+        packed = entry.pack()
+        self._entries += packed
+        self._index_hash.update(packed)
+        if len(self._entries) == fmt.ENTRIES_PER_SEGMENT * fmt.ENTRY_SIZE:
+            self._flush_segment()
+
+    def _flush_segment(self) -> None:
+        if not self._entries:
+            return
+        first = len(self._segments) * fmt.ENTRIES_PER_SEGMENT
+        self._segments.append(fmt.pack_segment(first, bytes(self._entries)))
+        self._entries = bytearray()
+
+    def finish(self, meta: dict) -> dict:
+        """Write index, footer and trailer, fsync, rename into place.  Returns the footer."""
+        if self._next_block != self.header.blocks:
+            raise ValueError(f"{self._next_block} index entries for {self.header.blocks} blocks")
+        self._flush_segment()
+        table = []
+        for seg in self._segments:
+            table.append([self.pos, len(seg)])
+            self._write([seg])
+        footer = dict(meta)
+        footer["index"] = {
+            "sha256": self._index_hash.hexdigest(),
+            "entries_per_segment": fmt.ENTRIES_PER_SEGMENT,
+            "segments": table,
+        }
+        packed = fmt.pack_footer(footer)
+        footer_offset = self.pos
+        self._write([packed, fmt.pack_trailer(footer_offset, len(packed))])
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.partial, self.path)
+            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as err:
+            raise OperationFailed(f"{self.path}: cannot complete the image: {err.strerror}") from err
+        return footer
+
+    def abort(self) -> None:
+        """Close and remove the partial file (used when imaging fails or is interrupted)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.partial)
+        except FileNotFoundError:
+            pass
+
+
+def describe(reader: ImageReader) -> dict:
+    """What `diskimg info` reports of an image: header, statistics and unreadable ranges."""
+    h, f = reader.header, reader.footer
+    stats = f.get("stats", {})
+    return {
+        "uuid": h.uuid,
+        "kind": h.kind,
+        "parent": h.parent["uuid"] if h.parent else None,
+        "parent_name": h.parent["name"] if h.parent else None,
+        "chain": list(h.chain) or [h.uuid],
+        "size": h.size,
+        "block_size": h.block_size,
+        "blocks": h.blocks,
+        "stored_blocks": stats.get("stored_blocks", 0),
+        "zero_blocks": stats.get("zero_blocks", 0),
+        "unused_blocks": stats.get("unused_blocks", 0),
+        "unchanged_blocks": stats.get("unchanged_blocks", 0),
+        "changed_blocks": stats.get("changed_blocks", h.blocks),
+        "stored_bytes": stats.get("stored_bytes", 0),
+        "image_bytes": reader.file_size,
+        "source": h.source,
+        "created": h.created,
+        "completed": f.get("completed"),
+        "tool_version": h.tool_version,
+        "compression": h.compression,
+        "format_version": fmt.FORMAT_VERSION,
+        "index_sha256": reader.index_sha256,
+        "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
+    }

@@ -1,0 +1,46 @@
+"""The parallel stage shared by imaging, restore and verify: a bounded, ordered map.
+
+The caller's generator produces work items (reading the source on the calling thread); worker
+threads run the CPU-heavy part (SHA-256 and zstd both release the GIL); results come back in
+input order so that the consumer can append records or write blocks sequentially.  At most
+`depth` items are in flight, so memory stays flat whatever the size of the device.  An exception
+in a worker is re-raised in the consumer, once, and the remaining work is cancelled.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
+                depth: int | None = None) -> Iterator[R]:
+    """func(item) for each item, computed by `threads` workers, yielded in order."""
+    if threads <= 1:
+        for item in items:
+            yield func(item)
+        return
+    depth = depth or threads * 3
+    pending: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diskimg") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(func, item))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
