@@ -367,3 +367,142 @@ def _report_error(args: argparse.Namespace, message: str) -> None:
     if args.debug:
         log.exception("traceback")
     print(f"diskimg: error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# list, health, selftest (devices.py and health.py)
+
+def _human(n: int) -> str:
+    for unit in ("B", "K", "M", "G", "T", "P"):
+        if abs(n) < 1024 or unit == "P":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", parents=[_common()], help="list disks, partitions and loop devices",
+                       description="One row per disk with its partitions, identity, transport, "
+                       "sector sizes, mountpoints and whether SMART can be read.")
+    p.add_argument("--json", action="store_true", help="print JSON (sizes in bytes)")
+    p.add_argument("--all", action="store_true",
+                   help="also unattached loop devices, ram, zram, device-mapper and md")
+    p.set_defaults(func=_cmd_list)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from diskimg.devices import list_devices
+    devices = list_devices(all_devices=args.all)
+    if args.json:
+        _print_json([d.to_dict() for d in devices])
+        return 0
+    print(f"{'NAME':<12} {'SIZE':>7} {'TRAN':<7} {'ROT':<3} {'SECTOR':<9} {'SMART':<5} "
+          f"{'MODEL / SERIAL / BACKING FILE':<40} MOUNTPOINTS")
+    for d in devices:
+        ident = d.backing_file if d.backing_file else " ".join(
+            x for x in (d.model, d.serial, d.wwn) if x) or "-"
+        sectors = f"{d.logical_sector_size}/{d.physical_sector_size}"
+        print(f"{d.name:<12} {_human(d.size):>7} {d.transport or '-':<7} "
+              f"{'yes' if d.rotational else 'no':<3} {sectors:<9} "
+              f"{'yes' if d.smart_available else 'no':<5} {ident:<40} "
+              f"{' '.join(d.mountpoints) or '-'}")
+        for p in d.partitions:
+            print(f"  {p.name:<10} {_human(p.size):>7} {'':<7} {'':<3} {'':<9} {'':<5} "
+                  f"{'start ' + str(p.start):<40} {' '.join(p.mountpoints) or '-'}")
+    return 0
+
+
+def _smart_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("device", metavar="DEVICE",
+                   help="any path smartctl accepts (/dev/sda, /dev/nvme0, /dev/bus/0, ...)")
+    p.add_argument("--smartctl", metavar="PATH",
+                   help="the smartctl to run (default: $DISKIMG_SMARTCTL, then PATH)")
+    p.add_argument("-d", "--device-type", metavar="TYPE",
+                   help="smartctl's -d type (sat, nvme, scsi, megaraid,N, ...); default: detect")
+
+
+def _add_health(sub) -> None:
+    p = sub.add_parser("health", parents=[_common()], help="SMART health verdict with reasons",
+                       description="Read SMART and judge it: PASS, WARN, FAIL or UNKNOWN, with "
+                       "the reasons. Exit 0 PASS, 1 WARN or FAIL, 3 SMART unreadable.")
+    _smart_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_health)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from diskimg import health
+    report = health.check(args.device, smartctl=args.smartctl, interface=args.device_type)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(_health_text(report))
+    if report.verdict == health.UNKNOWN:
+        return EXIT_FAILED
+    return 0 if report.verdict == health.PASS else 1
+
+
+def _health_text(report) -> str:
+    ident = ", ".join(x for x in (report.model, report.serial and f"serial {report.serial}",
+                                  report.interface) if x)
+    lines = [f"{report.device}: {report.verdict}" + (f"  ({ident})" if ident else "")]
+    facts = [f"drive says {report.smart_overall}"] if report.smart_overall else []
+    if report.temperature is not None:
+        facts.append(f"{report.temperature} C")
+    if report.power_on_hours is not None:
+        facts.append(f"{report.power_on_hours} power-on hours")
+    if report.selftests:
+        failed = sum(t.failed for t in report.selftests)
+        facts.append(f"{len(report.selftests)} self-tests logged, {failed} failed")
+    if facts:
+        lines.append("  " + ", ".join(facts))
+    for r in report.reasons:
+        lines.append(f"  {r.severity:<4}  {r.what}: {r.value}")
+        lines.append(f"        {r.why}")
+    return "\n".join(lines)
+
+
+def _add_selftest(sub) -> None:
+    p = sub.add_parser("selftest", parents=[_common()], help="start, follow or abort a SMART "
+                       "self-test", description="Start a SMART self-test; --wait follows it to "
+                       "the end and prints the result; --abort stops a running one.")
+    _smart_options(p)
+    p.add_argument("--type", choices=["short", "long", "conveyance"], default="short",
+                   help="which test (default: short)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--wait", action="store_true", help="show progress until the test completes")
+    g.add_argument("--abort", action="store_true", help="stop a running self-test")
+    p.add_argument("--poll", type=float, default=10.0, metavar="SECONDS", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_selftest)
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from diskimg import health
+    if args.abort:
+        result = health.abort_selftest(args.device, args.smartctl, args.device_type)
+        print(f"{args.device}: {result.message}")
+        return 0
+    started, handle = health.start_selftest(args.device, args.type, args.smartctl,
+                                            args.device_type)
+    print(f"{args.device}: {started.message}")
+    if not started.started:
+        return 1
+    if not args.wait:
+        return 0
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm(), tqdm(total=100, unit="%", desc=f"{args.type} self-test",
+                                       file=sys.stderr, disable=None) as bar:
+        def progress(pct: int) -> None:
+            bar.update(max(0, pct - bar.n))
+        result = health.wait_selftest(handle, progress, poll=args.poll)
+    entry = result.result
+    if entry is None:
+        print(f"{args.device}: {result.message}")
+        return 0
+    print(f"{args.device}: {entry.type}: {entry.status}"
+          + (f" (first error at LBA {entry.lba})" if entry.lba and entry.lba != "-" else ""))
+    return 1 if entry.failed else 0
+
+
+ADDERS += [_add_list, _add_health, _add_selftest]
