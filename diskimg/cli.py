@@ -17,11 +17,13 @@ from typing import Callable
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diskimg import __version__, blockdev, imagefile, imaging, restore, verify
+from diskimg import __version__, blockdev, health, imagefile, imaging, restore, verify
+from diskimg.devices import list_devices
 from diskimg import format as fmt
 from diskimg.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, DiskimgError,
                             UsageError)
 from diskimg.pipeline import default_threads
+from diskimg.units import human, parse_size
 
 log = logging.getLogger("diskimg")
 
@@ -44,23 +46,16 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _parse_size(text: str) -> int:
-    """'1M', '4MiB', '65536', '64k' -> bytes (binary units)."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
     try:
-        return int(t[:-1] if mult > 1 else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 1M, 4MiB, 65536)")
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _progress_bar(total: int, desc: str, disabled: bool):
     """A tqdm bar on stderr (bytes, rate, ETA); off when stderr is not a terminal."""
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 file=sys.stderr, disable=True if disabled else None, dynamic_ncols=True)
-
-
-def _human(n: float) -> str:
-    return restore.human(n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +102,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
         raise UsageError(f"--level {opts.level}: must be between 1 and 22")
     if opts.threads < 1:
         raise UsageError(f"--threads {opts.threads}: must be at least 1")
+    _health_precheck(args.source, rescue=False)
     size = _source_size_for_progress(args.source)
     with _progress_bar(size, "imaging", args.no_progress or args.json) as bar, \
             logging_redirect_tqdm(loggers=[log]):
@@ -116,15 +112,29 @@ def _cmd_image(args: argparse.Namespace) -> int:
         return EXIT_OK
     rate = result.size / result.seconds if result.seconds else 0
     ratio = result.image_bytes / result.size * 100 if result.size else 0
-    print(f"{result.kind} image {result.path} of {args.source}: {_human(result.size)} "
-          f"in {result.seconds:.1f} s ({_human(rate)}/s)")
-    print(f"  blocks: {result.blocks} x {_human(result.block_size)}; stored "
+    print(f"{result.kind} image {result.path} of {args.source}: {human(result.size)} "
+          f"in {result.seconds:.1f} s ({human(rate)}/s)")
+    print(f"  blocks: {result.blocks} x {human(result.block_size)}; stored "
           f"{result.stored_blocks}, zero {result.zero_blocks}, unused {result.unused_blocks}"
           + (f", unchanged {result.unchanged_blocks}, changed {result.changed_blocks}"
              if result.parent else ""))
-    print(f"  image: {_human(result.image_bytes)} ({ratio:.1f}% of the source); "
+    print(f"  image: {human(result.image_bytes)} ({ratio:.1f}% of the source); "
           f"uuid {result.uuid}")
     return EXIT_OK
+
+
+def _health_precheck(source: str, rescue: bool) -> None:
+    """One verdict line on stderr before imaging a device that has SMART."""
+    report = health.precheck(source)
+    if report is None:
+        return
+    reasons = "; ".join(f"{r.what}: {r.value}" for r in report.reasons[:3])
+    print(f"diskimg: health of {source}: {report.verdict}" + (f" ({reasons})" if reasons else ""),
+          file=sys.stderr)
+    if report.verdict == health.FAIL:
+        advice = "" if rescue else "; consider --rescue to keep going past unreadable sectors"
+        print(f"diskimg: warning: {source} is failing: reading it may hit bad sectors{advice}",
+              file=sys.stderr)
 
 
 def _source_size_for_progress(path: str) -> int:
@@ -188,8 +198,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         return EXIT_PROBLEM if result.unreadable else EXIT_OK
     rate = result.size / result.seconds if result.seconds else 0
     names = " -> ".join(os.path.basename(p) for p in result.chain_paths)
-    print(f"restored {args.image} to {args.target}: {_human(result.size)} in "
-          f"{result.seconds:.1f} s ({_human(rate)}/s)")
+    print(f"restored {args.image} to {args.target}: {human(result.size)} in "
+          f"{result.seconds:.1f} s ({human(rate)}/s)")
     print(f"  chain: {names}")
     line = (f"  blocks: {result.blocks}; written {result.written_blocks}, zeroed "
             f"{result.zeroed_blocks}, left as holes {result.hole_blocks}")
@@ -198,8 +208,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
                  f"{result.skipped_blocks}")
     print(line)
     if result.target_size > result.size:
-        print(f"  note: {args.target} is larger than the image ({_human(result.target_size)} vs "
-              f"{_human(result.size)}); the bytes past {result.size} were left as they were")
+        print(f"  note: {args.target} is larger than the image ({human(result.target_size)} vs "
+              f"{human(result.size)}); the bytes past {result.size} were left as they were")
     for off, length in result.unreadable:
         print(f"  unreadable on the source, restored as zeros: bytes {off}-{off + length - 1}")
     return EXIT_PROBLEM if result.unreadable else EXIT_OK
@@ -258,7 +268,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             else f"block {e.block} (byte {e.offset}): ")
         print(f"BAD {e.path}: {where}{e.reason}")
     if result.ok:
-        print(f"OK: {result.blocks_checked} blocks, {_human(result.bytes_checked)} of data "
+        print(f"OK: {result.blocks_checked} blocks, {human(result.bytes_checked)} of data "
               f"verified in {result.seconds:.1f} s")
         return EXIT_OK
     print(f"FAILED: {len(result.errors)} error(s) in {args.image}")
@@ -291,11 +301,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"chain:       {' -> '.join(info['chain'])}")
     print(f"source:      {src.get('path')}" + "".join(
         f", {k} {src[k]}" for k in ("model", "serial") if src.get(k)))
-    print(f"size:        {info['size']} bytes ({_human(info['size'])})")
-    print(f"blocks:      {info['blocks']} x {_human(info['block_size'])}: stored "
+    print(f"size:        {info['size']} bytes ({human(info['size'])})")
+    print(f"blocks:      {info['blocks']} x {human(info['block_size'])}: stored "
           f"{info['stored_blocks']}, zero {info['zero_blocks']}, unused {info['unused_blocks']}"
           + (f", changed {info['changed_blocks']}" if info["parent"] else ""))
-    print(f"image size:  {info['image_bytes']} bytes ({_human(info['image_bytes'])})")
+    print(f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})")
     print(f"created:     {info['created']} by diskimg {info['tool_version']}")
     for r in info["unreadable"]:
         print(f"unreadable:  bytes {r['offset']}-{r['offset'] + r['length'] - 1} "
@@ -372,14 +382,6 @@ def _report_error(args: argparse.Namespace, message: str) -> None:
 # --------------------------------------------------------------------------------------------
 # list, health, selftest (devices.py and health.py)
 
-def _human(n: int) -> str:
-    for unit in ("B", "K", "M", "G", "T", "P"):
-        if abs(n) < 1024 or unit == "P":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
-
-
 def _add_list(sub) -> None:
     p = sub.add_parser("list", parents=[_common()], help="list disks, partitions and loop devices",
                        description="One row per disk with its partitions, identity, transport, "
@@ -391,7 +393,6 @@ def _add_list(sub) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from diskimg.devices import list_devices
     devices = list_devices(all_devices=args.all)
     if args.json:
         _print_json([d.to_dict() for d in devices])
@@ -402,12 +403,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         ident = d.backing_file if d.backing_file else " ".join(
             x for x in (d.model, d.serial, d.wwn) if x) or "-"
         sectors = f"{d.logical_sector_size}/{d.physical_sector_size}"
-        print(f"{d.name:<12} {_human(d.size):>7} {d.transport or '-':<7} "
+        print(f"{d.name:<12} {human(d.size):>7} {d.transport or '-':<7} "
               f"{'yes' if d.rotational else 'no':<3} {sectors:<9} "
               f"{'yes' if d.smart_available else 'no':<5} {ident:<40} "
               f"{' '.join(d.mountpoints) or '-'}")
         for p in d.partitions:
-            print(f"  {p.name:<10} {_human(p.size):>7} {'':<7} {'':<3} {'':<9} {'':<5} "
+            print(f"  {p.name:<10} {human(p.size):>7} {'':<7} {'':<3} {'':<9} {'':<5} "
                   f"{'start ' + str(p.start):<40} {' '.join(p.mountpoints) or '-'}")
     return 0
 
@@ -431,7 +432,6 @@ def _add_health(sub) -> None:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from diskimg import health
     report = health.check(args.device, smartctl=args.smartctl, interface=args.device_type)
     if args.json:
         _print_json(report.to_dict())
@@ -477,7 +477,6 @@ def _add_selftest(sub) -> None:
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
-    from diskimg import health
     if args.abort:
         result = health.abort_selftest(args.device, args.smartctl, args.device_type)
         print(f"{args.device}: {result.message}")
@@ -489,8 +488,6 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         return 1
     if not args.wait:
         return 0
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
     with logging_redirect_tqdm(), tqdm(total=100, unit="%", desc=f"{args.type} self-test",
                                        file=sys.stderr, disable=None) as bar:
         def progress(pct: int) -> None:

@@ -23,6 +23,7 @@ from diskimg.blockdev import (Target, open_target, pread_full, pwrite_full, stat
 from diskimg.chain import Chain, open_chain
 from diskimg.errors import CorruptImage, OperationFailed, UnsafeTarget, UsageError
 from diskimg.pipeline import default_threads, ordered_map
+from diskimg.units import human
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,6 @@ class RestoreResult:
     written_bytes: int
     seconds: float
     unreadable: tuple[tuple[int, int], ...]   # byte ranges restored as zeros (rescued images)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def check_target(target: str, size: int) -> tuple[bool, bool, int]:

@@ -164,7 +164,7 @@ def test_list_shows_attached_loop(partitioned, loops, tmp_path, capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith(os.path.basename(dev) + " "))
-    assert str(backing) in line and "64.0M" in line and str(mnt) in line
+    assert str(backing) in line and "64.0 MiB" in line and str(mnt) in line
 
 
 def test_unattached_loops_only_with_all(loops, capsys):

@@ -1,0 +1,22 @@
+"""Byte counts for people: "1.5 GiB" out, "4M" / "4MiB" / "65536" in (binary units)."""
+from __future__ import annotations
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human(n: float) -> str:
+    for unit in _UNITS:
+        if abs(n) < 1024 or unit == _UNITS[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """'1M', '4MiB', '65536', '64k' -> bytes.  Raises ValueError."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise ValueError(f"invalid size {text!r} (use e.g. 1M, 4MiB, 65536)") from None
