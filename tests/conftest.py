@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from faulty import faulty  # noqa: F401  (faulty-device factory fixture, tests/faulty.py)
 
 IS_ROOT = os.geteuid() == 0
 TOOLS = ["losetup", "smartctl", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat", "fsck.ext4", "ddrescue",
