@@ -80,6 +80,9 @@ def _add_image(sub) -> None:
                            "PARENT's chain")
     p.add_argument("--search", action="append", default=[], metavar="DIR",
                    help="also look for parent images in DIR (repeatable)")
+    p.add_argument("--all-blocks", action="store_true",
+                   help="read and store every block, free space included (an exact copy for "
+                        "forensics); default: skip the free space of ext2/3/4 and FAT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--force", action="store_true",
@@ -94,7 +97,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
             block_size=args.block_size, level=args.level,
             threads=args.threads or default_threads(), force=args.force,
             incremental=args.incremental, differential=args.differential,
-            search=tuple(args.search))
+            search=tuple(args.search), all_blocks=args.all_blocks)
         fmt.check_block_size(opts.block_size)
     except ValueError as err:
         raise UsageError(f"--block-size: {err}") from err

@@ -233,22 +233,28 @@ class ImageWriter:
             self.stats.unreadable_blocks += 1
         self.add_entry(block, fmt.IndexEntry(fmt.DATA, sha256, offset, len(stored), codec, flags))
 
-    def add_entry(self, block: int, entry: fmt.IndexEntry) -> None:
-        """The index entry of the next block (entries must come in block order)."""
+    def add_entry(self, block: int, entry: fmt.IndexEntry, count: int = 1) -> None:
+        """The index entry of the next block, or of the next `count` blocks that share it (a
+        run of zero or unused blocks).  Entries must come in block order."""
         if block != self._next_block:
             raise ValueError(f"index entry for block {block}, expected {self._next_block}")
-        self._next_block += 1
+        self._next_block += count
         if entry.kind == fmt.ZERO:
-            self.stats.zero_blocks += 1
+            self.stats.zero_blocks += count
         elif entry.kind == fmt.UNUSED:
-            self.stats.unused_blocks += 1
+            self.stats.unused_blocks += count
         elif entry.kind == fmt.PARENT:
-            self.stats.parent_blocks += 1
+            self.stats.parent_blocks += count
         packed = entry.pack()
-        self._entries += packed
-        self._index_hash.update(packed)
-        if len(self._entries) == fmt.ENTRIES_PER_SEGMENT * fmt.ENTRY_SIZE:
-            self._flush_segment()
+        seg_bytes = fmt.ENTRIES_PER_SEGMENT * fmt.ENTRY_SIZE
+        while count:
+            n = min(count, (seg_bytes - len(self._entries)) // fmt.ENTRY_SIZE)
+            chunk = packed * n
+            self._entries += chunk
+            self._index_hash.update(chunk)
+            count -= n
+            if len(self._entries) == seg_bytes:
+                self._flush_segment()
 
     def _flush_segment(self) -> None:
         if not self._entries:

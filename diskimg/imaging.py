@@ -14,13 +14,13 @@ import os
 import threading
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import zstandard
 
-from diskimg import __version__, devices
+from diskimg import __version__, devices, usedblocks
 from diskimg import format as fmt
 from diskimg.blockdev import Source, data_ranges, open_source, pread_full
 from diskimg.chain import open_chain, parent_ref
@@ -45,6 +45,7 @@ class ImageOptions:
     incremental: str | None = None      # parent image path
     differential: str | None = None     # any image of the chain whose root full image is used
     search: tuple[str, ...] = ()
+    all_blocks: bool = False            # read every block, even free space (exact copy)
 
 
 @dataclass(frozen=True)
@@ -115,25 +116,98 @@ def _load_reference(opts: ImageOptions, source: Source, identity: dict) -> Image
     return keep
 
 
-def _block_plan(source: Source, blocks: int, block_size: int) -> Iterator[tuple[int, bool]]:
-    """(block, has_data) for every block: False only for blocks wholly inside holes of a
-    regular file, which are then not read at all."""
-    if source.is_block:
-        for b in range(blocks):
-            yield b, True
-        return
-    b = 0
-    for off, length in data_ranges(source.fd, source.size):
-        first, last = off // block_size, (off + length - 1) // block_size
-        while b < first:
-            yield b, False
-            b += 1
-        while b <= last and b < blocks:
-            yield b, True
-            b += 1
-    while b < blocks:
-        yield b, False
-        b += 1
+@dataclass(frozen=True)
+class Run:
+    """`count` blocks from `first` that need no reading: ZERO (holes of a sparse file) or
+    UNUSED (free space of a recognised filesystem)."""
+
+    first: int
+    count: int
+    kind: int
+
+
+@dataclass(frozen=True)
+class Read:
+    """A block to read; `parts` are the byte ranges inside it that hold data (the rest reads
+    as zeros), or None for the whole block."""
+
+    block: int
+    parts: tuple[tuple[int, int], ...] | None
+
+
+def _intersect(a: Iterable[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Intersection of two sorted lists of (offset, length) ranges."""
+    out = []
+    j = 0
+    for off, length in a:
+        end = off + length
+        while j < len(b) and b[j][0] + b[j][1] <= off:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < end:
+            lo, hi = max(off, b[k][0]), min(end, b[k][0] + b[k][1])
+            if hi > lo:
+                out.append((lo, hi - lo))
+            k += 1
+    return out
+
+
+def plan_blocks(size: int, bs: int, read: list[tuple[int, int]],
+                used: list[tuple[int, int]]) -> Iterator[Run | Read]:
+    """Every block of the device in order, as runs that need no reading and blocks to read.
+
+    `read` are the byte ranges to read (used and not a hole), `used` the used ranges; a block
+    touching no `read` range is ZERO when it touches `used` (a hole of a sparse file) and
+    UNUSED otherwise.
+    """
+    blocks = -(-size // bs)
+    pos = 0          # next block to emit
+    u = 0            # index into used
+
+    def gap(first: int, end: int) -> Iterator[Run]:
+        nonlocal u
+        b = first
+        while b < end:
+            while u < len(used) and (used[u][0] + used[u][1] - 1) // bs < b:
+                u += 1
+            if u < len(used) and used[u][0] // bs <= b:      # b touches a used range
+                stop = min(end, (used[u][0] + used[u][1] - 1) // bs + 1)
+                kind = fmt.ZERO
+            else:
+                stop = min(end, used[u][0] // bs) if u < len(used) else end
+                kind = fmt.UNUSED
+            yield Run(b, stop - b, kind)
+            b = stop
+
+    cur: int | None = None          # block being collected
+    parts: list[tuple[int, int]] = []
+
+    def emit(block: int) -> Read:
+        length = min(bs, size - block * bs)
+        whole = len(parts) == 1 and parts[0] == (0, length)
+        return Read(block, None if whole else tuple(parts))
+
+    for off, length in read:
+        end = off + length
+        while off < end:
+            b = off // bs
+            piece_end = min(end, (b + 1) * bs)
+            if b != cur:
+                if cur is not None:
+                    yield emit(cur)
+                    pos = cur + 1
+                yield from gap(pos, b)
+                cur, parts = b, []
+            rel = off - b * bs
+            if parts and parts[-1][0] + parts[-1][1] == rel:
+                parts[-1] = (parts[-1][0], parts[-1][1] + piece_end - off)
+            else:
+                parts.append((rel, piece_end - off))
+            off = piece_end
+    if cur is not None:
+        yield emit(cur)
+        pos = cur + 1
+    yield from gap(pos, blocks)
 
 
 class _Compressor:
@@ -189,43 +263,81 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
     )
     compress = _Compressor(opts.level)
     ref_entries = ref.iter_entries() if ref is not None else None
-    read_bytes = 0
+    used_map = None
+    if opts.all_blocks:
+        used = [(0, source.size)]
+    else:
+        used_map = usedblocks.scan(source.fd, source.size, sector_size=source.logical_sector)
+        used = list(used_map.ranges)
+    holes = [(0, source.size)] if source.is_block else list(data_ranges(source.fd, source.size))
+    counts = {"read_bytes": 0, "unchanged_runs": 0}
 
-    def produce() -> Iterator[tuple[int, bytes | None, bytes | None]]:
-        nonlocal read_bytes
-        for block, has_data in _block_plan(source, header.blocks, bs):
-            ref_sha = next(ref_entries)[1].sha256 if ref_entries is not None else None
-            if not has_data:
-                yield block, None, ref_sha
+    def split_short(run: Run) -> Iterator[Run]:
+        """Runs share one entry; the short last block has another checksum, so alone."""
+        last = run.first + run.count - 1
+        if header.block_length(last) == bs or run.count == 1:
+            yield run
+        else:
+            yield Run(run.first, run.count - 1, run.kind)
+            yield Run(last, 1, run.kind)
+
+    def produce() -> Iterator[Run | tuple[int, bytes, bytes | None]]:
+        for item in plan_blocks(source.size, bs, _intersect(holes, used), used):
+            if isinstance(item, Run):
+                for run in split_short(item):
+                    if ref_entries is not None:
+                        zsha = fmt.zero_digest(header.block_length(run.first))
+                        counts["unchanged_runs"] += sum(
+                            next(ref_entries)[1].sha256 == zsha for _ in range(run.count))
+                    yield run
                 continue
-            length = header.block_length(block)
-            try:
-                data = pread_full(source.fd, length, block * bs, source.path)
-            except OSError as err:
-                raise ReadError(source.path, block * bs, length, err,
-                                hint="use --rescue to image past unreadable sectors") from err
-            read_bytes += length
-            yield block, data, ref_sha
+            ref_sha = next(ref_entries)[1].sha256 if ref_entries is not None else None
+            yield item.block, _read_block(item), ref_sha
 
-    def work(item: tuple[int, bytes | None, bytes | None]):
+    def _read_block(item: Read) -> bytes:
+        start, length = item.block * bs, header.block_length(item.block)
+        lo, hi = (0, length) if item.parts is None else \
+            (item.parts[0][0], item.parts[-1][0] + item.parts[-1][1])
+        try:
+            span = pread_full(source.fd, hi - lo, start + lo, source.path)
+        except OSError as err:
+            raise ReadError(source.path, start + lo, hi - lo, err,
+                            hint="use --rescue to image past unreadable sectors") from err
+        counts["read_bytes"] += hi - lo
+        if item.parts is None:
+            return span
+        buf = bytearray(length)  # free space inside the block reads as zeros
+        for off, n in item.parts:
+            buf[off:off + n] = span[off - lo:off - lo + n]
+        return bytes(buf)
+
+    def work(item):
+        if isinstance(item, Run):
+            return item
         block, data, ref_sha = item
-        length = header.block_length(block)
-        if data is None:
-            sha = fmt.zero_digest(length)
-            return block, (fmt.PARENT if sha == ref_sha else fmt.ZERO), sha, None, 0
         sha = hashlib.sha256(data).digest()
         if sha == ref_sha:
             return block, fmt.PARENT, sha, None, 0
-        if sha == fmt.zero_digest(length):
+        if sha == fmt.zero_digest(len(data)):
             return block, fmt.ZERO, sha, None, 0
         stored = compress(data)
-        if len(stored) >= length:
+        if len(stored) >= len(data):
             return block, fmt.DATA, sha, data, fmt.CODEC_RAW
         return block, fmt.DATA, sha, stored, fmt.CODEC_ZSTD
 
     writer = ImageWriter(image_path, header)
     try:
-        for block, kind_, sha, stored, codec in ordered_map(work, produce(), opts.threads):
+        results = ordered_map(work, produce(), opts.threads,
+                              inline=lambda item: isinstance(item, Run))
+        for res in results:
+            if isinstance(res, Run):
+                length = header.block_length(res.first)
+                writer.add_entry(res.first, fmt.IndexEntry(res.kind, fmt.zero_digest(length)),
+                                 res.count)
+                if progress:
+                    progress(min((res.first + res.count) * bs, source.size) - res.first * bs)
+                continue
+            block, kind_, sha, stored, codec = res
             if kind_ == fmt.DATA:
                 writer.add_data(block, stored, codec, sha)
             else:
@@ -233,14 +345,19 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
             if progress:
                 progress(header.block_length(block))
         stats = writer.stats
-        changed = header.blocks - stats.parent_blocks
+        unchanged = stats.parent_blocks + counts["unchanged_runs"]
+        changed = header.blocks - unchanged if ref is not None else header.blocks
         meta = {
             "completed": _now(),
             "stats": {
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": stats.unused_blocks,
-                "unchanged_blocks": stats.parent_blocks, "changed_blocks": changed,
-                "read_bytes": read_bytes,
+                "unchanged_blocks": unchanged, "changed_blocks": changed,
+                "read_bytes": counts["read_bytes"],
+            },
+            "used": None if used_map is None else {
+                "used_bytes": used_map.used_bytes,
+                "regions": [asdict(r) for r in used_map.regions],
             },
             "unreadable": [],
         }
@@ -251,9 +368,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
     return ImageResult(
         path=image_path, uuid=new_uuid, kind=kind, size=source.size, block_size=bs,
         blocks=header.blocks, stored_blocks=stats.stored_blocks, zero_blocks=stats.zero_blocks,
-        unused_blocks=stats.unused_blocks, unchanged_blocks=stats.parent_blocks,
+        unused_blocks=stats.unused_blocks, unchanged_blocks=unchanged,
         changed_blocks=changed, stored_bytes=stats.stored_bytes,
-        image_bytes=os.path.getsize(image_path), read_bytes=read_bytes,
+        image_bytes=os.path.getsize(image_path), read_bytes=counts["read_bytes"],
         seconds=time.monotonic() - started, parent=parent["uuid"] if parent else None,
         chain=chain,
     )

@@ -24,9 +24,17 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _done(result: R) -> Future[R]:
+    fut: Future[R] = Future()
+    fut.set_result(result)
+    return fut
+
+
 def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
-                depth: int | None = None) -> Iterator[R]:
-    """func(item) for each item, computed by `threads` workers, yielded in order."""
+                depth: int | None = None,
+                inline: Callable[[T], bool] | None = None) -> Iterator[R]:
+    """func(item) for each item, computed by `threads` workers, yielded in order.  Items for
+    which `inline(item)` is true are cheap: computed on the calling thread, in order."""
     if threads <= 1:
         for item in items:
             yield func(item)
@@ -36,7 +44,13 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diskimg") as pool:
         try:
             for item in items:
-                pending.append(pool.submit(func, item))
+                if inline is not None and inline(item):
+                    if not pending:
+                        yield func(item)
+                        continue
+                    pending.append(_done(func(item)))
+                else:
+                    pending.append(pool.submit(func, item))
                 if len(pending) >= depth:
                     yield pending.popleft().result()
             while pending:
