@@ -17,7 +17,8 @@ from typing import Callable
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diskimg import __version__, blockdev, health, imagefile, imaging, restore, verify
+from diskimg import (__version__, blockdev, health, imagefile, imaging, rescue, restore,
+                     verify)
 from diskimg.devices import list_devices
 from diskimg import format as fmt
 from diskimg.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, DiskimgError,
@@ -80,6 +81,14 @@ def _add_image(sub) -> None:
                            "PARENT's chain")
     p.add_argument("--search", action="append", default=[], metavar="DIR",
                    help="also look for parent images in DIR (repeatable)")
+    p.add_argument("--rescue", action="store_true",
+                   help="keep going past unreadable sectors, ddrescue-style; resumable")
+    p.add_argument("--retries", type=int, default=1, metavar="N",
+                   help="with --rescue: times to retry each bad sector (default: %(default)s)")
+    p.add_argument("--mapfile", metavar="FILE",
+                   help="with --rescue: GNU ddrescue mapfile to keep (default: IMAGE.map)")
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --rescue: read with O_DIRECT (default: on for block devices)")
     p.add_argument("--all-blocks", action="store_true",
                    help="read and store every block, free space included (an exact copy for "
                         "forensics); default: skip the free space of ext2/3/4 and FAT")
@@ -105,14 +114,32 @@ def _cmd_image(args: argparse.Namespace) -> int:
         raise UsageError(f"--level {opts.level}: must be between 1 and 22")
     if opts.threads < 1:
         raise UsageError(f"--threads {opts.threads}: must be at least 1")
-    _health_precheck(args.source, rescue=False)
+    _health_precheck(args.source, rescue=args.rescue)
     size = _source_size_for_progress(args.source)
-    with _progress_bar(size, "imaging", args.no_progress or args.json) as bar, \
+    unreadable: tuple[tuple[int, int], ...] = ()
+    with _progress_bar(size, "rescuing" if args.rescue else "imaging",
+                       args.no_progress or args.json) as bar, \
             logging_redirect_tqdm(loggers=[log]):
-        result = imaging.create_image(args.source, args.image, opts, progress=bar.update)
+        if args.rescue:
+            rescued = rescue.rescue_image(
+                args.source, args.image, opts,
+                rescue.RescueOptions(retries=args.retries, mapfile=args.mapfile,
+                                     direct=args.direct, command=" ".join(sys.argv)),
+                progress=_rescue_progress(bar))
+            result, unreadable = rescued.image, rescued.unreadable
+        else:
+            if args.mapfile or args.direct is not None:
+                raise UsageError("--mapfile and --direct go with --rescue")
+            result = imaging.create_image(args.source, args.image, opts, progress=bar.update)
+    code = EXIT_PROBLEM if unreadable else EXIT_OK
     if args.json:
-        _print_json(dataclasses.asdict(result))
-        return EXIT_OK
+        out = dataclasses.asdict(result)
+        if args.rescue:
+            out["unreadable"] = [{"offset": o, "length": n} for o, n in unreadable]
+            out["mapfile"] = rescued.mapfile
+            out["resumed"] = rescued.resumed
+        _print_json(out)
+        return code
     rate = result.size / result.seconds if result.seconds else 0
     ratio = result.image_bytes / result.size * 100 if result.size else 0
     print(f"{result.kind} image {result.path} of {args.source}: {human(result.size)} "
@@ -123,7 +150,24 @@ def _cmd_image(args: argparse.Namespace) -> int:
              if result.parent else ""))
     print(f"  image: {human(result.image_bytes)} ({ratio:.1f}% of the source); "
           f"uuid {result.uuid}")
-    return EXIT_OK
+    if args.rescue:
+        lost = sum(n for _, n in unreadable)
+        print(f"  rescue{' (resumed)' if rescued.resumed else ''}: {human(result.size - lost)} "
+              f"rescued, {lost} bytes unreadable in {len(unreadable)} area(s); "
+              f"map: {rescued.mapfile}")
+        for off, n in unreadable:
+            print(f"  unreadable: bytes {off}-{off + n - 1} ({n} bytes), stored as zeros")
+    return code
+
+
+def _rescue_progress(bar) -> Callable:
+    """Show rescued, bad and remaining bytes and the pass on the bar."""
+    def show(st: rescue.RescueStatus) -> None:
+        bar.n = st.rescued + st.bad
+        bar.set_postfix_str(f"pass {st.pass_no} {st.pass_name}, bad {human(st.bad)}, "
+                            f"failed areas {human(st.pending)}, untried {human(st.remaining)}",
+                            refresh=True)
+    return show
 
 
 def _health_precheck(source: str, rescue: bool) -> None:

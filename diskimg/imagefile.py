@@ -193,17 +193,26 @@ class WriteStats:
 class ImageWriter:
     """Writes an image under ``PATH.partial``; `finish` makes it complete and renames it."""
 
-    def __init__(self, path: str, header: fmt.Header) -> None:
+    def __init__(self, path: str, header: fmt.Header, resume_at: int | None = None) -> None:
+        """Start ``PATH.partial`` afresh, or with `resume_at` reopen an existing one and go on
+        appending records after its first `resume_at` bytes (a resumed rescue)."""
         self.path = str(path)
         self.partial = self.path + ".partial"
         self.header = header
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if resume_at is None else 0)
         try:
-            self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                              0o644)
+            self.fd = os.open(self.partial, flags, 0o644)
+            if resume_at is not None:
+                os.ftruncate(self.fd, resume_at)  # drop a record torn by a crash
+                os.lseek(self.fd, resume_at, os.SEEK_SET)
         except OSError as err:
-            raise OperationFailed(f"{self.partial}: cannot create: {err.strerror}") from err
+            raise OperationFailed(f"{self.partial}: cannot open for writing: "
+                                  f"{err.strerror}") from err
         self.pos = 0
-        self._write([header.pack()])
+        if resume_at is None:
+            self._write([header.pack()])
+        else:
+            self.pos = resume_at
         self._entries = bytearray()
         self._segments: list[bytes] = []  # compressed, kept until finish (small)
         self._next_block = 0
@@ -224,14 +233,29 @@ class ImageWriter:
     def add_data(self, block: int, stored: bytes, codec: int, sha256: bytes,
                  flags: int = 0) -> None:
         """Append a record for `block` and its index entry."""
+        self.add_entry(block, self.write_record(block, stored, codec, sha256, flags))
+
+    def write_record(self, block: int, stored: bytes, codec: int, sha256: bytes,
+                     flags: int = 0) -> fmt.IndexEntry:
+        """Append a record for `block` and return the index entry pointing at it; the caller
+        adds it (records may come in any order, entries in block order)."""
         raw_len = self.header.block_length(block)
         offset = self.pos
         self._write([fmt.pack_record(block, stored, raw_len, codec, flags, sha256), stored])
-        self.stats.stored_blocks += 1
-        self.stats.stored_bytes += len(stored)
-        if flags & fmt.FLAG_UNREADABLE:
-            self.stats.unreadable_blocks += 1
-        self.add_entry(block, fmt.IndexEntry(fmt.DATA, sha256, offset, len(stored), codec, flags))
+        return fmt.IndexEntry(fmt.DATA, sha256, offset, len(stored), codec, flags)
+
+    def sync(self) -> None:
+        """Make every record written so far durable (before a rescue map claims them)."""
+        try:
+            os.fsync(self.fd)
+        except OSError as err:
+            raise OperationFailed(f"{self.partial}: fsync failed: {err.strerror}") from err
+
+    def close_partial(self) -> None:
+        """Close, keeping the partial file (an interrupted rescue resumes from it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def add_entry(self, block: int, entry: fmt.IndexEntry, count: int = 1) -> None:
         """The index entry of the next block, or of the next `count` blocks that share it (a
@@ -239,12 +263,17 @@ class ImageWriter:
         if block != self._next_block:
             raise ValueError(f"index entry for block {block}, expected {self._next_block}")
         self._next_block += count
-        if entry.kind == fmt.ZERO:
+        if entry.kind == fmt.DATA:
+            self.stats.stored_blocks += count
+            self.stats.stored_bytes += entry.stored_len * count
+        elif entry.kind == fmt.ZERO:
             self.stats.zero_blocks += count
         elif entry.kind == fmt.UNUSED:
             self.stats.unused_blocks += count
         elif entry.kind == fmt.PARENT:
             self.stats.parent_blocks += count
+        if entry.flags & fmt.FLAG_UNREADABLE:
+            self.stats.unreadable_blocks += count
         packed = entry.pack()
         seg_bytes = fmt.ENTRIES_PER_SEGMENT * fmt.ENTRY_SIZE
         while count:
@@ -304,6 +333,31 @@ class ImageWriter:
             os.unlink(self.partial)
         except FileNotFoundError:
             pass
+
+
+def scan_records(fd: int, start: int, end: int) -> Iterator[tuple[int, fmt.RecordHeader]]:
+    """(offset, record header) of the records from `start`, in file order, up to the first
+    place that is not a whole, valid record (the index, damage, or a torn write)."""
+    pos = start
+    while pos + fmt.RECORD_HEADER_SIZE <= end:
+        rec = fmt.unpack_record(os.pread(fd, fmt.RECORD_HEADER_SIZE, pos))
+        if rec is None or pos + fmt.RECORD_HEADER_SIZE + rec.stored_len > end:
+            return
+        yield pos, rec
+        pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
+
+
+def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader) -> bytes | None:
+    """The content of a record found by scan_records, or None when it fails its SHA-256."""
+    payload = os.pread(fd, rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
+    try:
+        data = (zstandard.ZstdDecompressor().decompress(payload, max_output_size=rec.raw_len)
+                if rec.codec == fmt.CODEC_ZSTD else payload)
+    except zstandard.ZstdError:
+        return None
+    if len(data) != rec.raw_len or hashlib.sha256(data).digest() != rec.sha256:
+        return None
+    return data
 
 
 def describe(reader: ImageReader) -> dict:

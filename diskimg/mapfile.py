@@ -48,16 +48,27 @@ class RescueMap:
             end = self.starts[i + 1] if i + 1 < n else self.size
             yield self.starts[i], end - self.starts[i], self.statuses[i]
 
+    def slice(self, start: int, end: int) -> list[tuple[int, int, str]]:
+        """(pos, size, status) of the intervals overlapping [start, end), clipped to it."""
+        out = []
+        i = max(0, bisect_right(self.starts, start) - 1)
+        n = len(self.starts)
+        while i < n and self.starts[i] < end:
+            stop = self.starts[i + 1] if i + 1 < n else self.size
+            a, b = max(self.starts[i], start), min(stop, end)
+            if b > a:
+                out.append((a, b - a, self.statuses[i]))
+            i += 1
+        return out
+
     def areas(self, status: str, start: int = 0, end: int | None = None
               ) -> list[tuple[int, int]]:
         """(pos, size) of the intervals with `status`, clipped to [start, end)."""
         end = self.size if end is None else end
-        out = []
-        for pos, size, st in self.intervals():
-            if st == status and pos < end and pos + size > start:
-                a, b = max(pos, start), min(pos + size, end)
-                out.append((a, b - a))
-        return out
+        return [(p, n) for p, n, st in self.slice(start, end) if st == status]
+
+    def all_finished(self, start: int, end: int) -> bool:
+        return all(st == FINISHED for _, _, st in self.slice(start, end))
 
     def status_at(self, pos: int) -> str:
         return self.statuses[bisect_right(self.starts, pos) - 1]
@@ -94,13 +105,14 @@ class RescueMap:
 
     # -- ddrescue's text format ----------------------------------------------------------------
 
-    def dumps(self, command: str = "", started: str = "") -> str:
+    def dumps(self, command: str = "", started: str = "", notes: tuple[str, ...] = ()) -> str:
         now = time.strftime("%Y-%m-%d %H:%M:%S")
         lines = [
             "# Mapfile. Created by diskimg (GNU ddrescue mapfile format)",
             f"# Command line: {command}",
             f"# Start time:   {started or now}",
             f"# Current time: {now}",
+            *(f"# {note}" for note in notes),
             "# current_pos  current_status  current_pass",
             f"0x{self.current_pos:08X}     {PASS_STATUS.get(self.current_pass, '?')}"
             f"               {min(self.current_pass, 5)}",
@@ -109,11 +121,13 @@ class RescueMap:
         lines += [f"0x{p:08X}  0x{s:08X}  {st}" for p, s, st in self.intervals()]
         return "\n".join(lines) + "\n"
 
-    def save(self, path: str, command: str = "", started: str = "") -> None:
-        """Write atomically: a temporary file, fsync, rename, fsync of the directory."""
+    def save(self, path: str, command: str = "", started: str = "",
+             notes: tuple[str, ...] = ()) -> None:
+        """Write atomically: a temporary file, fsync, rename, fsync of the directory.  `notes`
+        become comment lines (ddrescue ignores them)."""
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
-            f.write(self.dumps(command, started))
+            f.write(self.dumps(command, started, notes))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

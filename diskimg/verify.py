@@ -8,18 +8,16 @@ An image cut short (no trailer) has lost its index; its records are still scanne
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-import zstandard
-
 from diskimg import format as fmt
 from diskimg.chain import open_chain
-from diskimg.imagefile import BlockError, ImageReader, TruncatedImage
+from diskimg.imagefile import (BlockError, ImageReader, TruncatedImage, read_record_data,
+                                scan_records)
 from diskimg.pipeline import default_threads, ordered_map
 
 log = logging.getLogger(__name__)
@@ -146,33 +144,17 @@ def _scan_truncated(path: str, size: int) -> tuple[list[VerifyError], int, int]:
     errors: list[VerifyError] = []
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        header, pos = fmt.read_header(fd, path)
+        header, start = fmt.read_header(fd, path)
         checked = nbytes = 0
         last_block = -1
-        dctx = zstandard.ZstdDecompressor()
-        while pos + fmt.RECORD_HEADER_SIZE <= size:
-            rec = fmt.unpack_record(os.pread(fd, fmt.RECORD_HEADER_SIZE, pos))
-            if rec is None:
-                break  # the index (or damage) starts here
-            payload = os.pread(fd, rec.stored_len, pos + fmt.RECORD_HEADER_SIZE)
-            if len(payload) < rec.stored_len:
-                errors.append(VerifyError(header.uuid, path, rec.block,
-                                          rec.block * header.block_size, "record cut short"))
-                break
-            try:
-                data = (dctx.decompress(payload, max_output_size=rec.raw_len)
-                        if rec.codec == fmt.CODEC_ZSTD else payload)
-                good = hashlib.sha256(data).digest() == rec.sha256
-            except zstandard.ZstdError:
-                good = False
-            if not good:
+        for offset, rec in scan_records(fd, start, size):
+            if read_record_data(fd, offset, rec) is None:
                 errors.append(VerifyError(header.uuid, path, rec.block,
                                           rec.block * header.block_size,
                                           "checksum mismatch in record"))
             checked += 1
             nbytes += rec.raw_len
             last_block = max(last_block, rec.block)
-            pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
         errors.append(VerifyError(
             header.uuid, path, last_block + 1, (last_block + 1) * header.block_size,
             f"image truncated at byte {size}: no trailer, index lost; {checked} stored blocks "

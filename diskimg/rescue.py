@@ -1,0 +1,473 @@
+"""Imaging a failing disk, ddrescue-style: keep going past unreadable sectors, save the good
+data first, narrow the bad areas down to single sectors, and say exactly what was lost.
+
+Passes, as GNU ddrescue's:
+  1. copy, forward, block by block; after a read error skip ahead (the skip doubles on each
+     consecutive error) so the good data is saved before a dying disk gets worse;
+  2. copy what pass 1 skipped, without skipping;
+  3. trim each failed block from its edges, sector by sector, up to the first bad sector;
+  4. scrape what is left between the edges, sector by sector;
+  5. retry each bad sector up to `retries` times.
+
+The image is written as usual under IMAGE.partial, except that a block's record may be
+written more than once: when a later pass recovers sectors of a block, the block is re-stored
+with them and the newer record supersedes the older (records carry their block number, so a
+resumed run finds the latest one by scanning).  Unreadable sectors read as zeros and carry
+FLAG_UNREADABLE; the footer lists the unreadable byte ranges.
+
+Progress is kept in a GNU ddrescue mapfile (mapfile.py), written atomically at least every
+30 s and always after an fsync of the image, so that the map never claims data the image does
+not durably hold.  An interrupted run (Ctrl-C, kill -9, a crash) resumes from the partial image
+and the map without rereading what was saved.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import mmap
+import os
+import time
+import uuid as uuidlib
+from array import array
+from dataclasses import dataclass
+from typing import Callable
+
+import zstandard
+
+from diskimg import __version__, devices
+from diskimg import format as fmt
+from diskimg.blockdev import Source, open_source
+from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
+from diskimg.imagefile import ImageWriter, read_record_data, scan_records
+from diskimg.imaging import ImageOptions, ImageResult, _now, check_image_path
+from diskimg.mapfile import (BAD, FINISHED, NON_SCRAPED, NON_TRIED, NON_TRIMMED, MapfileError,
+                             RescueMap)
+
+log = logging.getLogger(__name__)
+
+MAP_SAVE_INTERVAL = 30.0
+NO_RECORD = -1
+PASS_NAMES = {1: "copying", 2: "copying skipped areas", 3: "trimming", 4: "scraping",
+              5: "retrying bad sectors", 6: "finished"}
+
+
+@dataclass(frozen=True)
+class RescueOptions:
+    retries: int = 1
+    mapfile: str | None = None        # default: IMAGE.map
+    direct: bool | None = None        # O_DIRECT; default: on for block devices
+    command: str = ""                 # recorded in the mapfile's header
+
+
+@dataclass(frozen=True)
+class RescueStatus:
+    pass_no: int
+    pass_name: str
+    pos: int
+    rescued: int       # bytes read successfully
+    bad: int           # bytes in bad sectors
+    pending: int       # non-trimmed and non-scraped bytes (failed areas not yet narrowed)
+    remaining: int     # bytes not tried yet
+    size: int
+
+
+@dataclass(frozen=True)
+class RescueResult:
+    image: ImageResult
+    unreadable: tuple[tuple[int, int], ...]
+    mapfile: str
+    resumed: bool
+
+
+SYNC_NOTE = "diskimg-synced-bytes:"
+
+
+class _Session:
+    """One rescue run: the source, the partial image, the map and the latest record of each
+    block (`offsets`, NO_RECORD where the block has none)."""
+
+    def __init__(self, source: Source, writer: ImageWriter, rmap: RescueMap, offsets: array,
+                 sector: int, align: int, level: int, ropts: RescueOptions, mapfile: str,
+                 progress: Callable[[RescueStatus], None] | None) -> None:
+        self.src = source
+        self.writer = writer
+        self.header = writer.header
+        self.map = rmap
+        self.offsets = offsets
+        self.sector = sector
+        self.align = align                        # O_DIRECT: lengths rounded up to this
+        self.ropts = ropts
+        self.mapfile = mapfile
+        self.progress = progress
+        self.bs = self.header.block_size
+        self.buf = mmap.mmap(-1, self.bs)          # page-aligned, as O_DIRECT needs
+        self.cctx = zstandard.ZstdCompressor(level=level)
+        self.rfd = os.open(writer.partial, os.O_RDONLY | os.O_CLOEXEC)
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.last_save = time.monotonic()
+        self.last_report = 0.0
+        self.read_bytes = 0
+
+    def close(self) -> None:
+        os.close(self.rfd)
+        self.buf.close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes | None:
+        """`length` bytes at `offset`, or None when the source reports a read error."""
+        want = -(-length // self.align) * self.align   # the tail of a file may be unaligned
+        view = memoryview(self.buf)[:want]
+        try:
+            n = os.preadv(self.src.fd, [view], offset)
+        except OSError as err:
+            if err.errno in (errno.EINVAL, errno.EBADF, errno.ENOMEM):
+                raise OperationFailed(f"{self.src.path}: read at byte {offset} failed: "
+                                      f"{err.strerror}") from err
+            log.debug("read error at %d+%d: %s", offset, length, err)
+            return None
+        finally:
+            view.release()
+        if n < length:  # short inside the device: the next sector failed
+            return None
+        self.read_bytes += length
+        return self.buf[:length]
+
+    # -- blocks --------------------------------------------------------------------------------
+
+    def block_data(self, block: int) -> bytearray:
+        """The block's content as stored so far (zeros where nothing was read yet)."""
+        off = self.offsets[block]
+        if off == NO_RECORD:
+            return bytearray(self.header.block_length(block))
+        rec = fmt.unpack_record(os.pread(self.rfd, fmt.RECORD_HEADER_SIZE, off))
+        data = read_record_data(self.rfd, off, rec) if rec else None
+        if data is None:
+            raise OperationFailed(f"{self.writer.partial}: record of block {block} at byte "
+                                  f"{off} fails its checks")
+        return bytearray(data)
+
+    def store(self, block: int, data: bytes | bytearray) -> None:
+        """Store the block's current content, flagged while any of its sectors is not read."""
+        start, length = block * self.bs, self.header.block_length(block)
+        complete = self.map.all_finished(start, start + length)
+        data = bytes(data)
+        sha = hashlib.sha256(data).digest()
+        if complete and sha == fmt.zero_digest(length):
+            self.offsets[block] = NO_RECORD       # a zero block needs no record
+            return
+        stored, codec = self.cctx.compress(data), fmt.CODEC_ZSTD
+        if len(stored) >= length:
+            stored, codec = data, fmt.CODEC_RAW
+        entry = self.writer.write_record(block, stored, codec, sha,
+                                         0 if complete else fmt.FLAG_UNREADABLE)
+        self.offsets[block] = entry.offset
+
+    # -- passes --------------------------------------------------------------------------------
+
+    def copy_pass(self, pass_no: int, skipping: bool) -> None:
+        """Read the non-tried areas block-wise; a failed read becomes non-trimmed.  With
+        `skipping`, each error skips the next blocks (doubling on consecutive errors)."""
+        self.map.current_pass = pass_no
+        skip, to_skip = 1, 0
+        max_skip = max(1, self.header.blocks // 100)
+        for pos, size in self.map.areas(NON_TRIED):
+            off = pos
+            while off < pos + size:
+                block = off // self.bs
+                end = min((block + 1) * self.bs, pos + size)
+                if to_skip:
+                    to_skip -= 1
+                else:
+                    self.map.current_pos = off
+                    data = self.read(off, end - off)
+                    if data is None:
+                        self.map.set(off, end - off, NON_TRIMMED)
+                        if skipping:
+                            to_skip = skip
+                            skip = min(skip * 2, max_skip)
+                    else:
+                        skip = 1
+                        self.map.set(off, end - off, FINISHED)
+                        if end - off == self.header.block_length(block):
+                            self.store(block, data)
+                        else:  # part of a block (a resumed run): patch what is stored
+                            buf = self.block_data(block)
+                            rel = off - block * self.bs
+                            buf[rel:rel + len(data)] = data
+                            self.store(block, buf)
+                    self.tick()
+                off = end
+
+    def sector_pass(self, pass_no: int, status: str, tries: int = 1) -> None:
+        """Trimming (3), scraping (4) or retrying (5) the areas with `status` sector by sector,
+        block by block, each block re-stored once with what was recovered."""
+        self.map.current_pass = pass_no
+        for _ in range(tries):
+            blocks = sorted({b for p, n in self.map.areas(status)
+                             for b in range(p // self.bs, (p + n - 1) // self.bs + 1)})
+            for block in blocks:
+                start = block * self.bs
+                buf = None
+                for pos, size in self.map.areas(status, start,
+                                                 start + self.header.block_length(block)):
+                    self.map.current_pos = pos
+                    got = self._trim(pos, size) if pass_no == 3 else self._each_sector(pos, size)
+                    for off, data in got:
+                        if buf is None:
+                            buf = self.block_data(block)
+                        buf[off - start:off - start + len(data)] = data
+                if buf is not None:
+                    self.store(block, buf)
+                self.tick()
+            if not self.map.areas(status):
+                break
+
+    def _sector_end(self, off: int, hi: int) -> int:
+        return min(hi, (off // self.sector + 1) * self.sector)
+
+    def _trim(self, pos: int, size: int) -> list[tuple[int, bytes]]:
+        """Read sectors from both edges of a failed area inwards, each side up to its first
+        bad sector; what is left between becomes non-scraped."""
+        lo, hi = pos, pos + size
+        got = []
+        while lo < hi:
+            end = self._sector_end(lo, hi)
+            data = self.read(lo, end - lo)
+            self.map.set(lo, end - lo, BAD if data is None else FINISHED)
+            if data is None:
+                lo = end
+                break
+            got.append((lo, bytes(data)))
+            lo = end
+        while hi > lo:
+            start = max(lo, (hi - 1) // self.sector * self.sector)
+            data = self.read(start, hi - start)
+            self.map.set(start, hi - start, BAD if data is None else FINISHED)
+            hi = start
+            if data is None:
+                break
+            got.append((start, bytes(data)))
+        if hi > lo:
+            self.map.set(lo, hi - lo, NON_SCRAPED)
+        return got
+
+    def _each_sector(self, pos: int, size: int) -> list[tuple[int, bytes]]:
+        got = []
+        off, end = pos, pos + size
+        while off < end:
+            stop = self._sector_end(off, end)
+            data = self.read(off, stop - off)
+            self.map.set(off, stop - off, BAD if data is None else FINISHED)
+            if data is not None:
+                got.append((off, bytes(data)))
+            off = stop
+        return got
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def status(self) -> RescueStatus:
+        t = self.map.totals()
+        p = self.map.current_pass
+        return RescueStatus(p, PASS_NAMES[p], self.map.current_pos, t[FINISHED], t[BAD],
+                            t[NON_TRIMMED] + t[NON_SCRAPED], t[NON_TRIED], self.map.size)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_save >= MAP_SAVE_INTERVAL:
+            self.save_map()
+        if self.progress and now - self.last_report >= 0.2:
+            self.last_report = now
+            self.progress(self.status())
+
+    def save_map(self) -> None:
+        self.writer.sync()   # the map must never claim data the image does not durably hold
+        try:
+            self.map.save(self.mapfile, self.ropts.command, self.started,
+                          notes=(f"{SYNC_NOTE} {self.writer.pos}",))
+        except OSError as err:
+            raise OperationFailed(f"{self.mapfile}: cannot write the mapfile: "
+                                  f"{err.strerror}") from err
+        self.last_save = time.monotonic()
+
+    def unreadable(self) -> tuple[tuple[int, int], ...]:
+        """Merged byte ranges that are not finished."""
+        out: list[tuple[int, int]] = []
+        for pos, size, st in self.map.intervals():
+            if st == FINISHED:
+                continue
+            if out and out[-1][0] + out[-1][1] == pos:
+                out[-1] = (out[-1][0], out[-1][1] + size)
+            else:
+                out.append((pos, size))
+        return tuple(out)
+
+    def write_index(self) -> None:
+        """The index: the latest record of each block, zero blocks as flags."""
+        for block in range(self.header.blocks):
+            length = self.header.block_length(block)
+            off = self.offsets[block]
+            if off != NO_RECORD:
+                rec = fmt.unpack_record(os.pread(self.rfd, fmt.RECORD_HEADER_SIZE, off))
+                entry = fmt.IndexEntry(fmt.DATA, rec.sha256, off, rec.stored_len, rec.codec,
+                                       rec.flags)
+            else:
+                start = block * self.bs
+                bad = not self.map.all_finished(start, start + length)
+                entry = fmt.IndexEntry(fmt.ZERO, fmt.zero_digest(length),
+                                       flags=fmt.FLAG_UNREADABLE if bad else 0)
+            self.writer.add_entry(block, entry)
+
+
+def _synced_bytes(mapfile: str) -> int:
+    """How much of the partial image was fsynced when the map was saved."""
+    try:
+        with open(mapfile) as f:
+            for line in f:
+                if line.startswith("# " + SYNC_NOTE):
+                    return int(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _resume(image: str, source: Source, mapfile: str
+            ) -> tuple[ImageWriter, RescueMap, array]:
+    """Reopen the partial image and map an interrupted rescue left.
+
+    The latest valid record of each block is found by scanning.  Records past what was fsynced
+    when the map was last saved may be torn by a crash, so those are checked by content; the
+    first bad one and everything after it are dropped and reread.  Blocks whose latest record
+    is complete count as finished even where the map (saved earlier) does not say so yet.
+    """
+    partial = image + ".partial"
+    fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        header, start = fmt.read_header(fd, partial)
+        if header.size != source.size or header.extra.get("rescue") is not True:
+            raise UsageError(f"{partial}: left by another run (not a rescue of this "
+                             f"{source.size}-byte source); remove it or use --force")
+        rmap = RescueMap.new(source.size)
+        synced = 0
+        if os.path.exists(mapfile):
+            try:
+                rmap = RescueMap.load(mapfile, source.size)
+            except (MapfileError, OSError) as err:
+                raise UsageError(f"{mapfile}: cannot be used to resume: {err}") from err
+            synced = _synced_bytes(mapfile)
+        offsets = array("q", [NO_RECORD]) * header.blocks
+        end = start
+        for off, rec in scan_records(fd, start, os.fstat(fd).st_size):
+            if rec.block >= header.blocks or (off >= synced and
+                                               read_record_data(fd, off, rec) is None):
+                break
+            offsets[rec.block] = off
+            end = off + fmt.RECORD_HEADER_SIZE + rec.stored_len
+            if not rec.flags & fmt.FLAG_UNREADABLE:
+                rmap.set(rec.block * header.block_size, rec.raw_len, FINISHED)
+    finally:
+        os.close(fd)
+    log.info("resuming %s: %d bytes of records kept", partial, end)
+    return ImageWriter(image, header, resume_at=end), rmap, offsets
+
+
+def _new(image: str, source: Source, opts: ImageOptions, identity: dict
+         ) -> tuple[ImageWriter, RescueMap, array]:
+    new_uuid = str(uuidlib.uuid4())
+    header = fmt.Header(
+        uuid=new_uuid, kind="full", size=source.size, block_size=opts.block_size,
+        source=identity, created=_now(), tool_version=__version__, parent=None,
+        chain=(new_uuid,), compression={"codec": "zstd", "level": opts.level},
+        extra={"rescue": True},
+    )
+    return (ImageWriter(image, header), RescueMap.new(source.size),
+            array("q", [NO_RECORD]) * header.blocks)
+
+
+def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
+                 ropts: RescueOptions = RescueOptions(),
+                 progress: Callable[[RescueStatus], None] | None = None) -> RescueResult:
+    """Image a failing source past its read errors.  Resumes when IMAGE.partial and the map
+    of an interrupted run exist (unless opts.force).  Raises Interrupted (keeping the partial
+    image and the map) and the errors of imaging.create_image."""
+    if opts.incremental or opts.differential:
+        raise UsageError("--rescue makes full images only (image the new disk incrementally "
+                         "afterwards)")
+    fmt.check_block_size(opts.block_size)
+    if ropts.retries < 0:
+        raise UsageError(f"--retries {ropts.retries}: must be 0 or more")
+    started = time.monotonic()
+    probe = open_source(source_path)
+    direct = ropts.direct if ropts.direct is not None else probe.is_block
+    probe.close()
+    source = open_source(source_path, direct=direct)
+    try:
+        check_image_path(image_path, source, opts.force)
+        mapfile = ropts.mapfile or image_path + ".map"
+        resumed = os.path.exists(image_path + ".partial") and not opts.force
+        if resumed:
+            writer, rmap, offsets = _resume(image_path, source, mapfile)
+        else:
+            writer, rmap, offsets = _new(image_path, source, opts, devices.identify(source_path))
+        if source.is_block:
+            sector = source.logical_sector
+        else:
+            sector = 4096 if direct else 512
+        align = max(sector, 512) if direct else 1
+        s = _Session(source, writer, rmap, offsets, sector, align, opts.level, ropts, mapfile,
+                     progress)
+        try:
+            s.copy_pass(1, skipping=True)
+            s.copy_pass(2, skipping=False)
+            s.sector_pass(3, NON_TRIMMED)
+            s.sector_pass(4, NON_SCRAPED)
+            if ropts.retries:
+                s.sector_pass(5, BAD, tries=ropts.retries)
+            rmap.current_pass = 6
+            s.write_index()
+            unreadable = s.unreadable()
+        except KeyboardInterrupt:
+            _save_on_exit(s)
+            writer.close_partial()
+            raise Interrupted(f"rescue of {source_path} interrupted; run the same command "
+                              f"again to resume from {writer.partial} and {mapfile}") from None
+        except BaseException:
+            _save_on_exit(s)
+            writer.close_partial()
+            raise
+        finally:
+            s.close()
+        stats = writer.stats
+        meta = {
+            "completed": _now(),
+            "stats": {
+                "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
+                "zero_blocks": stats.zero_blocks, "unused_blocks": 0, "unchanged_blocks": 0,
+                "changed_blocks": writer.header.blocks, "read_bytes": s.read_bytes,
+                "unreadable_blocks": stats.unreadable_blocks,
+            },
+            "rescue": {"retries": ropts.retries, "direct": direct, "sector": sector,
+                       "mapfile": os.path.abspath(mapfile), "resumed": resumed},
+            "unreadable": [list(r) for r in unreadable],
+        }
+        writer.finish(meta)
+        rmap.save(mapfile, ropts.command, s.started)
+        h = writer.header
+        result = ImageResult(
+            path=image_path, uuid=h.uuid, kind="full", size=h.size, block_size=h.block_size,
+            blocks=h.blocks, stored_blocks=stats.stored_blocks, zero_blocks=stats.zero_blocks,
+            unused_blocks=0, unchanged_blocks=0, changed_blocks=h.blocks,
+            stored_bytes=stats.stored_bytes, image_bytes=os.path.getsize(image_path),
+            read_bytes=s.read_bytes, seconds=time.monotonic() - started, parent=None,
+            chain=h.chain)
+        return RescueResult(result, unreadable, mapfile, resumed)
+    finally:
+        source.close()
+
+
+def _save_on_exit(s: _Session) -> None:
+    try:
+        s.save_map()
+    except (DiskimgError, OSError) as err:
+        log.error("could not save the rescue map: %s", err)
