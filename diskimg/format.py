@@ -77,6 +77,8 @@ PARENT = 2    # unchanged since the parent image: resolve through the chain
 UNUSED = 3    # free space of a recognised filesystem; not read, restored as zeros
 KIND_NAMES = {ZERO: "zero", DATA: "data", PARENT: "parent", UNUSED: "unused"}
 
+KINDS_OF_IMAGE = ("full", "incremental", "differential")
+
 # codecs of a record
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -233,6 +235,10 @@ def read_header(fd: int, path: str) -> tuple[Header, int]:
     try:
         header = Header.from_json(json.loads(body[:jlen]))
         check_block_size(header.block_size)
+        if header.kind not in KINDS_OF_IMAGE or (header.kind == "full") != (header.parent is None):
+            raise ValueError(f"kind {header.kind!r} with parent {header.parent!r}")
+        if header.size < 0:
+            raise ValueError(f"size {header.size}")
     except (ValueError, KeyError, TypeError) as err:
         raise CorruptImage(f"{path}: header metadata invalid: {err}") from err
     return header, _HEADER_FIXED.size + jlen + 4
@@ -251,8 +257,12 @@ def read_footer(fd: int, path: str, file_size: int) -> dict:
         raise IncompleteImage(path, partial_hint)
     if crc != crc32c(buf[: _TRAILER.size]):
         raise CorruptImage(f"{path}: trailer damaged (CRC-32C mismatch)")
-    if f_off + f_len + TRAILER_SIZE != file_size:
-        raise CorruptImage(f"{path}: trailer points outside the file (footer at {f_off})")
+    if version != FORMAT_VERSION:
+        raise CorruptImage(f"{path}: trailer says format version {version}, header says "
+                           f"{FORMAT_VERSION}")
+    if f_off + f_len + TRAILER_SIZE != file_size or f_len < _FOOTER_FIXED.size + 4:
+        raise CorruptImage(f"{path}: trailer points outside the file (footer at {f_off}, "
+                           f"{f_len} bytes)")
     fbuf = os.pread(fd, f_len, f_off)
     fmagic, jlen = _FOOTER_FIXED.unpack_from(fbuf)
     if fmagic != FOOTER_MAGIC or jlen + _FOOTER_FIXED.size + 4 != f_len:

@@ -74,7 +74,10 @@ class ImageReader:
             self.segments: list[tuple[int, int]] = [tuple(s) for s in index.get("segments", [])]
             self.entries_per_segment = int(index.get("entries_per_segment", 0))
             self.index_sha256 = index.get("sha256", "")
-            expected = -(-self.header.blocks // self.entries_per_segment) if self.entries_per_segment else 0
+            if self.entries_per_segment <= 0:
+                raise CorruptImage(f"{self.path}: footer damaged (index entries per segment "
+                                   f"{self.entries_per_segment})")
+            expected = -(-self.header.blocks // self.entries_per_segment)
             if len(self.segments) != expected:
                 raise CorruptImage(f"{self.path}: footer's index table lists {len(self.segments)} "
                                    f"segments, {expected} expected")

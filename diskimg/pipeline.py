@@ -9,6 +9,8 @@ in a worker is re-raised in the consumer, once, and the remaining work is cancel
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -58,3 +60,48 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+_END = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 8) -> Iterator[T]:
+    """Iterate `items` on a background thread, up to `depth` ahead, so that reading the source
+    overlaps hashing, compressing and writing.  An exception in the producer is re-raised here;
+    closing this generator stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((_END, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            q.put((_END, err))
+
+    t = threading.Thread(target=run, name="diskimg-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is _END:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.05)

@@ -119,41 +119,55 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
         if held.sha256 != entry.sha256:
             raise CorruptImage(f"{img.path}: block {block} has checksum {held.sha256.hex()} but "
                                f"{leaf.path} expects {entry.sha256.hex()}: chain inconsistent")
-        data = img.read_block(block, held) if held.kind == fmt.DATA else None
-        if only_changed:
+        if only_changed:  # compare first: an identical block costs no read of the image
             try:
                 current = pread_full(tgt.fd, length, block * bs, tgt.path)
             except OSError as err:
                 raise OperationFailed(f"{tgt.path}: read error at byte {block * bs}: "
                                       f"{err.strerror}") from err
             if hashlib.sha256(current).digest() == entry.sha256:
-                return block, data, True
+                return block, None, True
+        data = img.read_block(block, held) if held.kind == fmt.DATA else None
         return block, data, False
+
+    zeros = [0, 0]   # a pending run of blocks to zero: [offset, length], written in one call
+
+    def flush_zeros() -> None:
+        if zeros[1]:
+            try:
+                zero_range(tgt, zeros[0], zeros[1])
+            except OSError as err:
+                raise OperationFailed(f"{tgt.path}: write error at byte {zeros[0]}: "
+                                      f"{err.strerror}") from err
+            zeros[1] = 0
 
     for block, data, skip in ordered_map(work, leaf.iter_entries(), threads):
         length = header.block_length(block)
+        offset = block * bs
         if only_changed:
             c["read_target_blocks"] += 1
         if skip:
             c["skipped_blocks"] += 1
         elif data is not None:
+            flush_zeros()
             try:
-                pwrite_full(tgt.fd, data, block * bs)
+                pwrite_full(tgt.fd, data, offset)
             except OSError as err:
-                raise OperationFailed(f"{tgt.path}: write error at byte {block * bs}: "
+                raise OperationFailed(f"{tgt.path}: write error at byte {offset}: "
                                       f"{err.strerror}") from err
             c["written_blocks"] += 1
             c["written_bytes"] += length
         elif tgt.created:
             c["hole_blocks"] += 1
         else:
-            try:
-                zero_range(tgt, block * bs, length)
-            except OSError as err:
-                raise OperationFailed(f"{tgt.path}: write error at byte {block * bs}: "
-                                      f"{err.strerror}") from err
+            if zeros[1] and zeros[0] + zeros[1] == offset:
+                zeros[1] += length
+            else:
+                flush_zeros()
+                zeros[0], zeros[1] = offset, length
             c["zeroed_blocks"] += 1
             c["written_bytes"] += length
         if progress:
             progress(length)
+    flush_zeros()
     return c

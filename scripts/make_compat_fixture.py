@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Make the compatibility fixtures of the current image format version: fixtures/compat/vN/.
+
+Run this ONCE per released format version (N = diskimg.format.FORMAT_VERSION), and commit what it
+writes.  Never regenerate an existing version's fixtures: they are the images that version's
+diskimg wrote, and tests/unit/test_compat.py checks that every later diskimg still verifies,
+describes and restores them exactly.  The script refuses to touch an existing directory; if a
+fixture turns out to be wrong, add a new one next to it and say why, do not replace it.
+
+What it writes (block size 64 KiB, a 6-block source whose last block is short, all contents
+deterministic and compressible, so the images are a few KiB):
+
+* ``full.img``: a full image of the base contents: text, zero and patterned blocks;
+* ``incremental.img``: an incremental image on top of ``full.img`` of the changed contents
+  (blocks unchanged, made zero, made non-zero, patched, and a changed short last block);
+* ``expected.json``: per image its UUID, kind, parent, chain, index digest, the SHA-256 and size
+  of the raw contents a restore must give, and the SHA-256 of the image file itself.
+
+Usage: .venv/bin/python scripts/make_compat_fixture.py
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from diskimg import __version__  # noqa: E402
+from diskimg import format as fmt  # noqa: E402
+from diskimg.imagefile import ImageReader, describe  # noqa: E402
+from diskimg.imaging import ImageOptions, create_image  # noqa: E402
+
+BS = 64 * 1024
+SIZE = 5 * BS + 20000           # 6 blocks, the last one 20000 bytes
+
+
+def text(tag: str, n: int) -> bytes:
+    """`n` bytes of numbered text lines: compressible, and different for each tag."""
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += f"{tag} line {i:06d}: diskimg compatibility fixture\n".encode()
+        i += 1
+    return bytes(out[:n])
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """`n` bytes of a small-alphabet linear congruential sequence (compresses, is not text)."""
+    x = seed
+    out = bytearray(n)
+    for i in range(n):
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+        out[i] = 0x40 + ((x >> 16) & 0x0F)
+    return bytes(out)
+
+
+def base() -> bytes:
+    blocks = [
+        text("base0", BS),      # 0 data
+        bytes(BS),              # 1 zero
+        pattern(1, BS),         # 2 data
+        bytes(BS),              # 3 zero
+        text("base4", BS),      # 4 data
+        text("tail", 20000),    # 5 data, short
+    ]
+    data = b"".join(blocks)
+    assert len(data) == SIZE
+    return data
+
+
+def changed() -> bytes:
+    data = bytearray(base())
+    data[1 * BS:2 * BS] = text("new1", BS)                  # zero -> data
+    data[2 * BS + 1000:2 * BS + 1100] = b"\xa5" * 100       # patched
+    data[4 * BS:5 * BS] = bytes(BS)                         # data -> zero
+    data[5 * BS + 19990:] = b"0123456789"                   # short last block changed
+    return bytes(data)                                      # blocks 0 and 3 unchanged
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> int:
+    out = ROOT / "fixtures" / "compat" / f"v{fmt.FORMAT_VERSION}"
+    if out.exists():
+        print(f"{out} exists: fixtures of a released format version are never regenerated",
+              file=sys.stderr)
+        return 1
+    contents = {"full.img": base(), "incremental.img": changed()}
+    out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="diskimg-compat-") as tmp:
+        for name, data in contents.items():
+            src = Path(tmp) / name.replace(".img", ".raw")
+            src.write_bytes(data)
+            parent = str(out / "full.img") if name == "incremental.img" else None
+            create_image(str(src), str(out / name),
+                         ImageOptions(block_size=BS, threads=1, incremental=parent))
+    images = []
+    for name, data in contents.items():
+        with ImageReader(str(out / name)) as r:
+            info = describe(r)
+        images.append({
+            "file": name,
+            "uuid": info["uuid"],
+            "kind": info["kind"],
+            "parent": info["parent"],
+            "parent_name": info["parent_name"],
+            "chain": info["chain"],
+            "size": info["size"],
+            "block_size": info["block_size"],
+            "index_sha256": info["index_sha256"],
+            "raw_size": len(data),
+            "raw_sha256": hashlib.sha256(data).hexdigest(),
+            "image_sha256": sha256_file(out / name),
+        })
+    expected = {
+        "format_version": fmt.FORMAT_VERSION,
+        "made_by": f"diskimg {__version__}, scripts/make_compat_fixture.py",
+        "images": images,
+    }
+    (out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+    total = sum(os.path.getsize(out / i["file"]) for i in images)
+    print(f"wrote {out}: {', '.join(i['file'] for i in images)} ({total} bytes), expected.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""docs/FORMAT.md is enough to read an image: an independent reader written only from it.
+
+The reader below (`SpecReader`, `read_chain`) uses struct, hashlib, json, zstandard and a pure
+Python CRC-32C built from the parameters in the document; it does not import diskimg.  It checks
+every CRC, every SHA-256 and the index digest, and must reproduce the source bytes of images made
+by diskimg (full, incremental, a chain of incrementals, differential), and reject truncated and
+damaged files.  diskimg itself is only used to *make* the images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import zstandard
+
+# ------------------------------------------------------------------------------------------------
+# the reader, from docs/FORMAT.md only
+
+
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        x = i
+        for _ in range(8):
+            x = (x >> 1) ^ 0x82F63B78 if x & 1 else x >> 1
+        table.append(x)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), reflected, init 0xFFFFFFFF, final xor 0xFFFFFFFF."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+class SpecError(Exception):
+    """The file is not a readable image (or a block of it is not)."""
+
+
+ZERO, DATA, PARENT, UNUSED = 0, 1, 2, 3
+HEADER_FIXED = struct.Struct("<8sHHI")           # magic, version, flags, json length
+RECORD = struct.Struct("<4sQIIBBH32sI")          # ... sha256, crc
+ENTRY = struct.Struct("<BBHIQ32s")
+SEGMENT = struct.Struct("<4sQIIII")              # magic, first, count, stored, payload crc, crc
+FOOTER_FIXED = struct.Struct("<4sI")
+TRAILER = struct.Struct("<8sQIHHII")
+HEADER_REQUIRED = ("uuid", "kind", "size", "block_size", "created", "tool_version")
+
+
+def _u32(buf: bytes, pos: int) -> int:
+    return struct.unpack_from("<I", buf, pos)[0]
+
+
+def _unzstd(payload: bytes, expected: int, what: str) -> bytes:
+    try:
+        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+    except zstandard.ZstdError as err:
+        raise SpecError(f"{what}: does not decompress: {err}") from err
+    if len(out) != expected:
+        raise SpecError(f"{what}: decompresses to {len(out)} bytes, {expected} expected")
+    return out
+
+
+class SpecReader:
+    """One complete image, opened and checked as FORMAT.md sections 4, 7, 8 and 9 say."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.buf = self.path.read_bytes()
+        self._read_header()
+        self._read_trailer_and_footer()
+        self._entries: list[tuple] | None = None
+
+    # section 4
+    def _read_header(self) -> None:
+        buf = self.buf
+        if len(buf) < HEADER_FIXED.size or buf[:8] != b"DISKIMG\0":
+            raise SpecError("not an image: no DISKIMG magic")
+        _, version, _flags, jlen = HEADER_FIXED.unpack_from(buf)
+        if version != 1:
+            raise SpecError(f"unsupported format version {version}")
+        if jlen > 1 << 20:
+            raise SpecError("header JSON length implausible")
+        if len(buf) < 20 + jlen:
+            raise SpecError("truncated inside the header")
+        if _u32(buf, 16 + jlen) != crc32c(buf[:16 + jlen]):
+            raise SpecError("header CRC mismatch")
+        try:
+            h = json.loads(buf[16:16 + jlen])
+        except ValueError as err:
+            raise SpecError(f"header JSON invalid: {err}") from err
+        if not isinstance(h, dict) or any(k not in h for k in HEADER_REQUIRED):
+            raise SpecError("header JSON lacks a required key")
+        bs = h["block_size"]
+        if not isinstance(bs, int) or bs < 65536 or bs > 16 << 20 or bs & (bs - 1):
+            raise SpecError(f"bad block size {bs!r}")
+        self.version = version
+        self.header = h
+        self.uuid: str = h["uuid"]
+        self.size: int = h["size"]
+        self.block_size: int = bs
+        self.blocks = -(-self.size // bs)
+        self.data_start = 20 + jlen
+
+    # sections 7, 8, 9 (opening)
+    def _read_trailer_and_footer(self) -> None:
+        buf, n = self.buf, len(self.buf)
+        if n < 32 or buf[n - 32:n - 24] != b"DIMGEND\0":
+            raise SpecError("incomplete image: no trailer")
+        t = buf[n - 32:]
+        _, f_off, f_len, t_version, _, _, t_crc = TRAILER.unpack(t)
+        if t_crc != crc32c(t[:28]):
+            raise SpecError("trailer CRC mismatch")
+        if t_version != self.version:
+            raise SpecError("trailer version differs from the header's")
+        if f_off + f_len + 32 != n:
+            raise SpecError("footer does not end where the trailer starts")
+        if f_len < 12:
+            raise SpecError("footer too short")
+        f = buf[f_off:f_off + f_len]
+        magic, jlen = FOOTER_FIXED.unpack_from(f)
+        if magic != b"DIFT" or jlen + 12 != f_len:
+            raise SpecError("footer magic or length wrong")
+        if _u32(f, 8 + jlen) != crc32c(f[:8 + jlen]):
+            raise SpecError("footer CRC mismatch")
+        try:
+            self.footer = json.loads(f[8:8 + jlen])
+            index = self.footer["index"]
+            self.eps = int(index["entries_per_segment"])
+            self.segments = [(int(o), int(n_)) for o, n_ in index["segments"]]
+            self.index_sha256 = index["sha256"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SpecError(f"footer JSON invalid: {err}") from err
+        if self.eps < 1 or len(self.segments) != -(-self.blocks // self.eps):
+            raise SpecError("segment table does not fit the number of blocks")
+
+    # section 9: entries
+    def segment(self, s: int) -> bytes:
+        off, length = self.segments[s]
+        first = s * self.eps
+        count = min(self.eps, self.blocks - first)
+        seg = self.buf[off:off + length]
+        if length < 28 or len(seg) != length:
+            raise SpecError(f"segment {s} truncated")
+        magic, s_first, s_count, s_len, p_crc, h_crc = SEGMENT.unpack_from(seg)
+        if magic != b"DIIX" or h_crc != crc32c(seg[:24]):
+            raise SpecError(f"segment {s} header damaged")
+        if s_first != first or s_count != count or s_len + 28 != length:
+            raise SpecError(f"segment {s} does not match the footer's table")
+        payload = seg[28:]
+        if crc32c(payload) != p_crc:
+            raise SpecError(f"segment {s} payload CRC mismatch")
+        return _unzstd(payload, count * 48, f"segment {s}")
+
+    def entries(self) -> list[tuple]:
+        """(kind, codec, flags, stored_length, offset, sha256) per block; checks the digest."""
+        if self._entries is None:
+            raw = b"".join(self.segment(s) for s in range(len(self.segments)))
+            if hashlib.sha256(raw).hexdigest() != self.index_sha256:
+                raise SpecError("index digest differs from the footer's")
+            self._entries = [ENTRY.unpack_from(raw, i * 48) for i in range(self.blocks)]
+        return self._entries
+
+    def length(self, n: int) -> int:
+        return min(self.block_size, self.size - n * self.block_size)
+
+    # section 9: one block of this image
+    def read_data(self, n: int, entry: tuple) -> bytes:
+        kind, _codec, _flags, e_stored, e_off, e_sha = entry
+        assert kind == DATA
+        length = self.length(n)
+        rec = self.buf[e_off:e_off + 60 + e_stored]
+        if len(rec) < 60:
+            raise SpecError(f"block {n}: record truncated")
+        magic, block, stored, raw_len, codec, _rflags, _res, r_sha, r_crc = RECORD.unpack_from(rec)
+        if magic != b"DIBK" or r_crc != crc32c(rec[:56]):
+            raise SpecError(f"block {n}: record header damaged")
+        if block != n or stored != e_stored or raw_len != length:
+            raise SpecError(f"block {n}: record does not match the index")
+        if len(rec) != 60 + stored:
+            raise SpecError(f"block {n}: record truncated")
+        payload = rec[60:]
+        if codec == 0:
+            data = payload
+        elif codec == 1:
+            data = _unzstd(payload, length, f"block {n}")
+        else:
+            raise SpecError(f"block {n}: unknown codec {codec}")
+        if len(data) != length:
+            raise SpecError(f"block {n}: {len(data)} bytes, {length} expected")
+        if hashlib.sha256(data).digest() != e_sha or r_sha != e_sha:
+            raise SpecError(f"block {n}: SHA-256 mismatch")
+        return data
+
+
+def open_chain(path: str | Path) -> list[SpecReader]:
+    """The images from the root full image to `path` (FORMAT.md section 10; parents looked for
+    in the child's directory by name, then by UUID)."""
+    images = [SpecReader(path)]
+    while images[0].header.get("parent"):
+        child = images[0]
+        ref = child.header["parent"]
+        d = child.path.parent
+        candidates = [d / ref["name"]] + sorted(p for p in d.iterdir() if p.name != ref["name"])
+        parent = None
+        for cand in candidates:
+            if not cand.is_file() or cand.resolve() == child.path.resolve():
+                continue
+            try:
+                img = SpecReader(cand)
+            except SpecError:
+                continue
+            if img.uuid == ref["uuid"]:
+                parent = img
+                break
+        if parent is None:
+            raise SpecError(f"parent {ref['uuid']} ({ref['name']}) not found")
+        # the digest over the parent's entries as read (entries() also checks its footer)
+        computed = hashlib.sha256(b"".join(ENTRY.pack(*e) for e in parent.entries())).hexdigest()
+        if computed != ref["index_sha256"]:
+            raise SpecError("parent's index digest differs from the child's reference")
+        if parent.size != child.size or parent.block_size != child.block_size:
+            raise SpecError("parent's size or block size differs")
+        images.insert(0, parent)
+        if len(images) > 10000:
+            raise SpecError("chain too long")
+    return images
+
+
+def read_chain(path: str | Path) -> bytes:
+    """The source contents the image at `path` stands for, every block checked."""
+    chain = open_chain(path)
+    leaf = chain[-1]
+    out = bytearray()
+    for n, entry in enumerate(leaf.entries()):
+        level, e = len(chain) - 1, entry
+        while e[0] == PARENT:
+            level -= 1
+            if level < 0:
+                raise SpecError(f"block {n}: PARENT in an image without a parent")
+            e = chain[level].entries()[n]
+        if e[5] != entry[5]:
+            raise SpecError(f"block {n}: chain inconsistent")
+        length = leaf.length(n)
+        if e[0] in (ZERO, UNUSED):
+            if e[5] != hashlib.sha256(bytes(length)).digest():
+                raise SpecError(f"block {n}: zero block with a non-zero checksum")
+            out += bytes(length)
+        elif e[0] == DATA:
+            out += chain[level].read_data(n, e)
+        else:
+            raise SpecError(f"block {n}: unknown kind {e[0]}")
+    if len(out) != leaf.size:
+        raise SpecError("restored size differs from the header's")
+    return bytes(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# tests: diskimg makes the images, the reader above reads them
+
+BS = 64 * 1024
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_image(src: Path, img: Path, *extra: str) -> None:
+    from diskimg.cli import main
+    rc = main(["image", str(src), str(img), "--block-size", "64K", "--no-progress", *extra])
+    assert rc == 0
+
+
+def text(tag: str, n: int) -> bytes:
+    line = f"{tag}: the quick brown fox jumps over the lazy dog\n".encode()
+    return (line * (n // len(line) + 1))[:n]
+
+
+def base_contents() -> bytes:
+    rnd = random.Random(1)
+    return b"".join([
+        text("zero", BS),            # 0 data (zstd)
+        bytes(BS),                   # 1 zero
+        rnd.randbytes(BS),           # 2 data, incompressible (stored raw)
+        bytes(2 * BS),               # 3, 4 zero
+        text("four", BS),            # 5 data
+        text("tail", 12345),         # 6 short last block
+    ])
+
+
+def test_crc32c_parameters():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+
+
+def test_full_image(tmp_path):
+    data = base_contents()
+    (tmp_path / "src").write_bytes(data)
+    make_image(tmp_path / "src", tmp_path / "full.img")
+    img = SpecReader(tmp_path / "full.img")
+    assert img.header["kind"] == "full" and img.header.get("parent") is None
+    assert img.blocks == 7 and img.length(6) == 12345
+    entries = img.entries()
+    assert [e[0] for e in entries] == [DATA, ZERO, DATA, ZERO, ZERO, DATA, DATA]
+    assert {e[1] for e in entries if e[0] == DATA} == {0, 1}       # raw and zstd records
+    assert read_chain(tmp_path / "full.img") == data
+
+
+def test_incremental_chain_and_differential(tmp_path):
+    states = [base_contents()]
+    s = bytearray(states[0])
+    s[BS:BS + 10] = b"now data.."            # zero -> data
+    s[5 * BS:6 * BS] = bytes(BS)             # data -> zero
+    s[-5:] = b"12345"                        # short last block changed
+    states.append(bytes(s))
+    s = bytearray(states[1])
+    s[3 * BS + 7] = 1                        # another zero block gets data
+    states.append(bytes(s))
+    names = ["full.img", "inc1.img", "inc2.img"]
+    for i, state in enumerate(states):
+        (tmp_path / "src").write_bytes(state)
+        extra = ("--incremental", str(tmp_path / names[i - 1])) if i else ()
+        make_image(tmp_path / "src", tmp_path / names[i], *extra)
+    (tmp_path / "src").write_bytes(states[2])
+    make_image(tmp_path / "src", tmp_path / "diff.img", "--differential",
+               str(tmp_path / "inc1.img"))
+
+    for name, state in zip(names, states):
+        assert read_chain(tmp_path / name) == state, name
+    assert read_chain(tmp_path / "diff.img") == states[2]
+
+    inc2 = SpecReader(tmp_path / "inc2.img")
+    assert inc2.header["kind"] == "incremental"
+    assert inc2.header["parent"]["name"] == "inc1.img"
+    assert PARENT in [e[0] for e in inc2.entries()]
+    chain = open_chain(tmp_path / "inc2.img")
+    assert [c.uuid for c in chain] == inc2.header["chain"]
+    diff = open_chain(tmp_path / "diff.img")
+    assert [c.path.name for c in diff] == ["full.img", "diff.img"]
+    # a block unchanged since the full image resolves through two PARENT levels
+    assert inc2.entries()[0][0] == PARENT
+
+
+def test_parent_found_by_uuid_after_rename(tmp_path):
+    data = base_contents()
+    (tmp_path / "src").write_bytes(data)
+    make_image(tmp_path / "src", tmp_path / "full.img")
+    (tmp_path / "src").write_bytes(data[:-1] + b"!")
+    make_image(tmp_path / "src", tmp_path / "inc.img", "--incremental", str(tmp_path / "full.img"))
+    os.rename(tmp_path / "full.img", tmp_path / "renamed.img")
+    assert read_chain(tmp_path / "inc.img") == data[:-1] + b"!"
+
+
+def test_replaced_parent_is_rejected(tmp_path):
+    data = base_contents()
+    (tmp_path / "src").write_bytes(data)
+    make_image(tmp_path / "src", tmp_path / "full.img")
+    make_image(tmp_path / "src", tmp_path / "inc.img", "--incremental", str(tmp_path / "full.img"))
+    make_image(tmp_path / "src", tmp_path / "other.img")
+    os.replace(tmp_path / "other.img", tmp_path / "full.img")   # same name, another image
+    with pytest.raises(SpecError, match="not found"):
+        read_chain(tmp_path / "inc.img")
+
+
+def test_compat_fixtures_read_by_the_spec_reader():
+    for expected_file in sorted((REPO / "fixtures" / "compat").glob("v*/expected.json")):
+        expected = json.loads(expected_file.read_text())
+        for image in expected["images"]:
+            data = read_chain(expected_file.parent / image["file"])
+            assert hashlib.sha256(data).hexdigest() == image["raw_sha256"], image["file"]
+
+
+@pytest.fixture
+def small_image(tmp_path) -> tuple[Path, bytes]:
+    """A small image (3 blocks: data, zero, short data) to damage."""
+    data = text("a", BS) + bytes(BS) + text("b", 1000)
+    (tmp_path / "src").write_bytes(data)
+    make_image(tmp_path / "src", tmp_path / "small.img")
+    assert read_chain(tmp_path / "small.img") == data
+    return tmp_path / "small.img", data
+
+
+@pytest.mark.parametrize("cut", [1, 4, 31, 32, 33, 100, "half", "header"])
+def test_truncated_file_is_rejected(small_image, tmp_path, cut):
+    path, _ = small_image
+    buf = path.read_bytes()
+    keep = {"half": len(buf) // 2, "header": 10}.get(cut, None)
+    keep = len(buf) - cut if keep is None else keep
+    bad = tmp_path / "cut.img"
+    bad.write_bytes(buf[:keep])
+    with pytest.raises(SpecError):
+        read_chain(bad)
+
+
+def test_flipped_header_bytes_are_rejected(small_image, tmp_path):
+    path, _ = small_image
+    buf = path.read_bytes()
+    jlen = struct.unpack_from("<I", buf, 12)[0]
+    bad = tmp_path / "bad.img"
+    for pos in range(20 + jlen):                       # every byte of the header
+        flipped = bytearray(buf)
+        flipped[pos] ^= 0x01
+        bad.write_bytes(flipped)
+        with pytest.raises(SpecError):
+            read_chain(bad)
+
+
+def test_version_is_refused(small_image, tmp_path):
+    path, _ = small_image
+    buf = bytearray(path.read_bytes())
+    jlen = struct.unpack_from("<I", buf, 12)[0]
+    struct.pack_into("<H", buf, 8, 2)
+    struct.pack_into("<I", buf, 16 + jlen, crc32c(bytes(buf[:16 + jlen])))  # CRC made right
+    (tmp_path / "v2.img").write_bytes(buf)
+    with pytest.raises(SpecError, match="unsupported format version 2"):
+        read_chain(tmp_path / "v2.img")
+
+
+def test_every_flipped_byte_is_detected(small_image, tmp_path):
+    """No byte of an image is unprotected: a flip anywhere makes the full read fail."""
+    path, _ = small_image
+    buf = path.read_bytes()
+    bad = tmp_path / "bad.img"
+    survived = []
+    for pos in range(len(buf)):
+        flipped = bytearray(buf)
+        flipped[pos] ^= 0x40
+        bad.write_bytes(flipped)
+        try:
+            read_chain(bad)
+        except SpecError:
+            continue
+        survived.append(pos)
+    assert not survived, f"flips at {survived} went unnoticed"
