@@ -26,7 +26,7 @@ from diskimg.blockdev import Source, data_ranges, open_source, pread_full
 from diskimg.chain import open_chain, parent_ref
 from diskimg.errors import ChainError, ReadError, UnsafeTarget, UsageError
 from diskimg.imagefile import ImageReader, ImageWriter
-from diskimg.pipeline import default_threads, ordered_map, prefetch
+from diskimg.pipeline import default_threads, depth_for, ordered_map, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
 
     writer = ImageWriter(image_path, header)
     try:
-        results = ordered_map(work, prefetch(produce(), depth=opts.threads * 4), opts.threads,
+        depth = depth_for(bs, opts.threads)
+        ahead = max(2, depth - opts.threads)   # read-ahead beyond what the workers hold
+        results = ordered_map(work, prefetch(produce(), depth=ahead), opts.threads, depth=depth,
                               inline=lambda item: isinstance(item, Run))
         for res in results:
             if isinstance(res, Run):

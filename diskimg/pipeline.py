@@ -19,6 +19,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+# Blocks in flight per stage are bounded by bytes, not count, so that memory stays flat for any
+# block size: 16 MiB blocks get fewer slots than 64 KiB ones.
+IN_FLIGHT_BYTES = 24 << 20
+
+
+def depth_for(block_size: int, threads: int) -> int:
+    """How many blocks one stage may hold: at least one per worker plus one."""
+    return max(threads + 1, IN_FLIGHT_BYTES // block_size)
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

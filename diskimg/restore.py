@@ -22,7 +22,7 @@ from diskimg.blockdev import (Target, open_target, pread_full, pwrite_full, stat
                               zero_range)
 from diskimg.chain import Chain, open_chain
 from diskimg.errors import CorruptImage, OperationFailed, UnsafeTarget, UsageError
-from diskimg.pipeline import default_threads, ordered_map
+from diskimg.pipeline import default_threads, depth_for, ordered_map
 from diskimg.units import human
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
                                       f"{err.strerror}") from err
             zeros[1] = 0
 
-    for block, data, skip in ordered_map(work, leaf.iter_entries(), threads):
+    for block, data, skip in ordered_map(work, leaf.iter_entries(), threads,
+                                                 depth=depth_for(bs, threads)):
         length = header.block_length(block)
         offset = block * bs
         if only_changed:

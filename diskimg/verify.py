@@ -18,7 +18,7 @@ from diskimg import format as fmt
 from diskimg.chain import open_chain
 from diskimg.imagefile import (BlockError, ImageReader, TruncatedImage, read_record_data,
                                 scan_records)
-from diskimg.pipeline import default_threads, ordered_map
+from diskimg.pipeline import default_threads, depth_for, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def _verify_one(img: ImageReader, threads: int,
         return None
 
     checked = nbytes = 0
-    for block, entry, block_error in ordered_map(work, _entries(img, errors), threads):
+    for block, entry, block_error in ordered_map(work, _entries(img, errors), threads,
+                                                 depth=depth_for(h.block_size, threads)):
         checked += 1
         if entry.kind == fmt.DATA:
             nbytes += h.block_length(block)
