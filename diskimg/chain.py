@@ -40,14 +40,19 @@ def _search_dirs(child: ImageReader, search: Iterable[str]) -> list[str]:
     return seen
 
 
-def _peek_uuid(path: str) -> str | None:
-    """The UUID in a file's header, or None when it is not a readable image header."""
+def _peek_uuid(path: str, damaged_is_error: bool) -> str | None:
+    """The UUID in a file's header, or None when it is not an image.  A damaged image header
+    raises CorruptImage when `damaged_is_error` (the file at the parent's recorded name)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         return fmt.read_header(fd, path)[0].uuid
+    except CorruptImage:
+        if damaged_is_error:
+            raise
+        return None
     except (DiskimgError, OSError):
         return None
     finally:
@@ -71,7 +76,7 @@ def find_parent(child: ImageReader, search: Iterable[str] = ()) -> ImageReader:
     for path in paths:
         if not os.path.isfile(path) or os.path.samefile(path, child.path):
             continue
-        found = _peek_uuid(path)
+        found = _peek_uuid(path, damaged_is_error=os.path.basename(path) == name)
         if found is None:
             continue
         if found != uuid:

@@ -53,6 +53,14 @@ def _parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _threads(args: argparse.Namespace) -> int:
+    if args.threads is None:
+        return default_threads()
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be at least 1")
+    return args.threads
+
+
 def _progress_bar(total: int, desc: str, disabled: bool):
     """A tqdm bar on stderr (bytes, rate, ETA); off when stderr is not a terminal."""
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
@@ -67,10 +75,11 @@ def _add_image(sub) -> None:
                        description="Read SOURCE block by block into the image file IMAGE.")
     p.add_argument("source", metavar="SOURCE", help="block device or regular file to image")
     p.add_argument("image", metavar="IMAGE", help="image file to write")
-    p.add_argument("--block-size", type=_parse_size, default=imaging.DEFAULT_BLOCK_SIZE,
-                   metavar="SIZE", help="power of two, 64K to 16M (default: %(default)s bytes)")
+    p.add_argument("--block-size", type=_parse_size, default=None, metavar="SIZE",
+                   help=f"power of two, 64K to 16M (default: {human(imaging.DEFAULT_BLOCK_SIZE)}; "
+                        f"a changed-block image uses its parent's)")
     p.add_argument("--level", type=int, default=imaging.DEFAULT_LEVEL, metavar="N",
-                   help="zstd compression level, 1-19 (default: %(default)s)")
+                   help="zstd compression level, 1-22 (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="hashing/compression threads (default: the CPUs available)")
     kind = p.add_mutually_exclusive_group()
@@ -104,16 +113,15 @@ def _cmd_image(args: argparse.Namespace) -> int:
     try:
         opts = imaging.ImageOptions(
             block_size=args.block_size, level=args.level,
-            threads=args.threads or default_threads(), force=args.force,
+            threads=_threads(args), force=args.force,
             incremental=args.incremental, differential=args.differential,
             search=tuple(args.search), all_blocks=args.all_blocks)
-        fmt.check_block_size(opts.block_size)
+        if opts.block_size is not None:
+            fmt.check_block_size(opts.block_size)
     except ValueError as err:
         raise UsageError(f"--block-size: {err}") from err
     if not 1 <= opts.level <= 22:
         raise UsageError(f"--level {opts.level}: must be between 1 and 22")
-    if opts.threads < 1:
-        raise UsageError(f"--threads {opts.threads}: must be at least 1")
     _health_precheck(args.source, rescue=args.rescue)
     size = _source_size_for_progress(args.source)
     unreadable: tuple[tuple[int, int], ...] = ()
@@ -239,7 +247,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
             logging_redirect_tqdm(loggers=[log]):
         result = restore.restore_image(
             args.image, args.target, search=args.search, only_changed=args.only_changed,
-            confirm=_confirm(args), threads=args.threads, progress=bar.update)
+            confirm=_confirm(args), threads=_threads(args), progress=bar.update)
     if args.json:
         _print_json(dataclasses.asdict(result))
         return EXIT_PROBLEM if result.unreadable else EXIT_OK
@@ -299,7 +307,7 @@ def _add_verify(sub) -> None:
 def _cmd_verify(args: argparse.Namespace) -> int:
     with _progress_bar(0, "verifying", args.no_progress or args.json) as bar, \
             logging_redirect_tqdm(loggers=[log]):
-        result = verify.verify_image(args.image, search=args.search, threads=args.threads,
+        result = verify.verify_image(args.image, search=args.search, threads=_threads(args),
                                      progress=bar.update)
     if args.json:
         _print_json({"ok": result.ok, "image": result.image,

@@ -38,7 +38,7 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class ImageOptions:
-    block_size: int = DEFAULT_BLOCK_SIZE
+    block_size: int | None = None      # None: the parent's, or DEFAULT_BLOCK_SIZE
     level: int = DEFAULT_LEVEL
     threads: int = field(default_factory=default_threads)
     force: bool = False                 # overwrite an existing image; accept another serial
@@ -104,6 +104,10 @@ def _load_reference(opts: ImageOptions, source: Source, identity: dict) -> Image
         if img is not keep:
             img.close()
     h = keep.header
+    if opts.block_size is not None and opts.block_size != h.block_size:
+        keep.close()
+        raise ChainError(f"--block-size {opts.block_size} differs from {keep.path}'s block size "
+                         f"{h.block_size}; a changed-block image uses its parent's")
     if h.size != source.size:
         keep.close()
         raise ChainError(f"{source.path}: size {source.size} differs from {keep.path}'s source "
@@ -228,7 +232,8 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
                  progress: Progress | None = None) -> ImageResult:
     """Image `source_path` into `image_path`.  Raises SourceError, UsageError, UnsafeTarget,
     ChainError, ReadError (exit 3) and OperationFailed; a failed run leaves no partial file."""
-    fmt.check_block_size(opts.block_size)
+    if opts.block_size is not None:
+        fmt.check_block_size(opts.block_size)
     if opts.incremental and opts.differential:
         raise UsageError("--incremental and --differential exclude each other")
     started = time.monotonic()
@@ -248,7 +253,7 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
 
 def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
             ref: ImageReader | None, progress: Progress | None, started: float) -> ImageResult:
-    bs = opts.block_size
+    bs = ref.header.block_size if ref is not None else opts.block_size or DEFAULT_BLOCK_SIZE
     new_uuid = str(uuidlib.uuid4())
     if ref is None:
         kind, parent, chain = "full", None, (new_uuid,)

@@ -30,7 +30,7 @@ import os
 import time
 import uuid as uuidlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import zstandard
@@ -40,7 +40,8 @@ from diskimg import format as fmt
 from diskimg.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
 from diskimg.imagefile import ImageWriter, read_record_data, scan_records
-from diskimg.imaging import ImageOptions, ImageResult, _now, check_image_path
+from diskimg.imaging import (DEFAULT_BLOCK_SIZE, ImageOptions, ImageResult, _now,
+                             check_image_path)
 from diskimg.mapfile import (BAD, FINISHED, NON_SCRAPED, NON_TRIED, NON_TRIMMED, MapfileError,
                              RescueMap)
 
@@ -394,6 +395,8 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
     if opts.incremental or opts.differential:
         raise UsageError("--rescue makes full images only (image the new disk incrementally "
                          "afterwards)")
+    if opts.block_size is None:
+        opts = replace(opts, block_size=DEFAULT_BLOCK_SIZE)
     fmt.check_block_size(opts.block_size)
     if ropts.retries < 0:
         raise UsageError(f"--retries {ropts.retries}: must be 0 or more")

@@ -52,6 +52,9 @@ class RestoreResult:
 def check_target(target: str, size: int) -> tuple[bool, bool, int]:
     """Refuse an unsafe target; return (exists, is_block, current size)."""
     exists, is_block, tsize = stat_target(target)
+    parent_dir = os.path.dirname(os.path.abspath(target))
+    if not exists and not os.path.isdir(parent_dir):
+        raise UsageError(f"{target}: directory {parent_dir} does not exist")
     if is_block:
         busy = devices.usage(target)
         if busy:
@@ -75,6 +78,9 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
     started = time.monotonic()
     with open_chain(image, search) as chain:
         header = chain.leaf.header
+        for img in chain.images:
+            if os.path.exists(target) and os.path.samefile(target, img.path):
+                raise UnsafeTarget(target, f"is image {img.uuid} of the chain being restored")
         exists, is_block, tsize = check_target(target, header.size)
         if exists:
             what = "block device" if is_block else "file"
