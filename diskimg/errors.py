@@ -83,17 +83,6 @@ class CorruptImage(DiskimgError):
     exit_code = EXIT_PROBLEM
 
 
-class ChecksumMismatch(CorruptImage):
-    def __init__(self, image: str, block: int, expected: str, actual: str) -> None:
-        super().__init__(
-            f"{image}: checksum mismatch in block {block}: calculated {actual}, should be {expected}"
-        )
-        self.image = image
-        self.block = block
-        self.expected = expected
-        self.actual = actual
-
-
 class OperationFailed(DiskimgError):
     """An operation that failed for reasons outside the input: I/O error, disk full (exit 3)."""
 

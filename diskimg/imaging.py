@@ -69,7 +69,7 @@ class ImageResult:
     chain: tuple[str, ...]
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -242,6 +242,10 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
         check_image_path(image_path, source, opts.force)
         identity = devices.identify(source_path)
         ref = _load_reference(opts, source, identity)
+        if ref is not None and os.path.exists(image_path) and os.path.samefile(image_path,
+                                                                               ref.path):
+            ref.close()
+            raise UnsafeTarget(image_path, "is the parent image itself; give the child a new name")
         try:
             return _create(source, image_path, opts, identity, ref, progress, started)
         finally:
@@ -263,7 +267,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
         chain = tuple(ref.header.chain or (ref.uuid,)) + (new_uuid,)
     header = fmt.Header(
         uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=identity,
-        created=_now(), tool_version=__version__, parent=parent, chain=chain,
+        created=utc_now(), tool_version=__version__, parent=parent, chain=chain,
         compression={"codec": "zstd", "level": opts.level},
     )
     compress = _Compressor(opts.level)
@@ -355,7 +359,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
         unchanged = stats.parent_blocks + counts["unchanged_runs"]
         changed = header.blocks - unchanged if ref is not None else header.blocks
         meta = {
-            "completed": _now(),
+            "completed": utc_now(),
             "stats": {
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": stats.unused_blocks,

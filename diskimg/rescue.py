@@ -40,7 +40,7 @@ from diskimg import format as fmt
 from diskimg.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
 from diskimg.imagefile import ImageWriter, read_record_data, scan_records
-from diskimg.imaging import (DEFAULT_BLOCK_SIZE, ImageOptions, ImageResult, _now,
+from diskimg.imaging import (DEFAULT_BLOCK_SIZE, ImageOptions, ImageResult, utc_now,
                              check_image_path)
 from diskimg.mapfile import (BAD, FINISHED, NON_SCRAPED, NON_TRIED, NON_TRIMMED, MapfileError,
                              RescueMap)
@@ -378,7 +378,7 @@ def _new(image: str, source: Source, opts: ImageOptions, identity: dict
     new_uuid = str(uuidlib.uuid4())
     header = fmt.Header(
         uuid=new_uuid, kind="full", size=source.size, block_size=opts.block_size,
-        source=identity, created=_now(), tool_version=__version__, parent=None,
+        source=identity, created=utc_now(), tool_version=__version__, parent=None,
         chain=(new_uuid,), compression={"codec": "zstd", "level": opts.level},
         extra={"rescue": True},
     )
@@ -443,7 +443,7 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
             s.close()
         stats = writer.stats
         meta = {
-            "completed": _now(),
+            "completed": utc_now(),
             "stats": {
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": 0, "unchanged_blocks": 0,
