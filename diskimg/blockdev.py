@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -109,6 +110,34 @@ def pread_full(fd: int, length: int, offset: int, path: str) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+def locate_bad_sector(path: str, start: int, end: int, sector: int = 512) -> int | None:
+    """The offset of the first unreadable sector in [start, end), found with O_DIRECT reads
+    (buffered reads fail whole read-ahead windows, often before the bad sector), or None."""
+    chunk = 64 * 1024
+    buf = mmap.mmap(-1, chunk)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        pos = start // sector * sector
+        while pos < end:
+            n = min(chunk, end - pos)
+            try:
+                os.preadv(fd, [memoryview(buf)[:n]], pos)
+            except OSError:
+                for off in range(pos, pos + n, sector):
+                    try:
+                        os.preadv(fd, [memoryview(buf)[:sector]], off)
+                    except OSError:
+                        return off
+            pos += n
+        return None
+    finally:
+        os.close(fd)
+        buf.close()
 
 
 def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -44,6 +44,21 @@ class TruncatedImage(CorruptImage):
         self.size = size
 
 
+def segment_runs(first: int, raw: bytes) -> Iterator[tuple[int, int, fmt.IndexEntry]]:
+    """(first block, count, entry) of the runs of identical entries in one raw segment."""
+    size = fmt.ENTRY_SIZE
+    count = len(raw) // size
+    if raw[:size] * count == raw:     # the whole segment is one run (compared at C speed)
+        yield first, count, fmt.IndexEntry.unpack_from(raw, 0)
+        return
+    start, prev = 0, raw[:size]
+    for i in range(1, count + 1):
+        cur = raw[i * size:(i + 1) * size] if i < count else None
+        if cur != prev:
+            yield first + start, i - start, fmt.IndexEntry.unpack_from(prev, 0)
+            start, prev = i, cur
+
+
 class ImageReader:
     """An open, complete image.  Raises NotAnImage, IncompleteImage or CorruptImage on open."""
 
@@ -131,6 +146,14 @@ class ImageReader:
             first, _ = self._segment_range(seg)
             for i, e in enumerate(fmt.iter_entries(self.segment(seg))):
                 yield first + i, e
+
+    def iter_runs(self) -> Iterator[tuple[int, int, fmt.IndexEntry]]:
+        """(first block, count, entry) for runs of blocks with identical index entries (zero,
+        unused, parent), so that a mostly empty multi-terabyte device costs a few runs, not
+        millions of entries.  A damaged segment raises format.SegmentError."""
+        for seg in range(len(self.segments)):
+            first, _ = self._segment_range(seg)
+            yield from segment_runs(first, self.segment(seg))
 
     def index_digest(self) -> str:
         """SHA-256 over all raw index entries in block order, as recorded in the footer."""

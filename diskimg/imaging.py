@@ -22,7 +22,7 @@ import zstandard
 
 from diskimg import __version__, devices, usedblocks
 from diskimg import format as fmt
-from diskimg.blockdev import Source, data_ranges, open_source, pread_full
+from diskimg.blockdev import Source, data_ranges, locate_bad_sector, open_source, pread_full
 from diskimg.chain import open_chain, parent_ref
 from diskimg.errors import ChainError, ReadError, UnsafeTarget, UsageError
 from diskimg.imagefile import ImageReader, ImageWriter
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 1 << 20
 DEFAULT_LEVEL = 3
+READ_AHEAD_WINDOW = 8 << 20   # how far past a failed read its bad sector may lie
 
 Progress = Callable[[int], None]
 
@@ -310,7 +311,15 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
         try:
             span = pread_full(source.fd, hi - lo, start + lo, source.path)
         except OSError as err:
-            raise ReadError(source.path, start + lo, hi - lo, err,
+            # read-ahead may have failed this read for a bad sector further on: name it
+            where, length = start + lo, hi - lo
+            if source.is_block:
+                bad = locate_bad_sector(source.path, where,
+                                        min(source.size, where + length + READ_AHEAD_WINDOW),
+                                        source.logical_sector)
+                if bad is not None:
+                    where, length = bad, source.logical_sector
+            raise ReadError(source.path, where, length, err,
                             hint="use --rescue to image past unreadable sectors") from err
         counts["read_bytes"] += hi - lo
         if item.parts is None:

@@ -139,9 +139,11 @@ class RescueMap:
 
     @classmethod
     def loads(cls, text: str, size: int) -> RescueMap:
-        """Parse a ddrescue mapfile for a device of `size` bytes (gaps read as non-tried)."""
+        """Parse a ddrescue mapfile for a device of `size` bytes.  Blocks must be in order and
+        must not overlap, as ddrescuelog demands; what they do not cover reads as non-tried."""
         m = cls.new(size)
         status_line_seen = False
+        expect = 0
         for n, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
@@ -149,19 +151,36 @@ class RescueMap:
             parts = line.split()
             try:
                 if not status_line_seen:
-                    m.current_pos = int(parts[0], 0)
+                    m.current_pos = _number(parts[0])
                     m.current_pass = int(parts[2]) if len(parts) > 2 else 1
                     status_line_seen = True
                     continue
-                pos, length, st = int(parts[0], 0), int(parts[1], 0), parts[2]
+                pos, length, st = _number(parts[0]), _number(parts[1]), parts[2]
             except (IndexError, ValueError) as err:
                 raise MapfileError(f"line {n}: cannot parse {raw!r}") from err
-            if st not in STATUSES or pos < 0 or length < 0 or pos + length > size:
+            if len(st) != 1 or st not in STATUSES or length <= 0 or pos + length > size:
                 raise MapfileError(f"line {n}: invalid block {raw!r} for a {size}-byte device")
+            if pos < expect:
+                raise MapfileError(f"line {n}: blocks are not contiguous (block at {pos:#x} "
+                                   f"overlaps or precedes the one ending at {expect:#x})")
+            expect = pos + length
             m.set(pos, length, st)
         return m
 
     @classmethod
     def load(cls, path: str, size: int) -> RescueMap:
-        with open(path) as f:
-            return cls.loads(f.read(), size)
+        try:
+            with open(path, encoding="ascii") as f:
+                return cls.loads(f.read(), size)
+        except UnicodeDecodeError as err:
+            raise MapfileError(f"not a text mapfile ({err.reason} at byte {err.start})") from err
+
+
+def _number(text: str) -> int:
+    """A number as ddrescue writes and reads them: C style hex (0x), octal (leading 0) or
+    decimal."""
+    if text.lower().startswith("0x"):
+        return int(text, 16)
+    if len(text) > 1 and text.startswith("0"):
+        return int(text, 8)
+    return int(text, 10)

@@ -46,7 +46,10 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
                 depth: int | None = None,
                 inline: Callable[[T], bool] | None = None) -> Iterator[R]:
     """func(item) for each item, computed by `threads` workers, yielded in order.  Items for
-    which `inline(item)` is true are cheap: computed on the calling thread, in order."""
+    which `inline(item)` is true are cheap: computed on the calling thread, in order.
+
+    When `items` itself fails, the results of the items before the failure are still yielded
+    first (a restore writes every good block before the damage), then the error is raised."""
     if threads <= 1:
         for item in items:
             yield func(item)
@@ -55,7 +58,16 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
     pending: deque[Future[R]] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diskimg") as pool:
         try:
-            for item in items:
+            source = iter(items)
+            while True:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+                except Exception:
+                    while pending:
+                        yield pending.popleft().result()
+                    raise
                 if inline is not None and inline(item):
                     if not pending:
                         yield func(item)

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import mmap
 import os
+import signal
 import time
 import uuid as uuidlib
 from array import array
@@ -190,14 +191,13 @@ class _Session:
                             skip = min(skip * 2, max_skip)
                     else:
                         skip = 1
-                        self.map.set(off, end - off, FINISHED)
                         if end - off == self.header.block_length(block):
-                            self.store(block, data)
+                            buf = data
                         else:  # part of a block (a resumed run): patch what is stored
                             buf = self.block_data(block)
                             rel = off - block * self.bs
                             buf[rel:rel + len(data)] = data
-                            self.store(block, buf)
+                        self.commit(block, buf, [(off, end - off, FINISHED)])
                     self.tick()
                 off = end
 
@@ -211,16 +211,19 @@ class _Session:
             for block in blocks:
                 start = block * self.bs
                 buf = None
+                marks: list[tuple[int, int, str]] = []
                 for pos, size in self.map.areas(status, start,
                                                  start + self.header.block_length(block)):
                     self.map.current_pos = pos
-                    got = self._trim(pos, size) if pass_no == 3 else self._each_sector(pos, size)
+                    if pass_no == 3:
+                        got = self._trim(pos, size, marks)
+                    else:
+                        got = self._each_sector(pos, size, marks)
                     for off, data in got:
                         if buf is None:
                             buf = self.block_data(block)
                         buf[off - start:off - start + len(data)] = data
-                if buf is not None:
-                    self.store(block, buf)
+                self.commit(block, buf, marks)
                 self.tick()
             if not self.map.areas(status):
                 break
@@ -228,15 +231,28 @@ class _Session:
     def _sector_end(self, off: int, hi: int) -> int:
         return min(hi, (off // self.sector + 1) * self.sector)
 
-    def _trim(self, pos: int, size: int) -> list[tuple[int, bytes]]:
+    def commit(self, block: int, buf: bytes | bytearray | None,
+               marks: list[tuple[int, int, str]]) -> None:
+        """Apply a block's map changes and store what was recovered, as one step: Ctrl-C is
+        held off in between, so the map never claims sectors whose data is not in the image."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for pos, size, status in marks:
+                self.map.set(pos, size, status)
+            if buf is not None:
+                self.store(block, buf)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _trim(self, pos: int, size: int, marks: list) -> list[tuple[int, bytes]]:
         """Read sectors from both edges of a failed area inwards, each side up to its first
-        bad sector; what is left between becomes non-scraped."""
+        bad sector; what is left between becomes non-scraped.  Map changes go to `marks`."""
         lo, hi = pos, pos + size
         got = []
         while lo < hi:
             end = self._sector_end(lo, hi)
             data = self.read(lo, end - lo)
-            self.map.set(lo, end - lo, BAD if data is None else FINISHED)
+            marks.append((lo, end - lo, BAD if data is None else FINISHED))
             if data is None:
                 lo = end
                 break
@@ -245,22 +261,22 @@ class _Session:
         while hi > lo:
             start = max(lo, (hi - 1) // self.sector * self.sector)
             data = self.read(start, hi - start)
-            self.map.set(start, hi - start, BAD if data is None else FINISHED)
+            marks.append((start, hi - start, BAD if data is None else FINISHED))
             hi = start
             if data is None:
                 break
             got.append((start, bytes(data)))
         if hi > lo:
-            self.map.set(lo, hi - lo, NON_SCRAPED)
+            marks.append((lo, hi - lo, NON_SCRAPED))
         return got
 
-    def _each_sector(self, pos: int, size: int) -> list[tuple[int, bytes]]:
+    def _each_sector(self, pos: int, size: int, marks: list) -> list[tuple[int, bytes]]:
         got = []
         off, end = pos, pos + size
         while off < end:
             stop = self._sector_end(off, end)
             data = self.read(off, stop - off)
-            self.map.set(off, stop - off, BAD if data is None else FINISHED)
+            marks.append((off, stop - off, BAD if data is None else FINISHED))
             if data is not None:
                 got.append((off, bytes(data)))
             off = stop
@@ -405,6 +421,8 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
     direct = ropts.direct if ropts.direct is not None else probe.is_block
     probe.close()
     source = open_source(source_path, direct=direct)
+    if not direct:  # no read-ahead: it would turn one bad sector into a bad 128 KiB
+        os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
         check_image_path(image_path, source, opts.force)
         mapfile = ropts.mapfile or image_path + ".map"

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from diskimg import devices
 from diskimg import format as fmt
@@ -117,9 +117,11 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
     c = dict(written_blocks=0, zeroed_blocks=0, hole_blocks=0, skipped_blocks=0,
              read_target_blocks=0, written_bytes=0)
 
-    def work(item: tuple[int, fmt.IndexEntry]) -> tuple[int, bytes | None, bool]:
-        """(block, data or None for zeros, skip) with the data verified."""
-        block, entry = item
+    def work(item: tuple[int, int, fmt.IndexEntry]) -> tuple[int, int, bytes | None, bool]:
+        """(first block, count, data or None for zeros, skip), the data verified."""
+        block, count, entry = item
+        if count > 1:  # a run of zero or unused blocks: nothing to read
+            return block, count, None, False
         length = header.block_length(block)
         img, held = chain.resolve(block, entry)
         if held.sha256 != entry.sha256:
@@ -132,11 +134,25 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
                 raise OperationFailed(f"{tgt.path}: read error at byte {block * bs}: "
                                       f"{err.strerror}") from err
             if hashlib.sha256(current).digest() == entry.sha256:
-                return block, None, True
+                return block, 1, None, True
         data = img.read_block(block, held) if held.kind == fmt.DATA else None
-        return block, data, False
+        return block, 1, data, False
 
-    zeros = [0, 0]   # a pending run of blocks to zero: [offset, length], written in one call
+    def items() -> Iterator[tuple[int, int, fmt.IndexEntry]]:
+        """Runs of zero/unused blocks stay runs; everything else goes block by block."""
+        for first, count, entry in leaf.iter_runs():
+            if entry.kind in (fmt.ZERO, fmt.UNUSED) and not only_changed:
+                last = first + count - 1
+                if entry.sha256 != fmt.zero_digest(header.block_length(last)) or \
+                        entry.sha256 != fmt.zero_digest(header.block_length(first)):
+                    raise leaf.block_error(first, "index entry damaged: zero block with a "
+                                                  "non-zero checksum")
+                yield first, count, entry
+            else:
+                for b in range(first, first + count):
+                    yield b, 1, entry
+
+    zeros = [0, 0]   # a pending run of bytes to zero: [offset, length], written in one call
 
     def flush_zeros() -> None:
         if zeros[1]:
@@ -147,14 +163,15 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
                                       f"{err.strerror}") from err
             zeros[1] = 0
 
-    for block, data, skip in ordered_map(work, leaf.iter_entries(), threads,
-                                                 depth=depth_for(bs, threads)):
-        length = header.block_length(block)
+    for block, count, data, skip in ordered_map(work, items(), threads,
+                                                depth=depth_for(bs, threads),
+                                                inline=lambda item: item[1] > 1):
         offset = block * bs
+        length = min(count * bs, header.size - offset)
         if only_changed:
-            c["read_target_blocks"] += 1
+            c["read_target_blocks"] += count
         if skip:
-            c["skipped_blocks"] += 1
+            c["skipped_blocks"] += count
         elif data is not None:
             flush_zeros()
             try:
@@ -165,14 +182,14 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
             c["written_blocks"] += 1
             c["written_bytes"] += length
         elif tgt.created:
-            c["hole_blocks"] += 1
+            c["hole_blocks"] += count
         else:
             if zeros[1] and zeros[0] + zeros[1] == offset:
                 zeros[1] += length
             else:
                 flush_zeros()
                 zeros[0], zeros[1] = offset, length
-            c["zeroed_blocks"] += 1
+            c["zeroed_blocks"] += count
             c["written_bytes"] += length
         if progress:
             progress(length)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 from diskimg import format as fmt
 from diskimg.chain import open_chain
 from diskimg.imagefile import (BlockError, ImageReader, TruncatedImage, read_record_data,
-                                scan_records)
+                                scan_records, segment_runs)
 from diskimg.pipeline import default_threads, depth_for, ordered_map
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,10 @@ def verify_image(path: str, search: Iterable[str] = (), threads: int | None = No
                             checked, nbytes, time.monotonic() - started)
 
 
-def _entries(img: ImageReader, errors: list[VerifyError]) -> Iterator[tuple[int, fmt.IndexEntry]]:
-    """All readable entries of `img`; damaged segments become errors naming their blocks."""
+def _runs(img: ImageReader, errors: list[VerifyError]
+          ) -> Iterator[tuple[int, int, fmt.IndexEntry]]:
+    """(first block, count, entry) for the runs of identical entries of `img`, so that long
+    runs of zero blocks cost one check; damaged segments become errors naming their blocks."""
     for seg in range(len(img.segments)):
         first = seg * img.entries_per_segment
         try:
@@ -91,8 +93,7 @@ def _entries(img: ImageReader, errors: list[VerifyError]) -> Iterator[tuple[int,
                                       err.first * img.header.block_size, err.reason,
                                       last_block=err.first + err.count - 1))
             continue
-        for i, entry in enumerate(fmt.iter_entries(raw)):
-            yield first + i, entry
+        yield from segment_runs(first, raw)
 
 
 def _verify_one(img: ImageReader, threads: int,
@@ -100,38 +101,44 @@ def _verify_one(img: ImageReader, threads: int,
     errors: list[VerifyError] = []
     h = img.header
 
-    def work(item: tuple[int, fmt.IndexEntry]) -> tuple[int, fmt.IndexEntry, VerifyError | None]:
-        block, entry = item
-        return block, entry, check(block, entry)
+    def work(item: tuple[int, int, fmt.IndexEntry]
+             ) -> tuple[int, int, fmt.IndexEntry, VerifyError | None]:
+        block, count, entry = item
+        return block, count, entry, check(block, count, entry)
 
-    def check(block: int, entry: fmt.IndexEntry) -> VerifyError | None:
+    def check(block: int, count: int, entry: fmt.IndexEntry) -> VerifyError | None:
+        last = block + count - 1
         if entry.kind == fmt.DATA:
             try:
                 img.read_block(block, entry)
             except BlockError as err:
                 return VerifyError(img.uuid, img.path, block, block * h.block_size, err.reason)
-        elif entry.kind in (fmt.ZERO, fmt.UNUSED) and \
-                entry.sha256 != fmt.zero_digest(h.block_length(block)):
-            return VerifyError(img.uuid, img.path, block, block * h.block_size,
-                               "index entry damaged: zero block with a non-zero checksum")
+        reason = None
+        if entry.kind in (fmt.ZERO, fmt.UNUSED) and (
+                entry.sha256 != fmt.zero_digest(h.block_length(block)) or
+                entry.sha256 != fmt.zero_digest(h.block_length(last))):
+            reason = "index entry damaged: zero block with a non-zero checksum"
         elif entry.kind not in fmt.KIND_NAMES:
-            return VerifyError(img.uuid, img.path, block, block * h.block_size,
-                               f"index entry damaged: unknown kind {entry.kind}")
+            reason = f"index entry damaged: unknown kind {entry.kind}"
         elif entry.kind == fmt.PARENT and h.parent is None:
-            return VerifyError(img.uuid, img.path, block, block * h.block_size,
-                               "index entry refers to a parent, but this is a full image")
-        return None
+            reason = "index entry refers to a parent, but this is a full image"
+        if reason is None:
+            return None
+        return VerifyError(img.uuid, img.path, block, block * h.block_size, reason,
+                           last_block=last if count > 1 else None)
 
     checked = nbytes = 0
-    for block, entry, block_error in ordered_map(work, _entries(img, errors), threads,
-                                                 depth=depth_for(h.block_size, threads)):
-        checked += 1
+    for block, count, entry, block_error in ordered_map(
+            work, _runs(img, errors), threads, depth=depth_for(h.block_size, threads),
+            inline=lambda item: item[2].kind != fmt.DATA):
+        checked += count
+        run_bytes = min((block + count) * h.block_size, h.size) - block * h.block_size
         if entry.kind == fmt.DATA:
-            nbytes += h.block_length(block)
+            nbytes += run_bytes
         if block_error:
             errors.append(block_error)
         if progress:
-            progress(h.block_length(block))
+            progress(run_bytes)
     digest_ok = not errors or all(e.block is not None and e.last_block is None for e in errors)
     if digest_ok and img.index_digest() != img.index_sha256:
         errors.append(VerifyError(img.uuid, img.path, None, None,
