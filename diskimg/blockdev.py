@@ -34,7 +34,6 @@ class Source:
     size: int
     is_block: bool
     logical_sector: int = 512
-    physical_sector: int = 512
 
     def close(self) -> None:
         os.close(self.fd)
@@ -71,10 +70,13 @@ def open_source(path: str, direct: bool = False) -> Source:
     except OSError as err:
         raise SourceError(path, f"cannot open read-only: {err.strerror}") from err
     if stat.S_ISBLK(st.st_mode):
-        size = device_size(fd)
-        logical = _ioctl_int(fd, BLKSSZGET, "i")
-        physical = _ioctl_int(fd, BLKPBSZGET, "I")
-        return Source(path, fd, size, True, logical, physical)
+        try:
+            size = device_size(fd)
+            logical = _ioctl_int(fd, BLKSSZGET, "i")
+        except OSError as err:
+            os.close(fd)
+            raise SourceError(path, f"cannot read the device's size: {err.strerror}") from err
+        return Source(path, fd, size, True, logical)
     return Source(path, fd, st.st_size, False)
 
 
@@ -192,7 +194,12 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
             return Target(path, fd, device_size(fd), True, False)
         if not exists:
             fd = os.open(path, mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            os.ftruncate(fd, size)
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
             return Target(path, fd, size, False, True)
         fd = os.open(path, mode | os.O_CLOEXEC)
         return Target(path, fd, os.fstat(fd).st_size, False, False)

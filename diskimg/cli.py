@@ -20,8 +20,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from diskimg import (__version__, blockdev, health, imagefile, imaging, rescue, restore,
                      verify)
 from diskimg.devices import list_devices
-from diskimg import format as fmt
-from diskimg.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, DiskimgError,
+from diskimg.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, EXIT_USAGE,
+                            DiskimgError,
                             UsageError)
 from diskimg.pipeline import default_threads
 from diskimg.units import human, parse_size
@@ -110,16 +110,14 @@ def _add_image(sub) -> None:
 
 
 def _cmd_image(args: argparse.Namespace) -> int:
-    try:
-        opts = imaging.ImageOptions(
-            block_size=args.block_size, level=args.level,
-            threads=_threads(args), force=args.force,
-            incremental=args.incremental, differential=args.differential,
-            search=tuple(args.search), all_blocks=args.all_blocks)
-        if opts.block_size is not None:
-            fmt.check_block_size(opts.block_size)
-    except ValueError as err:
-        raise UsageError(f"--block-size: {err}") from err
+    opts = imaging.ImageOptions(
+        block_size=args.block_size, level=args.level, threads=_threads(args), force=args.force,
+        incremental=args.incremental, differential=args.differential,
+        search=tuple(args.search), all_blocks=args.all_blocks)
+    if opts.block_size is not None:
+        imaging.check_block_size(opts.block_size)
+    if args.rescue and args.all_blocks:
+        raise UsageError("--rescue reads every block already; --all-blocks goes without it")
     if not 1 <= opts.level <= 22:
         raise UsageError(f"--level {opts.level}: must be between 1 and 22")
     _health_precheck(args.source, rescue=args.rescue)
@@ -136,8 +134,8 @@ def _cmd_image(args: argparse.Namespace) -> int:
                 progress=_rescue_progress(bar))
             result, unreadable = rescued.image, rescued.unreadable
         else:
-            if args.mapfile or args.direct is not None:
-                raise UsageError("--mapfile and --direct go with --rescue")
+            if args.mapfile or args.direct is not None or args.retries != 1:
+                raise UsageError("--retries, --mapfile and --direct go with --rescue")
             result = imaging.create_image(args.source, args.image, opts, progress=bar.update)
     code = EXIT_PROBLEM if unreadable else EXIT_OK
     if args.json:
@@ -409,7 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: usage errors exit 2, --help/--version exit 0
         return int(e.code or 0)
-    _setup_logging(args)
+    try:
+        _setup_logging(args)
+    except OSError as e:
+        print(f"diskimg: error: {e.filename}: cannot write the log file: {e.strerror}",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         return args.func(args)
     except DiskimgError as e:

@@ -128,8 +128,9 @@ class ImageReader:
 
     def segment(self, seg: int) -> bytes:
         """Raw entries of index segment `seg` (raises format.SegmentError when damaged)."""
-        if self._seg_cache and self._seg_cache[0] == seg:
-            return self._seg_cache[1]
+        cache = self._seg_cache   # read once: worker threads replace it concurrently
+        if cache is not None and cache[0] == seg:
+            return cache[1]
         first, count = self._segment_range(seg)
         off, length = self.segments[seg]
         raw = fmt.read_segment(self.fd, self.path, off, length, first, count)
@@ -236,7 +237,11 @@ class ImageWriter:
                                   f"{err.strerror}") from err
         self.pos = 0
         if resume_at is None:
-            self._write([header.pack()])
+            try:
+                self._write([header.pack()])
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.pos = resume_at
         self._entries = bytearray()

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid as uuidlib
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
@@ -24,7 +25,7 @@ from diskimg import __version__, devices, usedblocks
 from diskimg import format as fmt
 from diskimg.blockdev import Source, data_ranges, locate_bad_sector, open_source, pread_full
 from diskimg.chain import open_chain, parent_ref
-from diskimg.errors import ChainError, ReadError, UnsafeTarget, UsageError
+from diskimg.errors import ChainError, DiskimgError, ReadError, UnsafeTarget, UsageError
 from diskimg.imagefile import ImageReader, ImageWriter
 from diskimg.pipeline import default_threads, depth_for, ordered_map, prefetch
 
@@ -74,15 +75,30 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def check_image_path(image: str, source: Source, force: bool) -> None:
-    """Refuse to overwrite an image without force, or to write an image onto the source."""
+def check_block_size(size: int) -> None:
+    try:
+        fmt.check_block_size(size)
+    except ValueError as err:
+        raise UsageError(f"--block-size: {err}") from err
+
+
+def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, ...] = (),
+                     rescue: bool = False) -> None:
+    """Refuse to overwrite an image without force, or to write an image (or its partial file,
+    or the `extra` files that go with it) onto the source.  Unless `rescue` (which resumes
+    it), an interrupted rescue's partial file is refused too: starting over would discard it."""
+    for path in (image, image + ".partial", *extra):
+        if os.path.exists(path) and os.path.samefile(path, source.path):
+            raise UnsafeTarget(path, "is the source itself")
     if os.path.exists(image):
         if os.path.isdir(image):
             raise UsageError(f"{image}: is a directory; give the image's file name")
-        if os.path.samefile(image, source.path):
-            raise UnsafeTarget(image, "is the source itself")
         if not force:
             raise UsageError(f"{image}: already exists; use --force to overwrite it")
+    partial = image + ".partial"
+    if not rescue and os.path.exists(partial) and _is_rescue_partial(partial):
+        raise UsageError(f"{partial}: holds an interrupted rescue; resume it with --rescue, or "
+                         f"remove it to start over")
     parent_dir = os.path.dirname(os.path.abspath(image))
     if not os.path.isdir(parent_dir):
         raise UsageError(f"{image}: directory {parent_dir} does not exist")
@@ -92,6 +108,19 @@ def check_image_path(image: str, source: Source, force: bool) -> None:
         if src in holders:
             raise UnsafeTarget(image, f"lies on the source device {source.path}; write the "
                                       f"image to another disk")
+
+
+def _is_rescue_partial(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fmt.read_header(fd, path)[0].extra.get("rescue") is True
+    except (DiskimgError, OSError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def _load_reference(opts: ImageOptions, source: Source, identity: dict) -> ImageReader | None:
@@ -234,7 +263,7 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
     """Image `source_path` into `image_path`.  Raises SourceError, UsageError, UnsafeTarget,
     ChainError, ReadError (exit 3) and OperationFailed; a failed run leaves no partial file."""
     if opts.block_size is not None:
-        fmt.check_block_size(opts.block_size)
+        check_block_size(opts.block_size)
     if opts.incremental and opts.differential:
         raise UsageError("--incremental and --differential exclude each other")
     started = time.monotonic()
@@ -343,27 +372,28 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
             return block, fmt.DATA, sha, data, fmt.CODEC_RAW
         return block, fmt.DATA, sha, stored, fmt.CODEC_ZSTD
 
-    writer = ImageWriter(image_path, header)
+    writer = ImageWriter(image_path, header)   # removes its partial file if it fails
     try:
         depth = depth_for(bs, opts.threads)
         ahead = max(2, depth - opts.threads)   # read-ahead beyond what the workers hold
         results = ordered_map(work, prefetch(produce(), depth=ahead), opts.threads, depth=depth,
                               inline=lambda item: isinstance(item, Run))
-        for res in results:
-            if isinstance(res, Run):
-                length = header.block_length(res.first)
-                writer.add_entry(res.first, fmt.IndexEntry(res.kind, fmt.zero_digest(length)),
-                                 res.count)
+        with closing(results):  # stops the reader thread before the source is closed
+            for res in results:
+                if isinstance(res, Run):
+                    length = header.block_length(res.first)
+                    writer.add_entry(res.first,
+                                     fmt.IndexEntry(res.kind, fmt.zero_digest(length)), res.count)
+                    if progress:
+                        progress(min((res.first + res.count) * bs, source.size) - res.first * bs)
+                    continue
+                block, kind_, sha, stored, codec = res
+                if kind_ == fmt.DATA:
+                    writer.add_data(block, stored, codec, sha)
+                else:
+                    writer.add_entry(block, fmt.IndexEntry(kind_, sha))
                 if progress:
-                    progress(min((res.first + res.count) * bs, source.size) - res.first * bs)
-                continue
-            block, kind_, sha, stored, codec = res
-            if kind_ == fmt.DATA:
-                writer.add_data(block, stored, codec, sha)
-            else:
-                writer.add_entry(block, fmt.IndexEntry(kind_, sha))
-            if progress:
-                progress(header.block_length(block))
+                    progress(header.block_length(block))
         stats = writer.stats
         unchanged = stats.parent_blocks + counts["unchanged_runs"]
         changed = header.blocks - unchanged if ref is not None else header.blocks

@@ -82,6 +82,9 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
         finally:
             for fut in pending:
                 fut.cancel()
+            close = getattr(source, "close", None)   # stop a prefetch thread feeding us
+            if close is not None:
+                close()
 
 
 _END = object()

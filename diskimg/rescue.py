@@ -41,8 +41,8 @@ from diskimg import format as fmt
 from diskimg.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
 from diskimg.imagefile import ImageWriter, read_record_data, scan_records
-from diskimg.imaging import (DEFAULT_BLOCK_SIZE, ImageOptions, ImageResult, utc_now,
-                             check_image_path)
+from diskimg.imaging import (DEFAULT_BLOCK_SIZE, ImageOptions, ImageResult, check_block_size,
+                             check_image_path, utc_now)
 from diskimg.mapfile import (BAD, FINISHED, NON_SCRAPED, NON_TRIED, NON_TRIMMED, MapfileError,
                              RescueMap)
 
@@ -156,9 +156,8 @@ class _Session:
         complete = self.map.all_finished(start, start + length)
         data = bytes(data)
         sha = hashlib.sha256(data).digest()
-        if complete and sha == fmt.zero_digest(length):
-            self.offsets[block] = NO_RECORD       # a zero block needs no record
-            return
+        if complete and sha == fmt.zero_digest(length) and self.offsets[block] == NO_RECORD:
+            return      # a zero block needs no record, unless it supersedes an earlier one
         stored, codec = self.cctx.compress(data), fmt.CODEC_ZSTD
         if len(stored) >= length:
             stored, codec = data, fmt.CODEC_RAW
@@ -236,11 +235,15 @@ class _Session:
         """Apply a block's map changes and store what was recovered, as one step: Ctrl-C is
         held off in between, so the map never claims sectors whose data is not in the image."""
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        saved = (list(self.map.starts), list(self.map.statuses))
         try:
             for pos, size, status in marks:
                 self.map.set(pos, size, status)
             if buf is not None:
                 self.store(block, buf)
+        except BaseException:
+            self.map.starts, self.map.statuses = saved   # the record did not make it
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
@@ -349,7 +352,7 @@ def _synced_bytes(mapfile: str) -> int:
     return 0
 
 
-def _resume(image: str, source: Source, mapfile: str
+def _resume(image: str, source: Source, mapfile: str, identity: dict
             ) -> tuple[ImageWriter, RescueMap, array]:
     """Reopen the partial image and map an interrupted rescue left.
 
@@ -364,7 +367,12 @@ def _resume(image: str, source: Source, mapfile: str
         header, start = fmt.read_header(fd, partial)
         if header.size != source.size or header.extra.get("rescue") is not True:
             raise UsageError(f"{partial}: left by another run (not a rescue of this "
-                             f"{source.size}-byte source); remove it or use --force")
+                             f"{source.size}-byte source); remove it to start over")
+        for key in ("serial", "wwn"):
+            theirs, ours = (header.source or {}).get(key), identity.get(key)
+            if theirs and ours and theirs != ours:
+                raise UsageError(f"{partial}: a rescue of another disk ({key} {theirs}, this "
+                                 f"one is {ours}); remove it to start over")
         rmap = RescueMap.new(source.size)
         synced = 0
         if os.path.exists(mapfile):
@@ -413,7 +421,7 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
                          "afterwards)")
     if opts.block_size is None:
         opts = replace(opts, block_size=DEFAULT_BLOCK_SIZE)
-    fmt.check_block_size(opts.block_size)
+    check_block_size(opts.block_size)
     if ropts.retries < 0:
         raise UsageError(f"--retries {ropts.retries}: must be 0 or more")
     started = time.monotonic()
@@ -421,16 +429,18 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
     direct = ropts.direct if ropts.direct is not None else probe.is_block
     probe.close()
     source = open_source(source_path, direct=direct)
-    if not direct:  # no read-ahead: it would turn one bad sector into a bad 128 KiB
-        os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
-        check_image_path(image_path, source, opts.force)
+        if not direct:  # no read-ahead: it would turn one bad sector into a bad 128 KiB
+            os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_RANDOM)
         mapfile = ropts.mapfile or image_path + ".map"
-        resumed = os.path.exists(image_path + ".partial") and not opts.force
+        check_image_path(image_path, source, opts.force, extra=(mapfile,), rescue=True)
+        identity = devices.identify(source_path)
+        # an interrupted rescue is always resumed, never thrown away (not even by --force)
+        resumed = os.path.exists(image_path + ".partial")
         if resumed:
-            writer, rmap, offsets = _resume(image_path, source, mapfile)
+            writer, rmap, offsets = _resume(image_path, source, mapfile, identity)
         else:
-            writer, rmap, offsets = _new(image_path, source, opts, devices.identify(source_path))
+            writer, rmap, offsets = _new(image_path, source, opts, identity)
         if source.is_block:
             sector = source.logical_sector
         else:
@@ -473,7 +483,10 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
             "unreadable": [list(r) for r in unreadable],
         }
         writer.finish(meta)
-        rmap.save(mapfile, ropts.command, s.started)
+        try:
+            rmap.save(mapfile, ropts.command, s.started)
+        except OSError as err:  # the image is complete; only the final map is missing
+            log.warning("%s: could not write the final mapfile: %s", mapfile, err.strerror)
         h = writer.header
         result = ImageResult(
             path=image_path, uuid=h.uuid, kind="full", size=h.size, block_size=h.block_size,

@@ -135,8 +135,12 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
                                       f"{err.strerror}") from err
             if hashlib.sha256(current).digest() == entry.sha256:
                 return block, 1, None, True
-        data = img.read_block(block, held) if held.kind == fmt.DATA else None
-        return block, 1, data, False
+        if held.kind == fmt.DATA:
+            return block, 1, img.read_block(block, held), False
+        if entry.sha256 != fmt.zero_digest(length):
+            raise img.block_error(block, "index entry damaged: zero block with a non-zero "
+                                         "checksum")
+        return block, 1, None, False
 
     def items() -> Iterator[tuple[int, int, fmt.IndexEntry]]:
         """Runs of zero/unused blocks stay runs; everything else goes block by block."""
