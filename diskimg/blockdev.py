@@ -142,6 +142,17 @@ def locate_bad_sector(path: str, start: int, end: int, sector: int = 512) -> int
         buf.close()
 
 
+def replace_durably(tmp: str, path: str) -> None:
+    """Rename `tmp` (already fsynced) to `path` and fsync the directory, so that the new name
+    survives a crash."""
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
     """Write all of `data` at `offset` (short writes continued)."""
     view = memoryview(data)

@@ -93,7 +93,7 @@ def find_parent(child: ImageReader, search: Iterable[str] = ()) -> ImageReader:
     if impostors:
         raise ChainError(f"parent image {uuid} ({name}) of {child.path} not found: "
                          + "; ".join(impostors) + " (replaced by a different image?)")
-    raise MissingParent(uuid, name, dirs)
+    raise MissingParent(uuid, name, dirs, child.path)
 
 
 @dataclass

@@ -17,12 +17,26 @@ from typing import Callable
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diskimg import (__version__, blockdev, health, imagefile, imaging, rescue, restore,
-                     verify)
+from diskimg import (
+    __version__,
+    blockdev,
+    health,
+    imagefile,
+    imaging,
+    rescue,
+    restore,
+    verify,
+)
 from diskimg.devices import list_devices
-from diskimg.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, EXIT_USAGE,
-                            DiskimgError,
-                            UsageError)
+from diskimg.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    DiskimgError,
+    UsageError,
+)
 from diskimg.pipeline import default_threads
 from diskimg.units import human, parse_size
 
@@ -53,6 +67,16 @@ def _parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _chain_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that reads or writes a chain of images."""
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also look for parent images in DIR (repeatable)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="hashing and (de)compression threads (default: the CPUs available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def _threads(args: argparse.Namespace) -> int:
     if args.threads is None:
         return default_threads()
@@ -80,16 +104,12 @@ def _add_image(sub) -> None:
                         f"a changed-block image uses its parent's)")
     p.add_argument("--level", type=int, default=imaging.DEFAULT_LEVEL, metavar="N",
                    help="zstd compression level, 1-22 (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="hashing/compression threads (default: the CPUs available)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--incremental", metavar="PARENT",
                       help="store only the blocks changed since the image PARENT")
     kind.add_argument("--differential", metavar="PARENT",
                       help="store the blocks changed since the full image at the root of "
                            "PARENT's chain")
-    p.add_argument("--search", action="append", default=[], metavar="DIR",
-                   help="also look for parent images in DIR (repeatable)")
     p.add_argument("--rescue", action="store_true",
                    help="keep going past unreadable sectors, ddrescue-style; resumable")
     p.add_argument("--retries", type=int, default=1, metavar="N",
@@ -101,8 +121,7 @@ def _add_image(sub) -> None:
     p.add_argument("--all-blocks", action="store_true",
                    help="read and store every block, free space included (an exact copy for "
                         "forensics); default: skip the free space of ext2/3/4 and FAT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _chain_options(p)
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing IMAGE; accept a source whose serial differs "
                         "from the parent's")
@@ -214,11 +233,7 @@ def _add_restore(sub) -> None:
                    help="overwrite an existing TARGET without asking")
     p.add_argument("--only-changed", action="store_true",
                    help="read TARGET and write only the blocks that differ from the image")
-    p.add_argument("--search", action="append", default=[], metavar="DIR",
-                   help="also look for parent images in DIR (repeatable)")
-    p.add_argument("--threads", type=int, default=None, metavar="N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _chain_options(p)
     p.set_defaults(func=_cmd_restore)
 
 
@@ -294,11 +309,7 @@ def _add_verify(sub) -> None:
                        description="Check every block of IMAGE and of each image it depends on; "
                                    "name every damaged block.")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--search", action="append", default=[], metavar="DIR",
-                   help="also look for parent images in DIR (repeatable)")
-    p.add_argument("--threads", type=int, default=None, metavar="N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _chain_options(p)
     p.set_defaults(func=_cmd_verify)
 
 

@@ -69,9 +69,10 @@ class ChainError(UsageError):
 
 
 class MissingParent(ChainError):
-    def __init__(self, uuid: str, name: str, searched: list[str]) -> None:
+    def __init__(self, uuid: str, name: str, searched: list[str], child: str = "") -> None:
         where = ", ".join(searched) if searched else "nowhere"
-        super().__init__(f"parent image {uuid} ({name}) not found; looked in {where}")
+        of = f"{child}: " if child else ""
+        super().__init__(f"{of}parent image {uuid} ({name}) not found; looked in {where}")
         self.uuid = uuid
         self.name = name
         self.searched = searched

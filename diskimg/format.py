@@ -147,6 +147,12 @@ class Header:
     def block_length(self, block: int) -> int:
         return min(self.block_size, self.size - block * self.block_size)
 
+    def zero_run_ok(self, first: int, last: int, sha256: bytes) -> bool:
+        """Whether a zero or unused entry shared by blocks first..last has the checksum of
+        zeros (a short last block has its own)."""
+        return sha256 == zero_digest(self.block_length(first)) == \
+            zero_digest(self.block_length(last))
+
     def to_json(self) -> dict:
         return {
             "uuid": self.uuid, "kind": self.kind, "size": self.size,

@@ -17,6 +17,7 @@ from typing import Iterator
 import zstandard
 
 from diskimg import format as fmt
+from diskimg.blockdev import replace_durably
 from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
 
 log = logging.getLogger(__name__)
@@ -345,12 +346,7 @@ class ImageWriter:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
-            os.replace(self.partial, self.path)
-            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            replace_durably(self.partial, self.path)
         except OSError as err:
             raise OperationFailed(f"{self.path}: cannot complete the image: {err.strerror}") from err
         return footer

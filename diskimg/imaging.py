@@ -23,7 +23,13 @@ import zstandard
 
 from diskimg import __version__, devices, usedblocks
 from diskimg import format as fmt
-from diskimg.blockdev import Source, data_ranges, locate_bad_sector, open_source, pread_full
+from diskimg.blockdev import (
+    Source,
+    data_ranges,
+    locate_bad_sector,
+    open_source,
+    pread_full,
+)
 from diskimg.chain import open_chain, parent_ref
 from diskimg.errors import ChainError, DiskimgError, ReadError, UnsafeTarget, UsageError
 from diskimg.imagefile import ImageReader, ImageWriter
@@ -308,7 +314,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
     else:
         used_map = usedblocks.scan(source.fd, source.size, sector_size=source.logical_sector)
         used = list(used_map.ranges)
-    holes = [(0, source.size)] if source.is_block else list(data_ranges(source.fd, source.size))
+    # what is not a hole of a sparse file (a device has none)
+    data_spans = ([(0, source.size)] if source.is_block
+                  else list(data_ranges(source.fd, source.size)))
     counts = {"read_bytes": 0, "unchanged_runs": 0}
 
     def split_short(run: Run) -> Iterator[Run]:
@@ -321,7 +329,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
             yield Run(last, 1, run.kind)
 
     def produce() -> Iterator[Run | tuple[int, bytes, bytes | None]]:
-        for item in plan_blocks(source.size, bs, _intersect(holes, used), used):
+        for item in plan_blocks(source.size, bs, _intersect(data_spans, used), used):
             if isinstance(item, Run):
                 for run in split_short(item):
                     if ref_entries is not None:

@@ -14,6 +14,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterator
 
+from diskimg.blockdev import replace_durably
+
 NON_TRIED = "?"
 NON_TRIMMED = "*"
 NON_SCRAPED = "/"
@@ -48,6 +50,9 @@ class RescueMap:
             end = self.starts[i + 1] if i + 1 < n else self.size
             yield self.starts[i], end - self.starts[i], self.statuses[i]
 
+    def status_at(self, pos: int) -> str:
+        return self.statuses[bisect_right(self.starts, pos) - 1]
+
     def slice(self, start: int, end: int) -> list[tuple[int, int, str]]:
         """(pos, size, status) of the intervals overlapping [start, end), clipped to it."""
         out = []
@@ -69,9 +74,6 @@ class RescueMap:
 
     def all_finished(self, start: int, end: int) -> bool:
         return all(st == FINISHED for _, _, st in self.slice(start, end))
-
-    def status_at(self, pos: int) -> str:
-        return self.statuses[bisect_right(self.starts, pos) - 1]
 
     def _split(self, pos: int) -> int:
         """Make an interval start at `pos`; return its index."""
@@ -130,12 +132,7 @@ class RescueMap:
             f.write(self.dumps(command, started, notes))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_durably(tmp, path)
 
     @classmethod
     def loads(cls, text: str, size: int) -> RescueMap:

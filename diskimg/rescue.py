@@ -41,10 +41,23 @@ from diskimg import format as fmt
 from diskimg.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
 from diskimg.imagefile import ImageWriter, read_record_data, scan_records
-from diskimg.imaging import (DEFAULT_BLOCK_SIZE, ImageOptions, ImageResult, check_block_size,
-                             check_image_path, utc_now)
-from diskimg.mapfile import (BAD, FINISHED, NON_SCRAPED, NON_TRIED, NON_TRIMMED, MapfileError,
-                             RescueMap)
+from diskimg.imaging import (
+    DEFAULT_BLOCK_SIZE,
+    ImageOptions,
+    ImageResult,
+    check_block_size,
+    check_image_path,
+    utc_now,
+)
+from diskimg.mapfile import (
+    BAD,
+    FINISHED,
+    NON_SCRAPED,
+    NON_TRIED,
+    NON_TRIMMED,
+    MapfileError,
+    RescueMap,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,14 @@ from typing import Callable, Iterable, Iterator
 
 from diskimg import devices
 from diskimg import format as fmt
-from diskimg.blockdev import (Target, open_target, pread_full, pwrite_full, stat_target,
-                              zero_range)
+from diskimg.blockdev import (
+    Target,
+    open_target,
+    pread_full,
+    pwrite_full,
+    stat_target,
+    zero_range,
+)
 from diskimg.chain import Chain, open_chain
 from diskimg.errors import CorruptImage, OperationFailed, UnsafeTarget, UsageError
 from diskimg.pipeline import default_threads, depth_for, ordered_map
@@ -137,7 +143,7 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
                 return block, 1, None, True
         if held.kind == fmt.DATA:
             return block, 1, img.read_block(block, held), False
-        if entry.sha256 != fmt.zero_digest(length):
+        if not header.zero_run_ok(block, block, entry.sha256):
             raise img.block_error(block, "index entry damaged: zero block with a non-zero "
                                          "checksum")
         return block, 1, None, False
@@ -146,9 +152,7 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
         """Runs of zero/unused blocks stay runs; everything else goes block by block."""
         for first, count, entry in leaf.iter_runs():
             if entry.kind in (fmt.ZERO, fmt.UNUSED) and not only_changed:
-                last = first + count - 1
-                if entry.sha256 != fmt.zero_digest(header.block_length(last)) or \
-                        entry.sha256 != fmt.zero_digest(header.block_length(first)):
+                if not header.zero_run_ok(first, first + count - 1, entry.sha256):
                     raise leaf.block_error(first, "index entry damaged: zero block with a "
                                                   "non-zero checksum")
                 yield first, count, entry

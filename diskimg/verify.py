@@ -16,8 +16,14 @@ from typing import Callable, Iterable, Iterator
 
 from diskimg import format as fmt
 from diskimg.chain import open_chain
-from diskimg.imagefile import (BlockError, ImageReader, TruncatedImage, read_record_data,
-                                scan_records, segment_runs)
+from diskimg.imagefile import (
+    BlockError,
+    ImageReader,
+    TruncatedImage,
+    read_record_data,
+    scan_records,
+    segment_runs,
+)
 from diskimg.pipeline import default_threads, depth_for, ordered_map
 
 log = logging.getLogger(__name__)
@@ -114,9 +120,7 @@ def _verify_one(img: ImageReader, threads: int,
             except BlockError as err:
                 return VerifyError(img.uuid, img.path, block, block * h.block_size, err.reason)
         reason = None
-        if entry.kind in (fmt.ZERO, fmt.UNUSED) and (
-                entry.sha256 != fmt.zero_digest(h.block_length(block)) or
-                entry.sha256 != fmt.zero_digest(h.block_length(last))):
+        if entry.kind in (fmt.ZERO, fmt.UNUSED) and not h.zero_run_ok(block, last, entry.sha256):
             reason = "index entry damaged: zero block with a non-zero checksum"
         elif entry.kind not in fmt.KIND_NAMES:
             reason = f"index entry damaged: unknown kind {entry.kind}"

@@ -352,3 +352,24 @@ def ddrescue_bad_ranges(path: Path) -> list[tuple[int, int]]:
         else:
             merged.append((pos, size))
     return merged
+
+
+def merged(ranges, align: int = 512) -> list[tuple[int, int]]:
+    """`ranges` widened to `align` boundaries, sorted and merged: what a reader of sectors of
+    size `align` must find unreadable."""
+    out: list[list[int]] = []
+    for start, length in sorted(ranges):
+        lo, hi = start // align * align, -(-(start + length) // align) * align
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in out]
+
+
+def blank(data: bytes, ranges) -> bytes:
+    """`data` with `ranges` zeroed: what a restore of a rescued image must give."""
+    buf = bytearray(data)
+    for start, length in ranges:
+        buf[start:start + length] = bytes(length)
+    return bytes(buf)

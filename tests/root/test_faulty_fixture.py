@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from faulty import (FaultyDevice, ddrescue_bad_ranges, faulty, faulty_device,  # noqa: F401
-                    missing_requirements, parse_ddrescue_map, read_direct)
+from faulty import (FaultyDevice, blank, ddrescue_bad_ranges, faulty,  # noqa: F401
+                    faulty_device, merged, missing_requirements, parse_ddrescue_map, read_direct)
 
 pytestmark = [
     pytest.mark.root,
@@ -31,26 +31,6 @@ SIZE = 8 * MiB
 def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def merged(ranges, align: int = 512) -> list[tuple[int, int]]:
-    """`ranges` widened to `align` boundaries, sorted and merged: what a reader of sectors of
-    size `align` must find unreadable."""
-    out: list[list[int]] = []
-    for start, length in sorted(ranges):
-        lo, hi = start // align * align, -(-(start + length) // align) * align
-        if out and lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi - lo) for lo, hi in out]
-
-
-def blank(data: bytes, ranges) -> bytes:
-    buf = bytearray(data)
-    for start, length in ranges:
-        buf[start:start + length] = bytes(length)
-    return bytes(buf)
 
 
 def read_sector(dev: str, offset: int, size: int = 512) -> bytes:

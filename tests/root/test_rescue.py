@@ -26,8 +26,10 @@ from pathlib import Path
 import pytest
 from faulty import (
     FaultyDevice,
+    blank,
     ddrescue_bad_ranges,
     faulty_device,
+    merged,
     missing_requirements,
     parse_ddrescue_map,
 )
@@ -69,25 +71,6 @@ def disk(tmp_path_factory) -> Disk:
     data = random.Random(2024).randbytes(SIZE)
     path.write_bytes(data)
     return Disk(path, data, sha256(path))
-
-
-def merged(ranges, align: int = SECTOR) -> list[tuple[int, int]]:
-    """`ranges` widened to `align` boundaries, sorted and merged."""
-    out: list[list[int]] = []
-    for start, length in sorted(ranges):
-        lo, hi = start // align * align, -(-(start + length) // align) * align
-        if out and lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi - lo) for lo, hi in out]
-
-
-def blank(data: bytes, ranges) -> bytes:
-    buf = bytearray(data)
-    for start, length in ranges:
-        buf[start:start + length] = bytes(length)
-    return bytes(buf)
 
 
 def differing(a: bytes, b: bytes) -> list[tuple[int, int]]:
