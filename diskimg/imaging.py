@@ -275,6 +275,7 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
     started = time.monotonic()
     source = open_source(source_path)
     try:
+        os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
         check_image_path(image_path, source, opts.force)
         identity = devices.identify(source_path)
         ref = _load_reference(opts, source, identity)
