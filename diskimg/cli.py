@@ -440,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         _report_error(args, f"{where}{e.strerror or e}")
         return EXIT_FAILED
+    except Exception as e:  # a bug: still one line, the traceback with --debug
+        _report_error(args, f"internal error: {type(e).__name__}: {e} (run with --debug for "
+                            f"the traceback, and please report it)")
+        return EXIT_FAILED
 
 
 def _report_error(args: argparse.Namespace, message: str) -> None:

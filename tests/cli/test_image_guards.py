@@ -60,3 +60,20 @@ def test_unwritable_log_file_is_a_usage_error(tmp_path, capsys):
     log = tmp_path / "no" / "such" / "dir" / "log"
     assert main(["info", str(src), "--log-file", str(log)]) == 2
     assert str(log) in _one_error(capsys)
+
+
+def test_unexpected_failure_is_one_line_and_a_traceback_with_debug(tmp_path, capsys,
+                                                                   monkeypatch):
+    """A bug must not greet a sysadmin with a traceback: one line, exit 3; --debug shows it."""
+    from diskimg import imaging
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(imaging, "create_image", broken)
+    src = _source(tmp_path)
+    assert main(["image", str(src), str(tmp_path / "a.img"), "--no-progress"]) == 3
+    msg = _one_error(capsys)
+    assert "internal error: ZeroDivisionError: simulated bug" in msg
+    assert main(["image", str(src), str(tmp_path / "a.img"), "--no-progress", "--debug"]) == 3
+    assert "Traceback" in capsys.readouterr().err
