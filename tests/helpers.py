@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -248,3 +249,16 @@ def dd_write(dev: str, offset: int, data: bytes) -> None:
                            "status=none"],
                           input=data, capture_output=True)
     assert proc.returncode == 0, f"dd to {dev}: {proc.stderr.decode(errors='replace')}"
+
+
+def dumpe2fs_counts(dev: str | os.PathLike) -> tuple[int, int]:
+    """(used bytes, filesystem bytes) as e2fsprogs counts them."""
+    out = run("dumpe2fs", "-h", str(dev)).stdout
+    blocks = int(re.search(r"^Block count:\s+(\d+)", out, re.M).group(1))
+    free = int(re.search(r"^Free blocks:\s+(\d+)", out, re.M).group(1))
+    bs = int(re.search(r"^Block size:\s+(\d+)", out, re.M).group(1))
+    return (blocks - free) * bs, blocks * bs
+
+
+def dumpe2fs_used(dev: str | os.PathLike) -> int:
+    return dumpe2fs_counts(dev)[0]

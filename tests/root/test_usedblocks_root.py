@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import dumpe2fs_counts, dumpe2fs_used
+
 from diskimg.usedblocks import UsedMap, scan
 
 pytestmark = pytest.mark.root
@@ -132,19 +134,6 @@ def partclone_used(tool: str, dev: str) -> int:
     blocks = int(re.search(r"Space in use:.*?=\s*(\d+) Blocks", text).group(1))
     bs = int(re.search(r"Block size:\s*(\d+) Byte", text).group(1))
     return blocks * bs
-
-
-def dumpe2fs_counts(dev: str) -> tuple[int, int]:
-    """(used bytes, filesystem bytes) as e2fsprogs counts them."""
-    out = run("dumpe2fs", "-h", dev).stdout
-    blocks = int(re.search(r"^Block count:\s+(\d+)", out, re.M).group(1))
-    free = int(re.search(r"^Free blocks:\s+(\d+)", out, re.M).group(1))
-    bs = int(re.search(r"^Block size:\s+(\d+)", out, re.M).group(1))
-    return (blocks - free) * bs, blocks * bs
-
-
-def dumpe2fs_used(dev: str) -> int:
-    return dumpe2fs_counts(dev)[0]
 
 
 def check_copies_ext(loops, tmp_path: Path, dev: str, used: UsedMap, expect: dict) -> None:

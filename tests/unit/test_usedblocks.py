@@ -22,6 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import dumpe2fs_counts, dumpe2fs_used
+
 from diskimg.usedblocks import Region, UsedMap, _bit_runs, scan
 
 MiB = 1 << 20
@@ -135,19 +137,6 @@ def fat_files(img: Path, dst: Path) -> dict[str, str]:
     dst.mkdir()
     run("mcopy", "-s", "-n", "-i", str(img), "::/", str(dst) + "/")
     return tree_digest(dst)
-
-
-def dumpe2fs_counts(img: Path) -> tuple[int, int]:
-    """(used bytes, filesystem bytes) as e2fsprogs counts them."""
-    out = run("dumpe2fs", "-h", str(img)).stdout
-    blocks = int(re.search(r"^Block count:\s+(\d+)", out, re.M).group(1))
-    free = int(re.search(r"^Free blocks:\s+(\d+)", out, re.M).group(1))
-    bs = int(re.search(r"^Block size:\s+(\d+)", out, re.M).group(1))
-    return (blocks - free) * bs, blocks * bs
-
-
-def dumpe2fs_used(img: Path) -> int:
-    return dumpe2fs_counts(img)[0]
 
 
 def assert_ext_roundtrip(img: Path, tmp: Path, used: UsedMap, expect: dict[str, str]) -> None:
