@@ -96,6 +96,7 @@ class RescueResult:
 
 
 SYNC_NOTE = "diskimg-synced-bytes:"
+UUID_NOTE = "diskimg-image-uuid:"
 
 
 class _Session:
@@ -318,7 +319,8 @@ class _Session:
         self.writer.sync()   # the map must never claim data the image does not durably hold
         try:
             self.map.save(self.mapfile, self.ropts.command, self.started,
-                          notes=(f"{SYNC_NOTE} {self.writer.pos}",))
+                          notes=(f"{SYNC_NOTE} {self.writer.pos}",
+                                 f"{UUID_NOTE} {self.header.uuid}"))
         except OSError as err:
             raise OperationFailed(f"{self.mapfile}: cannot write the mapfile: "
                                   f"{err.strerror}") from err
@@ -353,16 +355,19 @@ class _Session:
             self.writer.add_entry(block, entry)
 
 
-def _synced_bytes(mapfile: str) -> int:
-    """How much of the partial image was fsynced when the map was saved."""
+def _map_notes(mapfile: str) -> tuple[str | None, int]:
+    """(image UUID, bytes of the partial image fsynced) noted when the map was saved."""
+    uuid, synced = None, 0
     try:
-        with open(mapfile) as f:
+        with open(mapfile, encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("# " + SYNC_NOTE):
-                    return int(line.split(":", 1)[1])
+                    synced = int(line.split(":", 1)[1])
+                elif line.startswith("# " + UUID_NOTE):
+                    uuid = line.split(":", 1)[1].strip()
     except (OSError, ValueError):
         pass
-    return 0
+    return uuid, synced
 
 
 def _resume(image: str, source: Source, mapfile: str, identity: dict
@@ -388,12 +393,18 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
                                  f"one is {ours}); remove it to start over")
         rmap = RescueMap.new(source.size)
         synced = 0
-        if os.path.exists(mapfile):
+        map_uuid, map_synced = _map_notes(mapfile) if os.path.exists(mapfile) else (None, 0)
+        if map_uuid == header.uuid:
             try:
                 rmap = RescueMap.load(mapfile, source.size)
             except (MapfileError, OSError) as err:
                 raise UsageError(f"{mapfile}: cannot be used to resume: {err}") from err
-            synced = _synced_bytes(mapfile)
+            synced = map_synced
+        elif os.path.exists(mapfile):
+            # a map of another run (an earlier image of the same name): its claims are about
+            # data this partial image does not hold; rebuild from the records alone
+            log.warning("%s belongs to another image; resuming from %s's records alone",
+                        mapfile, partial)
         offsets = array("q", [NO_RECORD]) * header.blocks
         end = start
         for off, rec in scan_records(fd, start, os.fstat(fd).st_size):
@@ -462,6 +473,7 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
         s = _Session(source, writer, rmap, offsets, sector, align, opts.level, ropts, mapfile,
                      progress)
         try:
+            s.save_map()   # at once: a map left by an earlier run must not outlive this start
             s.copy_pass(1, skipping=True)
             s.copy_pass(2, skipping=False)
             s.sector_pass(3, NON_TRIMMED)
