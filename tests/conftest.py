@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from faulty import faulty  # noqa: F401  (faulty-device factory fixture, tests/faulty.py)
+from helpers import run
 
 IS_ROOT = os.geteuid() == 0
 TOOLS = ["losetup", "smartctl", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat", "fsck.ext4", "ddrescue",
@@ -31,14 +31,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
-
-
-def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run a command, capturing output; a failure shows its stderr in the assertion."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
-    return proc
 
 
 class LoopDevices:

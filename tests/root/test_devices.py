@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import run
 
 from diskimg import devices
 from diskimg.cli import main
@@ -17,13 +17,6 @@ from diskimg.cli import main
 pytestmark = pytest.mark.root
 
 MiB = 1 << 20
-
-
-def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True)
-    if check and proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
-    return proc
 
 
 def _write_mbr(path: Path, parts: list[tuple[int, int, int]]) -> None:

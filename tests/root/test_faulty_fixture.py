@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from faulty import (FaultyDevice, blank, ddrescue_bad_ranges, faulty,  # noqa: F401
+from faulty import (blank, ddrescue_bad_ranges,
                     faulty_device, merged, missing_requirements, parse_ddrescue_map, read_direct)
 
 pytestmark = [

@@ -14,27 +14,18 @@ import random
 import re
 import shutil
 import stat
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import dumpe2fs_counts, dumpe2fs_used
+from helpers import dumpe2fs_counts, dumpe2fs_used, run
 
 from diskimg.usedblocks import UsedMap, scan
 
 pytestmark = pytest.mark.root
 
 MiB = 1 << 20
-
-
-def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: "
-                             f"{proc.stdout.strip()} {proc.stderr.strip()}")
-    return proc
 
 
 def need(*tools: str) -> None:
@@ -136,16 +127,21 @@ def partclone_used(tool: str, dev: str) -> int:
     return blocks * bs
 
 
+def mounted_tree(loops, image: Path, mnt: Path) -> dict:
+    """tree_digest of `image` mounted read-only on a loop device."""
+    cdev = loops.attach(image, "--read-only")
+    loops.mount(cdev, mnt, "-o", "ro")
+    try:
+        return tree_digest(mnt)
+    finally:
+        loops.umount(mnt)
+
+
 def check_copies_ext(loops, tmp_path: Path, dev: str, used: UsedMap, expect: dict) -> None:
     for fill in (0x00, 0xAA):
         copy = blanked_copy(dev, tmp_path / f"copy-{fill:02x}.img", used, fill)
         run("e2fsck", "-fn", str(copy))
-        cdev = loops.attach(copy, "--read-only")
-        mnt = loops.mount(cdev, tmp_path / f"mnt-{fill:02x}", "-o", "ro")
-        try:
-            assert tree_digest(mnt) == expect
-        finally:
-            loops.umount(mnt)
+        assert mounted_tree(loops, copy, tmp_path / f"mnt-{fill:02x}") == expect
         copy.unlink()
 
 
@@ -279,12 +275,7 @@ def test_fat_blanked_free_space_loses_nothing(loops, tmp_path, bits):
         copy = blanked_copy(dev, tmp_path / f"copy-{fill:02x}.img", used, fill)
         run("fsck.vfat", "-n", str(copy))
         if kernel_has("vfat"):
-            cdev = loops.attach(copy, "--read-only")
-            mnt = loops.mount(cdev, tmp_path / f"mnt-{fill:02x}", "-o", "ro")
-            try:
-                assert tree_digest(mnt) == expect
-            finally:
-                loops.umount(mnt)
+            assert mounted_tree(loops, copy, tmp_path / f"mnt-{fill:02x}") == expect
         else:
             assert _fat_tree(str(copy), tmp_path / f"out-{fill:02x}") == expect
         copy.unlink()

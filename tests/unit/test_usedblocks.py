@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import dumpe2fs_counts, dumpe2fs_used
+from helpers import dumpe2fs_counts, dumpe2fs_used, run
 
 from diskimg.usedblocks import Region, UsedMap, _bit_runs, scan
 
@@ -30,14 +29,6 @@ MiB = 1 << 20
 
 needs = {t: shutil.which(t) for t in ("mke2fs", "e2fsck", "debugfs", "dumpe2fs", "mkfs.vfat",
                                       "fsck.vfat", "mcopy", "mkfs.xfs", "sfdisk", "mkswap")}
-
-
-def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: "
-                             f"{proc.stdout.strip()} {proc.stderr.strip()}")
-    return proc
 
 
 def need(*tools: str):
