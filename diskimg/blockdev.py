@@ -114,6 +114,16 @@ def pread_full(fd: int, length: int, offset: int, path: str) -> bytes:
     return b"".join(parts)
 
 
+def preadv_full(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill `view` from `offset` (short reads retried); OSError is left to the caller."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise OSError(errno.EIO, f"unexpected end of {path} at byte {offset + got}")
+        got += n
+
+
 def locate_bad_sector(path: str, start: int, end: int, sector: int = 512) -> int | None:
     """The offset of the first unreadable sector in [start, end), found with O_DIRECT reads
     (buffered reads fail whole read-ahead windows, often before the bad sector), or None."""
@@ -162,15 +172,42 @@ def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += n
 
 
-@dataclass(frozen=True)
+@dataclass
 class Target:
+    """A restore target.  On a block device, data blocks go through a second descriptor opened
+    O_DIRECT (`direct_fd`) when the device allows it: the written data does not pass through,
+    and fill, the page cache (restoring a disk does not push out the rescue system's cache or
+    pile up dirty pages to flush at the end), and there is no copy into it."""
+
     path: str
     fd: int
     size: int
     is_block: bool
     created: bool          # a new regular file: zero blocks stay holes
+    direct_fd: int | None = None
+    sector: int = 512
+
+    def write(self, data: bytes | memoryview, offset: int) -> None:
+        """Write a block: O_DIRECT when its offset and length are whole sectors (the buffer
+        must then be page-aligned, as BufferPool's are), buffered otherwise."""
+        if (self.direct_fd is not None and offset % self.sector == 0
+                and len(data) % self.sector == 0):
+            try:
+                pwrite_full(self.direct_fd, data, offset)
+                return
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                log.debug("O_DIRECT write to %s refused (%s); writing through the page cache",
+                          self.path, err)
+                os.close(self.direct_fd)
+                self.direct_fd = None
+        pwrite_full(self.fd, data, offset)
 
     def close(self) -> None:
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
         os.close(self.fd)
 
 
@@ -202,7 +239,13 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
     try:
         if is_block:
             fd = os.open(path, mode | os.O_EXCL | os.O_CLOEXEC)
-            return Target(path, fd, device_size(fd), True, False)
+            try:
+                dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as err:
+                log.debug("%s: no O_DIRECT (%s); writing through the page cache", path, err)
+                dfd = None
+            return Target(path, fd, device_size(fd), True, False, dfd,
+                          _ioctl_int(fd, BLKSSZGET, "i"))
         if not exists:
             fd = os.open(path, mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:

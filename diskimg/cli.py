@@ -12,10 +12,8 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
-
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from diskimg import (
     __version__,
@@ -85,10 +83,32 @@ def _threads(args: argparse.Namespace) -> int:
     return args.threads
 
 
-def _progress_bar(total: int, desc: str, disabled: bool):
-    """A tqdm bar on stderr (bytes, rate, ETA); off when stderr is not a terminal."""
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr, disable=True if disabled else None, dynamic_ncols=True)
+class _NoBar:
+    """What a command updates when no bar is shown."""
+
+    n = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+
+@contextmanager
+def _progress_bar(total: int, desc: str, disabled: bool, unit: str = "B") -> Iterator:
+    """A tqdm bar on stderr (bytes, rate, ETA), with log lines printed above it.  None when
+    disabled or when stderr is not a terminal; tqdm is then not even imported (it takes a
+    tenth of the start-up time)."""
+    if disabled or not sys.stderr.isatty():
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    scale = unit == "B"
+    with tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024,
+              file=sys.stderr, dynamic_ncols=True) as bar, logging_redirect_tqdm(loggers=[log]):
+        yield bar
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,8 +163,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
     size = _source_size_for_progress(args.source)
     unreadable: tuple[tuple[int, int], ...] = ()
     with _progress_bar(size, "rescuing" if args.rescue else "imaging",
-                       args.no_progress or args.json) as bar, \
-            logging_redirect_tqdm(loggers=[log]):
+                       args.no_progress or args.json) as bar:
         if args.rescue:
             rescued = rescue.rescue_image(
                 args.source, args.image, opts,
@@ -256,8 +275,7 @@ def _confirm(args: argparse.Namespace) -> Callable[[str], bool]:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     with _ChainSize(args.image) as total, \
-            _progress_bar(total, "restoring", args.no_progress or args.json) as bar, \
-            logging_redirect_tqdm(loggers=[log]):
+            _progress_bar(total, "restoring", args.no_progress or args.json) as bar:
         result = restore.restore_image(
             args.image, args.target, search=args.search, only_changed=args.only_changed,
             confirm=_confirm(args), threads=_threads(args), progress=bar.update)
@@ -314,8 +332,7 @@ def _add_verify(sub) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    with _progress_bar(0, "verifying", args.no_progress or args.json) as bar, \
-            logging_redirect_tqdm(loggers=[log]):
+    with _progress_bar(0, "verifying", args.no_progress or args.json) as bar:
         result = verify.verify_image(args.image, search=args.search, threads=_threads(args),
                                      progress=bar.update)
     if args.json:
@@ -561,8 +578,7 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         return 1
     if not args.wait:
         return 0
-    with logging_redirect_tqdm(), tqdm(total=100, unit="%", desc=f"{args.type} self-test",
-                                       file=sys.stderr, disable=None) as bar:
+    with _progress_bar(100, f"{args.type} self-test", False, unit="%") as bar:
         def progress(pct: int) -> None:
             bar.update(max(0, pct - bar.n))
         result = health.wait_selftest(handle, progress, poll=args.poll)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,6 +23,31 @@ from diskimg.blockdev import replace_durably
 from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
 
 log = logging.getLogger(__name__)
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompression context: a context must not be shared between threads, and
+    making one per block costs more than decompressing the block."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def decompress_into(payload: bytes | memoryview, out: memoryview) -> int:
+    """Decompress one zstd frame into `out`; the number of bytes it holds, or len(out) + 1 when
+    it holds more than `out` takes.  Damaged data decompresses short or raises ZstdError.
+    Decompressing into a buffer that is reused costs half of allocating a new one per block."""
+    got = 0
+    with _decompressor().stream_reader(payload) as reader:
+        while got < len(out):
+            n = reader.readinto(out[got:])
+            if n == 0:
+                return got
+            got += n
+        return got + 1 if reader.read(1) else got
 
 
 class BlockError(CorruptImage):
@@ -169,8 +196,11 @@ class ImageReader:
     def block_error(self, block: int, reason: str) -> BlockError:
         return BlockError(self.path, self.uuid, block, block * self.header.block_size, reason)
 
-    def read_block(self, block: int, entry: fmt.IndexEntry) -> bytes:
-        """The uncompressed content of a DATA block, checked against the entry's SHA-256."""
+    def read_block(self, block: int, entry: fmt.IndexEntry,
+                   out: mmap.mmap | bytearray | None = None) -> bytearray | memoryview:
+        """The uncompressed content of a DATA block, checked against the entry's SHA-256.  With
+        `out` (at least a block long) the content is decompressed into it and a view of it is
+        returned, so that a caller reusing its buffers allocates nothing per block."""
         length = self.header.block_length(block)
         try:
             buf = os.pread(self.fd, fmt.RECORD_HEADER_SIZE + entry.stored_len, entry.offset)
@@ -186,26 +216,28 @@ class ImageReader:
         if len(buf) != fmt.RECORD_HEADER_SIZE + entry.stored_len:
             raise self.block_error(block, "record is truncated")
         payload = memoryview(buf)[fmt.RECORD_HEADER_SIZE:]
+        into = out if out is not None else bytearray(length)
+        view = memoryview(into)[:length]
         if rec.codec == fmt.CODEC_ZSTD:
             try:
-                data = self._decompress(payload, length)
+                got = decompress_into(payload, view)
             except zstandard.ZstdError as err:
                 raise self.block_error(block, f"data does not decompress ({err})") from err
+            if got != length:
+                what = "more" if got > length else f"{got}"
+                raise self.block_error(block, f"data does not decompress: {what} bytes, "
+                                              f"{length} expected")
         elif rec.codec == fmt.CODEC_RAW:
-            data = bytes(payload)
+            if len(payload) != length:
+                raise self.block_error(block, f"data is {len(payload)} bytes, {length} expected")
+            view[:] = payload
         else:
             raise self.block_error(block, f"unknown codec {rec.codec}")
-        if len(data) != length:
-            raise self.block_error(block, f"data is {len(data)} bytes, {length} expected")
-        actual = hashlib.sha256(data).digest()
+        actual = hashlib.sha256(view).digest()
         if actual != entry.sha256:
             raise self.block_error(block, f"checksum mismatch: calculated {actual.hex()}, "
                                           f"should be {entry.sha256.hex()}")
-        return data
-
-    def _decompress(self, payload: memoryview, length: int) -> bytes:
-        # ZstdDecompressor objects are not safe to share between threads
-        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=length)
+        return view if out is not None else into
 
 
 @dataclass
@@ -219,7 +251,14 @@ class WriteStats:
 
 
 class ImageWriter:
-    """Writes an image under ``PATH.partial``; `finish` makes it complete and renames it."""
+    """Writes an image under ``PATH.partial``; `finish` makes it complete and renames it.
+
+    Write-behind: every WRITE_BEHIND bytes, the kernel is told to start writing back what was
+    appended (and to let go of what it has written back, POSIX_FADV_DONTNEED), so that the disk
+    writes the image while it is being made rather than all at the final fsync, and a large
+    image does not fill the page cache."""
+
+    WRITE_BEHIND = 32 << 20
 
     def __init__(self, path: str, header: fmt.Header, resume_at: int | None = None) -> None:
         """Start ``PATH.partial`` afresh, or with `resume_at` reopen an existing one and go on
@@ -237,6 +276,7 @@ class ImageWriter:
             raise OperationFailed(f"{self.partial}: cannot open for writing: "
                                   f"{err.strerror}") from err
         self.pos = 0
+        self._behind = [0, 0]   # the last two write-behind marks
         if resume_at is None:
             try:
                 self._write([header.pack()])
@@ -244,7 +284,7 @@ class ImageWriter:
                 self.abort()
                 raise
         else:
-            self.pos = resume_at
+            self.pos = self._behind[0] = self._behind[1] = resume_at
         self._entries = bytearray()
         self._segments: list[bytes] = []  # compressed, kept until finish (small)
         self._next_block = 0
@@ -261,6 +301,15 @@ class ImageWriter:
         except OSError as err:
             raise OperationFailed(f"{self.partial}: write failed: {err.strerror}") from err
         self.pos += want
+        older, last = self._behind
+        if self.pos - last >= self.WRITE_BEHIND:
+            try:
+                # the pages since the last mark start going to disk; those before it have
+                # had a whole mark's time to get there, and are dropped if they have
+                os.posix_fadvise(self.fd, older, self.pos - older, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            self._behind = [last, self.pos]
 
     def add_data(self, block: int, stored: bytes, codec: int, sha256: bytes,
                  flags: int = 0) -> None:
@@ -378,7 +427,7 @@ def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader) -> bytes | Non
     """The content of a record found by scan_records, or None when it fails its SHA-256."""
     payload = os.pread(fd, rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
     try:
-        data = (zstandard.ZstdDecompressor().decompress(payload, max_output_size=rec.raw_len)
+        data = (_decompressor().decompress(payload, max_output_size=rec.raw_len)
                 if rec.codec == fmt.CODEC_ZSTD else payload)
     except zstandard.ZstdError:
         return None

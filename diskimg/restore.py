@@ -22,13 +22,12 @@ from diskimg.blockdev import (
     Target,
     open_target,
     pread_full,
-    pwrite_full,
     stat_target,
     zero_range,
 )
 from diskimg.chain import Chain, open_chain
 from diskimg.errors import CorruptImage, OperationFailed, UnsafeTarget, UsageError
-from diskimg.pipeline import default_threads, depth_for, ordered_map
+from diskimg.pipeline import BufferPool, default_threads, depth_for, ordered_map
 from diskimg.units import human
 
 log = logging.getLogger(__name__)
@@ -122,9 +121,11 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
     bs = header.block_size
     c = dict(written_blocks=0, zeroed_blocks=0, hole_blocks=0, skipped_blocks=0,
              read_target_blocks=0, written_bytes=0)
+    pool = BufferPool(bs)   # blocks are decompressed into reused, page-aligned buffers
 
-    def work(item: tuple[int, int, fmt.IndexEntry]) -> tuple[int, int, bytes | None, bool]:
-        """(first block, count, data or None for zeros, skip), the data verified."""
+    def work(item: tuple[int, int, fmt.IndexEntry]) -> tuple[int, int, memoryview | None, bool]:
+        """(first block, count, data or None for zeros, skip), the data verified; the data
+        is a view of a pool buffer, given back (`.obj`) once written."""
         block, count, entry = item
         if count > 1:  # a run of zero or unused blocks: nothing to read
             return block, count, None, False
@@ -142,7 +143,7 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
             if hashlib.sha256(current).digest() == entry.sha256:
                 return block, 1, None, True
         if held.kind == fmt.DATA:
-            return block, 1, img.read_block(block, held), False
+            return block, 1, img.read_block(block, held, out=pool.get()), False
         if not header.zero_run_ok(block, block, entry.sha256):
             raise img.block_error(block, "index entry damaged: zero block with a non-zero "
                                          "checksum")
@@ -183,10 +184,11 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
         elif data is not None:
             flush_zeros()
             try:
-                pwrite_full(tgt.fd, data, offset)
+                tgt.write(data, offset)
             except OSError as err:
                 raise OperationFailed(f"{tgt.path}: write error at byte {offset}: "
                                       f"{err.strerror}") from err
+            pool.put(data.obj)
             c["written_blocks"] += 1
             c["written_bytes"] += length
         elif tgt.created:

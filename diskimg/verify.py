@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -106,6 +107,7 @@ def _verify_one(img: ImageReader, threads: int,
                 progress: Callable[[int], None] | None) -> tuple[list[VerifyError], int, int]:
     errors: list[VerifyError] = []
     h = img.header
+    scratch = threading.local()   # one buffer per worker, reused for every block it checks
 
     def work(item: tuple[int, int, fmt.IndexEntry]
              ) -> tuple[int, int, fmt.IndexEntry, VerifyError | None]:
@@ -115,8 +117,11 @@ def _verify_one(img: ImageReader, threads: int,
     def check(block: int, count: int, entry: fmt.IndexEntry) -> VerifyError | None:
         last = block + count - 1
         if entry.kind == fmt.DATA:
+            buf = getattr(scratch, "buf", None)
+            if buf is None:
+                buf = scratch.buf = bytearray(h.block_size)
             try:
-                img.read_block(block, entry)
+                img.read_block(block, entry, out=buf)
             except BlockError as err:
                 return VerifyError(img.uuid, img.path, block, block * h.block_size, err.reason)
         reason = None

