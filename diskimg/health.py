@@ -360,6 +360,15 @@ def _make_smartctl(path: str):
             super().__init__(smartctl_path=smartctl_path, options=[])
             self.last_all: list[str] = []
 
+        def _decode_output(self, raw_output: bytes) -> list[str]:
+            """smartctl writes ASCII, or UTF-8 in a model name: decoded as such.  pySMART
+            would first guess the encoding with chardet, which costs more than running
+            smartctl (60 ms for a short output); anything that is not UTF-8 still goes to it."""
+            try:
+                return raw_output.decode("utf-8").splitlines()
+            except UnicodeDecodeError:
+                return super()._decode_output(raw_output)
+
         def generic_call(self, params, pass_options=False):
             out, rc = super().generic_call(params, pass_options)
             log.debug("smartctl %s -> rc %s, %d lines", " ".join(params), rc, len(out))

@@ -172,6 +172,43 @@ def test_used_blocks_restore_to_exactly_the_used_bytes(loops, tmp_path, block_si
     fsck_clean(dst, "ext4")
 
 
+def block_device_cache() -> int:
+    """Bytes of block-device pages in the page cache ("Buffers" in /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Buffers:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Buffers line in /proc/meminfo")
+
+
+def test_imaging_and_restoring_a_device_leave_the_page_cache_alone(loops, tmp_path):
+    """A device is read and written with O_DIRECT: 128 MiB of random data imaged from one loop
+    device and restored to another add (nearly) nothing to the block-device page cache, where
+    `dd` through the cache adds all of it."""
+    size = 128 * MiB
+    src = loops.attach(random_file(tmp_path / "src.img", size, seed=14))
+    dst, _ = loops.create(size, "dst")
+    img = tmp_path / "src.di"
+    # held open here: the kernel drops a device's cache when its last opener closes it
+    held = [os.open(dev, os.O_RDONLY) for dev in (src, dst)]
+    try:
+        run("sync")
+        run("sh", "-c", "echo 1 > /proc/sys/vm/drop_caches")
+        before = block_device_cache()
+        assert cli("image", src, img, "--no-progress").rc == 0
+        restore_to(img, dst)
+        grown = block_device_cache() - before
+        run("dd", f"if={src}", "of=/dev/null", "bs=4M", "status=none")   # the contrast
+        grown_by_dd = block_device_cache() - before - grown
+    finally:
+        for fd in held:
+            os.close(fd)
+    cmp_same(src, dst)
+    print(f"\nblock-device cache: +{grown} bytes by image and restore, +{grown_by_dd} by dd")
+    assert grown < size // 32, f"the block-device cache grew by {grown} bytes"
+    assert grown_by_dd > size // 2
+
+
 def test_restore_writes_a_device_with_o_direct(loops, tmp_path):
     dev, _ = loops.create(4 * MiB)
     exists, is_block, _ = stat_target(dev)
