@@ -3,9 +3,9 @@
 Only the blocks holding data are read (the used blocks of a recognised filesystem, the data of a
 sparse file), into reused buffers: a device with O_DIRECT by READERS threads, a regular file
 through the page cache by one reader thread.  Hashing and compression run in --threads workers
-(pipeline.ordered_map); records are appended in block order.  For an incremental or differential image each
-block's SHA-256 is compared with the reference image's index, so only changed blocks are stored
-and the parent's data is never read.
+(pipeline.ordered_map); records are appended in block order.  For an incremental or
+differential image each block's SHA-256 is compared with the reference image's index, so only
+changed blocks are stored and the parent's data is never read.
 """
 from __future__ import annotations
 
@@ -35,7 +35,14 @@ from diskimg.blockdev import (
 from diskimg.chain import open_chain, parent_ref
 from diskimg.errors import ChainError, DiskimgError, ReadError, UnsafeTarget, UsageError
 from diskimg.imagefile import ImageReader, ImageWriter
-from diskimg.pipeline import BufferPool, default_threads, depth_for, ordered_map, prefetch
+from diskimg.pipeline import (
+    IN_FLIGHT_BYTES,
+    BufferPool,
+    default_threads,
+    depth_for,
+    ordered_map,
+    prefetch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +464,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
         the kernel's cache left alone.  From a file: one reader thread through the page cache,
         telling the kernel ahead which ranges come next and letting go of those read."""
         if direct_fd is not None:
-            return ordered_map(load, produce(), READERS, depth=2 * READERS,
+            # 1 MiB blocks: 4 readers; 16 MiB: 1 (memory is bounded by bytes, as in depth_for)
+            readers = max(1, min(READERS, IN_FLIGHT_BYTES // (2 * bs)))
+            return ordered_map(load, produce(), readers, depth=2 * readers,
                                inline=lambda planned: isinstance(planned, Run))
         readahead = ReadAhead(source.fd, to_read)
 

@@ -396,13 +396,13 @@ def uninterrupted(disk, tmp_path_factory) -> Reference:
 def finished_blocks(reads: list[tuple[int, int, str]]) -> set[int]:
     """Blocks wholly read without error in `reads`, each followed by a later read (so diskimg had
     stored it: a block is stored before the next read is issued)."""
-    good: dict[int, int] = {}
+    good: set[int] = set()    # sectors read without error; a sector read twice counts once
     for off, n, result in reads[:-1]:
         if result != "EIO":
-            for block in range(off // BLOCK, (off + int(result) - 1) // BLOCK + 1):
-                lo, hi = max(off, block * BLOCK), min(off + int(result), (block + 1) * BLOCK)
-                good[block] = good.get(block, 0) + hi - lo
-    return {b for b, n in good.items() if n >= min(BLOCK, SIZE - b * BLOCK)}
+            good.update(range(off // SECTOR, (off + int(result)) // SECTOR))
+    per_block = BLOCK // SECTOR
+    return {b for b in {s // per_block for s in good}
+            if all(s in good for s in range(b * per_block, min(SIZE, (b + 1) * BLOCK) // SECTOR))}
 
 
 def trimmed_sectors(reads) -> set[int]:
