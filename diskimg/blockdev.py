@@ -240,12 +240,16 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
         if is_block:
             fd = os.open(path, mode | os.O_EXCL | os.O_CLOEXEC)
             try:
-                dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                tgt = Target(path, fd, device_size(fd), True, False,
+                             sector=_ioctl_int(fd, BLKSSZGET, "i"))
+            except OSError:
+                os.close(fd)
+                raise
+            try:
+                tgt.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError as err:
                 log.debug("%s: no O_DIRECT (%s); writing through the page cache", path, err)
-                dfd = None
-            return Target(path, fd, device_size(fd), True, False, dfd,
-                          _ioctl_int(fd, BLKSSZGET, "i"))
+            return tgt
         if not exists:
             fd = os.open(path, mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:

@@ -466,6 +466,8 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
         if direct_fd is not None:
             # 1 MiB blocks: 4 readers; 16 MiB: 1 (memory is bounded by bytes, as in depth_for)
             readers = max(1, min(READERS, IN_FLIGHT_BYTES // (2 * bs)))
+            if readers == 1:   # still off the main thread, which writes the image
+                return prefetch(map(load, produce()), depth=2)
             return ordered_map(load, produce(), readers, depth=2 * readers,
                                inline=lambda planned: isinstance(planned, Run))
         readahead = ReadAhead(source.fd, to_read)

@@ -52,8 +52,14 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
     When `items` itself fails, the results of the items before the failure are still yielded
     first (a restore writes every good block before the damage), then the error is raised."""
     if threads <= 1:
-        for item in items:
-            yield func(item)
+        source = iter(items)
+        try:
+            for item in source:
+                yield func(item)
+        finally:
+            close = getattr(source, "close", None)   # stop a prefetch or reader stage feeding us
+            if close is not None:
+                close()
         return
     depth = depth or threads * 3
     pending: deque[Future[R]] = deque()

@@ -83,3 +83,28 @@ def test_decompress_into_a_buffer_says_when_the_frame_does_not_fit():
     short = bytearray(len(data) - 1)
     assert decompress_into(frame, memoryview(short)) == len(short) + 1   # "more than fits"
     assert decompress_into(frame[:len(frame) // 2], memoryview(out)) < len(data)
+
+
+def test_a_single_thread_map_closes_its_source_when_it_fails():
+    """With one thread the work runs inline; a failure must still stop the stage feeding it
+    (reader threads that would otherwise go on reading from a descriptor about to be closed),
+    even while the exception's traceback keeps the map's frame alive."""
+    closed = []
+
+    def items():
+        try:
+            yield from range(100)
+        finally:
+            closed.append(True)
+
+    def work(n: int) -> int:
+        if n == 3:
+            raise ValueError("bad item 3")
+        return n
+
+    try:
+        list(ordered_map(work, items(), threads=1))
+    except ValueError as err:
+        kept = err          # holds the traceback, and with it the map's frame
+    assert kept.__traceback__ is not None
+    assert closed == [True]
