@@ -80,6 +80,17 @@ def open_source(path: str, direct: bool = False) -> Source:
     return Source(path, fd, st.st_size, False)
 
 
+def open_direct(path: str, write: bool = False) -> int | None:
+    """A second descriptor on a device, opened O_DIRECT, or None when it refuses (then the
+    caller goes through the page cache).  Reads and writes through it must be whole sectors
+    from page-aligned buffers."""
+    try:
+        return os.open(path, (os.O_WRONLY if write else os.O_RDONLY) | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as err:
+        log.debug("%s: no O_DIRECT (%s); going through the page cache", path, err)
+        return None
+
+
 def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of the data of a regular file, skipping holes (SEEK_DATA/SEEK_HOLE).
     Falls back to the whole file where the filesystem does not support it."""
@@ -245,10 +256,7 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
             except OSError:
                 os.close(fd)
                 raise
-            try:
-                tgt.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError as err:
-                log.debug("%s: no O_DIRECT (%s); writing through the page cache", path, err)
+            tgt.direct_fd = open_direct(path, write=True)
             return tgt
         if not exists:
             fd = os.open(path, mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

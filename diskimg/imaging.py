@@ -29,6 +29,7 @@ from diskimg.blockdev import (
     Source,
     data_ranges,
     locate_bad_sector,
+    open_direct,
     open_source,
     preadv_full,
 )
@@ -319,19 +320,6 @@ class _Compressor:
         return c.compress(data)
 
 
-def _open_direct(source: Source) -> int | None:
-    """A second, O_DIRECT descriptor on a device source, or None (a file, or a device that
-    refuses it).  Reading a disk with O_DIRECT costs neither page-cache churn nor a copy: on
-    the benchmark disk, a third of the CPU time of reading through the cache."""
-    if not source.is_block:
-        return None
-    try:
-        return os.open(source.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError as err:
-        log.debug("%s: no O_DIRECT (%s); reading through the page cache", source.path, err)
-        return None
-
-
 def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOptions(),
                  progress: Progress | None = None) -> ImageResult:
     """Image `source_path` into `image_path`.  Raises SourceError, UsageError, UnsafeTarget,
@@ -499,7 +487,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
     depth = depth_for(bs, opts.threads)
     ahead = max(2, depth - opts.threads)   # read-ahead beyond what the workers hold
     writer = ImageWriter(image_path, header)   # removes its partial file if it fails
-    direct_fd = _open_direct(source)
+    # a device is read with O_DIRECT: on the benchmark disk, reading through the page cache
+    # cost 0.5-0.66 s of system time (read-ahead, copy, invalidation), O_DIRECT 0.07-0.14 s
+    direct_fd = open_direct(source.path) if source.is_block else None
     try:
         results = ordered_map(work, loaded(), opts.threads, depth=depth,
                               inline=lambda item: isinstance(item, Run))
