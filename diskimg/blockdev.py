@@ -109,22 +109,6 @@ def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-def pread_full(fd: int, length: int, offset: int, path: str) -> bytes:
-    """Read exactly `length` bytes (short reads retried); OSError is left to the caller."""
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            raise OSError(errno.EIO, f"unexpected end of {path} at byte {offset + got}")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
 def preadv_full(fd: int, view: memoryview, offset: int, path: str) -> None:
     """Fill `view` from `offset` (short reads retried); OSError is left to the caller."""
     got = 0

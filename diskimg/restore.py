@@ -21,7 +21,7 @@ from diskimg import format as fmt
 from diskimg.blockdev import (
     Target,
     open_target,
-    pread_full,
+    preadv_full,
     stat_target,
     zero_range,
 )
@@ -134,16 +134,20 @@ def _restore_blocks(chain: Chain, tgt: Target, only_changed: bool, threads: int,
         if held.sha256 != entry.sha256:
             raise CorruptImage(f"{img.path}: block {block} has checksum {held.sha256.hex()} but "
                                f"{leaf.path} expects {entry.sha256.hex()}: chain inconsistent")
+        buf = pool.get()
         if only_changed:  # compare first: an identical block costs no read of the image
+            current = memoryview(buf)[:length]
             try:
-                current = pread_full(tgt.fd, length, block * bs, tgt.path)
+                preadv_full(tgt.fd, current, block * bs, tgt.path)
             except OSError as err:
                 raise OperationFailed(f"{tgt.path}: read error at byte {block * bs}: "
                                       f"{err.strerror}") from err
             if hashlib.sha256(current).digest() == entry.sha256:
+                pool.put(buf)
                 return block, 1, None, True
         if held.kind == fmt.DATA:
-            return block, 1, img.read_block(block, held, out=pool.get()), False
+            return block, 1, img.read_block(block, held, out=buf), False
+        pool.put(buf)
         if not header.zero_run_ok(block, block, entry.sha256):
             raise img.block_error(block, "index entry damaged: zero block with a non-zero "
                                          "checksum")
