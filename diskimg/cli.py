@@ -143,8 +143,10 @@ def _add_image(sub) -> None:
                         "forensics); default: skip the free space of ext2/3/4 and FAT")
     _chain_options(p)
     p.add_argument("--force", action="store_true",
-                   help="overwrite an existing IMAGE; accept a source whose serial differs "
-                        "from the parent's")
+                   help="overwrite an existing IMAGE (never one that other images depend on, "
+                        "nor the source); accept a source that differs from the parent's disk "
+                        "(serial, WWN, partition table or filesystem UUID); image a source "
+                        "mounted read-write")
     p.set_defaults(func=_cmd_image)
 
 
@@ -388,6 +390,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
           + (f", changed {info['changed_blocks']}" if info["parent"] else ""))
     print(f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})")
     print(f"created:     {info['created']} by diskimg {info['tool_version']}")
+    if info["source_mounted_rw"]:
+        print(f"warning:     the source was mounted read-write on "
+              f"{', '.join(info['source_mounted_rw'])} while imaged (--force): the image may "
+              f"not be consistent")
     for r in info["unreadable"]:
         print(f"unreadable:  bytes {r['offset']}-{r['offset'] + r['length'] - 1} "
               f"({r['length']} bytes) read as zeros")

@@ -34,7 +34,7 @@ UDEV_DB = Path("/run/udev/data")
 
 __all__ = [
     "DeviceInfo", "Mount", "PartitionInfo", "holding_devices", "identify", "list_devices",
-    "mounts", "usage",
+    "mounted_read_write", "mounts", "usage",
 ]
 
 
@@ -50,6 +50,15 @@ class Mount:
     mountpoint: str
     fstype: str
     source: str
+    options: str = ""          # this mount's options ("rw,relatime")
+    super_options: str = ""    # the filesystem's ("rw,errors=remount-ro"): shared by its mounts
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the filesystem is read-only: a read-only bind mount of a filesystem that
+        is read-write elsewhere (another mount, another namespace) does not count."""
+        opts = (self.super_options or self.options).split(",")
+        return "ro" in opts
 
 
 def _unescape(s: str) -> str:
@@ -79,7 +88,8 @@ def mounts(mountinfo: Path = MOUNTINFO) -> list[Mount]:
             sep = fields.index("-")
             major, minor = (int(x) for x in fields[2].split(":"))
             result.append(Mount(major, minor, _unescape(fields[4]), fields[sep + 1],
-                                _unescape(fields[sep + 2]) if len(fields) > sep + 2 else ""))
+                                _unescape(fields[sep + 2]) if len(fields) > sep + 2 else "",
+                                fields[5], fields[sep + 3] if len(fields) > sep + 3 else ""))
         except (ValueError, IndexError):
             log.debug("unparsable mountinfo line: %r", line)
     return result
@@ -216,6 +226,37 @@ def usage(path: str) -> list[str]:
         for part in _partitions(top):
             check(part, "")
     return reasons
+
+
+def mounted_read_write(path: str) -> list[tuple[str, str]]:
+    """(device, mountpoint) of every read-write mount of the block device at ``path``, of its
+    partitions and, recursively, of their holders: what may change while ``path`` is read.
+    Empty for a regular file, a missing path, or a device mounted read-only or not at all."""
+    top = _block_sysdir(path)
+    if top is None:
+        return []
+    rw: dict[int, list[str]] = {}
+    for m in mounts():
+        if not m.read_only:
+            rw.setdefault(os.makedev(m.major, m.minor), []).append(m.mountpoint)
+    result: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+
+    def check(d: Path) -> None:
+        if d in seen:
+            return
+        seen.add(d)
+        devnum = _devnum_of_sysdir(d)
+        for mp in rw.get(devnum, []) if devnum is not None else []:
+            result.append((_devpath(d), mp))
+        for h in _holders(d):
+            check(h)
+
+    check(top)
+    if not _is_partition(top):
+        for part in _partitions(top):
+            check(part)
+    return result
 
 
 def _dm_name(d: Path) -> str:

@@ -436,6 +436,11 @@ def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader) -> bytes | Non
     return data
 
 
+def _mounted_rw(extra: dict) -> list[str]:
+    value = extra.get("source_mounted_rw") if isinstance(extra, dict) else None
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
 def describe(reader: ImageReader) -> dict:
     """What `diskimg info` reports of an image: header, statistics and unreadable ranges."""
     h, f = reader.header, reader.footer
@@ -464,4 +469,6 @@ def describe(reader: ImageReader) -> dict:
         "format_version": fmt.FORMAT_VERSION,
         "index_sha256": reader.index_sha256,
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
+        # mountpoints where the source was mounted read-write (imaged with --force)
+        "source_mounted_rw": _mounted_rw(h.extra),
     }

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import zstandard
 
-from diskimg import __version__, devices, usedblocks
+from diskimg import __version__, devices, identity, usedblocks
 from diskimg import format as fmt
 from diskimg.blockdev import (
     Source,
@@ -34,7 +34,14 @@ from diskimg.blockdev import (
     preadv_full,
 )
 from diskimg.chain import open_chain, parent_ref
-from diskimg.errors import ChainError, DiskimgError, ReadError, UnsafeTarget, UsageError
+from diskimg.errors import (
+    ChainError,
+    DiskimgError,
+    ReadError,
+    SourceError,
+    UnsafeTarget,
+    UsageError,
+)
 from diskimg.imagefile import ImageReader, ImageWriter
 from diskimg.pipeline import (
     IN_FLIGHT_BYTES,
@@ -100,18 +107,27 @@ def check_block_size(size: int) -> None:
 
 
 def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, ...] = (),
-                     rescue: bool = False) -> None:
+                     rescue: bool = False, search: tuple[str, ...] = ()) -> None:
     """Refuse to overwrite an image without force, or to write an image (or its partial file,
-    or the `extra` files that go with it) onto the source.  Unless `rescue` (which resumes
-    it), an interrupted rescue's partial file is refused too: starting over would discard it."""
+    or the `extra` files that go with it) onto the source: the same file or device, or one of
+    its loop device's backing file, its disk or its partitions.  Unless `rescue` (which
+    resumes it), an interrupted rescue's partial file is refused too: starting over would
+    discard it.  Even with force, an image that other images (next to it or in `search`)
+    name as their parent is never replaced."""
+    src = identity.identify(source.path)
     for path in (image, image + ".partial", *extra):
-        if os.path.exists(path) and os.path.samefile(path, source.path):
+        ident = identity.identify(path)
+        if identity.same(ident, src):
             raise UnsafeTarget(path, "is the source itself")
+        why = identity.overlap(ident, src)
+        if why:
+            raise UnsafeTarget(path, f"would overwrite the source {source.path} ({why})")
     if os.path.exists(image):
         if os.path.isdir(image):
             raise UsageError(f"{image}: is a directory; give the image's file name")
         if not force:
             raise UsageError(f"{image}: already exists; use --force to overwrite it")
+        _check_no_children(image, search)
     partial = image + ".partial"
     if not rescue and os.path.exists(partial) and _is_rescue_partial(partial):
         raise UsageError(f"{partial}: holds an interrupted rescue; resume it with --rescue, or "
@@ -120,11 +136,83 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
     if not os.path.isdir(parent_dir):
         raise UsageError(f"{image}: directory {parent_dir} does not exist")
     if source.is_block:
-        src = os.path.realpath(source.path)
+        src_path = os.path.realpath(source.path)
         holders = devices.holding_devices(parent_dir)
-        if src in holders:
+        if src_path in holders:
             raise UnsafeTarget(image, f"lies on the source device {source.path}; write the "
                                       f"image to another disk")
+
+
+def _check_no_children(image: str, search: tuple[str, ...]) -> None:
+    """Refuse to replace `image` when an image next to it (or in a search directory) was
+    made against it: replacing it would break that image and every one after it."""
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        uuid = fmt.read_header(fd, image)[0].uuid
+    except (DiskimgError, OSError):
+        return      # not an image (or a damaged one): nothing can depend on it
+    finally:
+        os.close(fd)
+    me = identity.identify(image)
+    dirs = dict.fromkeys([os.path.dirname(os.path.abspath(image))]
+                         + [os.path.abspath(d) for d in search])
+    for d in dirs:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(d, name)
+            if not os.path.isfile(path) or identity.same(identity.identify(path), me):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                parent = fmt.read_header(fd, path)[0].parent
+            except (DiskimgError, OSError):
+                continue
+            finally:
+                os.close(fd)
+            if isinstance(parent, dict) and parent.get("uuid") == uuid:
+                raise UnsafeTarget(image, f"is the parent of {path}; --force never replaces "
+                                          f"an image other images depend on (give the new "
+                                          f"image another name)")
+
+
+def check_source_mounted(source: Source, force: bool) -> list[str]:
+    """The mountpoints where the source (its partitions, holders, or for a file the loop
+    devices it backs) is mounted read-write.  Refused unless `force`: the filesystem changes
+    while it is read, so the image may be inconsistent."""
+    devs = [source.path] if source.is_block else identity.loops_backed_by(source.path)
+    found: list[tuple[str, str]] = []
+    for dev in devs:
+        found += [f for f in devices.mounted_read_write(dev) if f not in found]
+    if found and not force:
+        where = ", ".join(f"{mp} ({dev})" if dev != source.path else mp for dev, mp in found)
+        mp = found[0][1]
+        raise SourceError(source.path, f"is mounted read-write on {where}: the image would not "
+                                       f"be consistent; unmount it, remount it read-only "
+                                       f"(mount -o remount,ro {mp}), or freeze it (fsfreeze -f "
+                                       f"{mp}) and use --force, or image a snapshot; --force "
+                                       f"images it anyway")
+    if found:
+        log.warning("%s is mounted read-write on %s: the image may not be consistent",
+                    source.path, ", ".join(mp for _, mp in found))
+    return [mp for _, mp in found]
+
+
+def source_identity(source: Source) -> dict:
+    """What the header records of the source: model, serial, WWN (devices.identify), and what
+    tells disks apart without a serial: partition-table id, filesystem UUID (usedblocks)."""
+    ident = devices.identify(source.path)
+    ident.update(usedblocks.content_ids(source.fd, source.size,
+                                        sector_size=source.logical_sector))
+    return ident
 
 
 def _is_rescue_partial(path: str) -> bool:
@@ -140,30 +228,45 @@ def _is_rescue_partial(path: str) -> bool:
         os.close(fd)
 
 
-def _load_reference(opts: ImageOptions, source: Source, identity: dict) -> ImageReader | None:
-    """The image whose index the new one is compared against, checked against the source."""
+def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path: str
+                    ) -> ImageReader | None:
+    """The image whose index the new one is compared against, checked against the source and
+    against the new image's path: no image of the chain is ever replaced (not even with
+    --force), and a source that is not the parent's disk is refused unless --force."""
     ref_path = opts.incremental or opts.differential
     if ref_path is None:
         return None
     chain = open_chain(ref_path, opts.search)
     keep = chain.images[-1] if opts.incremental else chain.images[0]
+    try:
+        target = identity.identify(image_path)
+        for img in chain.images:
+            why = identity.overlap(target, identity.identify(img.path))
+            if why:
+                what = ("the parent image itself" if img is chain.images[-1] and opts.incremental
+                        else f"image {img.uuid} of {ref_path}'s chain")
+                raise UnsafeTarget(image_path, f"is {what} ({img.path}); --force never replaces "
+                                               f"an image a chain depends on; give the new image "
+                                               f"another name")
+        h = keep.header
+        if opts.block_size is not None and opts.block_size != h.block_size:
+            raise ChainError(f"--block-size {opts.block_size} differs from {keep.path}'s block "
+                             f"size {h.block_size}; a changed-block image uses its parent's")
+        if h.size != source.size:
+            raise ChainError(f"{source.path}: size {source.size} differs from {keep.path}'s "
+                             f"source size {h.size}; a changed-block image needs the same device")
+        why = identity.source_mismatch(ident, h.source, source.path, keep.path)
+        if why and not opts.force:
+            raise ChainError(f"{why}: not the disk the image was made from; use --force if "
+                             f"this really is the same disk's data")
+        if why:
+            log.warning("%s (accepted with --force)", why)
+    except BaseException:
+        chain.close()
+        raise
     for img in chain.images:
         if img is not keep:
             img.close()
-    h = keep.header
-    if opts.block_size is not None and opts.block_size != h.block_size:
-        keep.close()
-        raise ChainError(f"--block-size {opts.block_size} differs from {keep.path}'s block size "
-                         f"{h.block_size}; a changed-block image uses its parent's")
-    if h.size != source.size:
-        keep.close()
-        raise ChainError(f"{source.path}: size {source.size} differs from {keep.path}'s source "
-                         f"size {h.size}; a changed-block image needs the same device")
-    theirs, ours = (h.source or {}).get("serial"), identity.get("serial")
-    if theirs and ours and theirs != ours and not opts.force:
-        keep.close()
-        raise ChainError(f"{source.path}: serial {ours} differs from {keep.path}'s source serial "
-                         f"{theirs}; use --force if this really is the same disk's data")
     return keep
 
 
@@ -332,15 +435,12 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
     source = open_source(source_path)
     try:
         os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
-        check_image_path(image_path, source, opts.force)
-        identity = devices.identify(source_path)
-        ref = _load_reference(opts, source, identity)
-        if ref is not None and os.path.exists(image_path) and os.path.samefile(image_path,
-                                                                               ref.path):
-            ref.close()
-            raise UnsafeTarget(image_path, "is the parent image itself; give the child a new name")
+        check_image_path(image_path, source, opts.force, search=opts.search)
+        mounted_rw = check_source_mounted(source, opts.force)
+        ident = source_identity(source)
+        ref = _load_reference(opts, source, ident, image_path)
         try:
-            return _create(source, image_path, opts, identity, ref, progress, started)
+            return _create(source, image_path, opts, ident, ref, progress, started, mounted_rw)
         finally:
             if ref is not None:
                 ref.close()
@@ -348,8 +448,9 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
         source.close()
 
 
-def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
-            ref: ImageReader | None, progress: Progress | None, started: float) -> ImageResult:
+def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
+            ref: ImageReader | None, progress: Progress | None, started: float,
+            mounted_rw: list[str]) -> ImageResult:
     bs = ref.header.block_size if ref is not None else opts.block_size or DEFAULT_BLOCK_SIZE
     new_uuid = str(uuidlib.uuid4())
     if ref is None:
@@ -359,9 +460,10 @@ def _create(source: Source, image_path: str, opts: ImageOptions, identity: dict,
         parent = parent_ref(ref)
         chain = tuple(ref.header.chain or (ref.uuid,)) + (new_uuid,)
     header = fmt.Header(
-        uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=identity,
+        uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=ident,
         created=utc_now(), tool_version=__version__, parent=parent, chain=chain,
         compression={"codec": "zstd", "level": opts.level},
+        extra={"source_mounted_rw": mounted_rw} if mounted_rw else {},
     )
     compress = _Compressor(opts.level)
     ref_entries = ref.iter_entries() if ref is not None else None

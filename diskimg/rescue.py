@@ -47,8 +47,10 @@ from diskimg.imaging import (
     ImageResult,
     check_block_size,
     check_image_path,
+    check_source_mounted,
     utc_now,
 )
+from diskimg.identity import source_mismatch
 from diskimg.mapfile import (
     BAD,
     FINISHED,
@@ -386,11 +388,10 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
         if header.size != source.size or header.extra.get("rescue") is not True:
             raise UsageError(f"{partial}: left by another run (not a rescue of this "
                              f"{source.size}-byte source); remove it to start over")
-        for key in ("serial", "wwn"):
-            theirs, ours = (header.source or {}).get(key), identity.get(key)
-            if theirs and ours and theirs != ours:
-                raise UsageError(f"{partial}: a rescue of another disk ({key} {theirs}, this "
-                                 f"one is {ours}); remove it to start over")
+        why = source_mismatch(identity, header.source, source.path, partial)
+        if why:
+            raise UsageError(f"{why}: {partial} is a rescue of another disk; remove it to "
+                             f"start over")
         rmap = RescueMap.new(source.size)
         synced = 0
         map_uuid, map_synced = _map_notes(mapfile) if os.path.exists(mapfile) else (None, 0)
@@ -421,14 +422,14 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
     return ImageWriter(image, header, resume_at=end), rmap, offsets
 
 
-def _new(image: str, source: Source, opts: ImageOptions, identity: dict
-         ) -> tuple[ImageWriter, RescueMap, array]:
+def _new(image: str, source: Source, opts: ImageOptions, identity: dict,
+         mounted_rw: list[str]) -> tuple[ImageWriter, RescueMap, array]:
     new_uuid = str(uuidlib.uuid4())
     header = fmt.Header(
         uuid=new_uuid, kind="full", size=source.size, block_size=opts.block_size,
         source=identity, created=utc_now(), tool_version=__version__, parent=None,
         chain=(new_uuid,), compression={"codec": "zstd", "level": opts.level},
-        extra={"rescue": True},
+        extra={"rescue": True, **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
     )
     return (ImageWriter(image, header), RescueMap.new(source.size),
             array("q", [NO_RECORD]) * header.blocks)
@@ -457,14 +458,18 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
         if not direct:  # no read-ahead: it would turn one bad sector into a bad 128 KiB
             os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_RANDOM)
         mapfile = ropts.mapfile or image_path + ".map"
-        check_image_path(image_path, source, opts.force, extra=(mapfile,), rescue=True)
+        check_image_path(image_path, source, opts.force, extra=(mapfile,), rescue=True,
+                         search=opts.search)
+        # a failing disk may well be mounted: the same rule as any source
+        mounted_rw = check_source_mounted(source, opts.force)
+        # model, serial, WWN only: no reads of a failing disk before the rescue proper
         identity = devices.identify(source_path)
         # an interrupted rescue is always resumed, never thrown away (not even by --force)
         resumed = os.path.exists(image_path + ".partial")
         if resumed:
             writer, rmap, offsets = _resume(image_path, source, mapfile, identity)
         else:
-            writer, rmap, offsets = _new(image_path, source, opts, identity)
+            writer, rmap, offsets = _new(image_path, source, opts, identity, mounted_rw)
         if source.is_block:
             sector = source.logical_sector
         else:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from diskimg import devices
+from diskimg import devices, identity
 from diskimg import format as fmt
 from diskimg.blockdev import (
     Target,
@@ -64,6 +64,16 @@ def check_target(target: str, size: int) -> tuple[bool, bool, int]:
         busy = devices.usage(target)
         if busy:
             raise UnsafeTarget(target, "is in use: " + "; ".join(busy))
+    elif exists:
+        # a file under a loop device: writing it writes the loop device's disk
+        for loop in identity.loops_backed_by(target):
+            busy = devices.usage(loop)
+            if busy:
+                raise UnsafeTarget(target, f"backs {loop}, which is in use: "
+                                           + "; ".join(busy))
+            log.warning("%s backs %s (attached, not in use): detach it with losetup -d %s "
+                        "before using it again, its cached data may be stale", target, loop,
+                        loop)
     if exists and tsize < size:
         raise UnsafeTarget(target, f"is too small: {tsize} bytes ({human(tsize)}), the image "
                                    f"needs {size} bytes ({human(size)})")
@@ -83,9 +93,15 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
     started = time.monotonic()
     with open_chain(image, search) as chain:
         header = chain.leaf.header
+        tid = identity.identify(target)
         for img in chain.images:
-            if os.path.exists(target) and os.path.samefile(target, img.path):
+            iid = identity.identify(img.path)
+            if identity.same(tid, iid):
                 raise UnsafeTarget(target, f"is image {img.uuid} of the chain being restored")
+            why = identity.overlap(tid, iid)
+            if why:
+                raise UnsafeTarget(target, f"would overwrite image {img.uuid} of the chain "
+                                           f"being restored ({why})")
         exists, is_block, tsize = check_target(target, header.size)
         if exists:
             what = "block device" if is_block else "file"

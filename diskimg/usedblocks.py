@@ -37,7 +37,7 @@ import crcmod
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Region", "UsedMap", "scan"]
+__all__ = ["Region", "UsedMap", "content_ids", "scan"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -981,3 +981,79 @@ def _scan_whole(rd: _Reader, ss: int, out: _Ranges, regions: list[Region]) -> No
         _scan_partitions(rd, "mbr", mbr_parts, out, regions)
         return
     _scan_content(rd, 0, size, "whole device", out, regions)
+
+
+# --------------------------------------------------------------------------------------------
+# identity of the content: which disk or filesystem this is, where no serial says it
+
+def _guid(b: bytes) -> str:
+    """A GUID as GPT stores it (the first three fields little-endian)."""
+    return "-".join((b[3::-1].hex(), b[5:3:-1].hex(), b[7:5:-1].hex(), b[8:10].hex(),
+                     b[10:16].hex())).upper()
+
+
+def _fs_uuid(rd: _Reader, base: int, length: int) -> tuple[str, str] | None:
+    """(type, UUID or volume id) of the filesystem at ``base``, or None.  Only the magic is
+    checked, not the clean-unmount state: a mounted filesystem keeps its UUID."""
+    def at(off: int, n: int) -> bytes | None:
+        if off + n > length:
+            return None
+        try:
+            return rd.read(base + off, n)
+        except _Unrecognised:
+            return None
+    sb = at(1024, 1024)
+    if sb is not None and _u16(sb, 0x38) == 0xEF53 and any(sb[0x68:0x78]):
+        u = sb[0x68:0x78].hex()
+        return "ext", f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+    head = at(0, 512)
+    if head is not None and head[:4] == b"XFSB" and any(head[32:48]):
+        u = head[32:48].hex()
+        return "xfs", f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+    btrfs = at(0x10000, 0x48)
+    if btrfs is not None and btrfs[0x40:0x48] == b"_BHRfS_M":
+        u = btrfs[0x20:0x30].hex()
+        return "btrfs", f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+    if (head is not None and head[510:512] == b"\x55\xaa" and head[0] in (0xEB, 0xE9)
+            and head[3:11] not in (b"EXFAT   ", b"NTFS    ") and _u16(head, 0x0B) in
+            (512, 1024, 2048, 4096)):
+        sig = 0x42 if _u16(head, 0x16) == 0 else 0x26   # FAT32 has no 16-bit FAT size
+        if head[sig] == 0x29:
+            vid = _u32(head, sig + 1)
+            if vid:
+                return "vfat", f"{vid >> 16:04X}-{vid & 0xFFFF:04X}"
+    return None
+
+
+def content_ids(fd: int, size: int, *, sector_size: int = 512) -> dict[str, str]:
+    """What identifies the source's content where the disk has no serial: ``ptable_id``
+    ("gpt:<disk GUID>" or "mbr:<disk signature>") and, for a bare filesystem, ``fs_uuid``
+    and ``fs_type``.  Reads only the first sectors (and the backup GPT when the primary is
+    invalid); never raises for the content: what cannot be read is left out."""
+    rd = _Reader(fd, size)
+    ids: dict[str, str] = {}
+    try:
+        sector0 = rd.read(0, 512) if size >= 512 else b""
+    except _Unrecognised:
+        return ids
+    entries = _mbr_entries(sector0) if sector0 else None
+    if entries and any(t == 0xEE for t, _, _ in entries):
+        for gss in dict.fromkeys((512, 4096, sector_size)):
+            for lba in (1, size // gss - 1):
+                got = _gpt_header(rd, lba, gss) if size >= 2 * gss else "too small"
+                if isinstance(got, tuple):
+                    ids["ptable_id"] = "gpt:" + _guid(got[0][56:72])
+                    return ids
+        return ids
+    try:
+        parts = _parse_mbr(rd, sector0, sector_size) if entries else None
+    except _Unrecognised:
+        parts = None
+    sig = _u32(sector0, 440) if sector0 else 0
+    if parts and sig:
+        ids["ptable_id"] = f"mbr:{sig:08x}"
+    if not parts:
+        fs = _fs_uuid(rd, 0, size)
+        if fs is not None:
+            ids["fs_type"], ids["fs_uuid"] = fs
+    return ids

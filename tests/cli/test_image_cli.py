@@ -394,8 +394,10 @@ def test_search_finds_renamed_parent_by_uuid(tmp_path, chain):
 def test_parent_replaced_by_another_image(tmp_path, chain, src):
     full, inc, _, _ = chain
     old_uuid = cli("info", full, "--json").json["uuid"]
-    res = cli("image", src[0], full, "--block-size", "64K", "--force")  # same name, new image
+    # another image under the same name (moved there: --force never replaces a parent)
+    res = cli("image", src[0], tmp_path / "other.img", "--block-size", "64K")
     assert res.rc == 0, res.err
+    os.replace(tmp_path / "other.img", full)
     for args in (["verify", inc], ["restore", inc, tmp_path / "out.raw"]):
         res = cli(*args)
         assert res.rc == 2

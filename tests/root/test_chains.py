@@ -216,7 +216,9 @@ def test_swapped_parent(loops, tmp_path, raw_pair):
     inc = tmp_path / "inc.di"
     image(dev, inc, "--block-size", "64K", "--incremental", full)
     old_uuid = info(full)["uuid"]
-    image(dev, full, "--block-size", "64K", "--force")  # another image under the same name
+    # another image under the same name (moved there: --force never replaces a parent)
+    image(dev, tmp_path / "other.di", "--block-size", "64K")
+    os.replace(tmp_path / "other.di", full)
     target, _ = loops.create(RAW_SIZE, "target")
     before = sha256_of(target)
     for args in (["verify", inc], ["restore", inc, target, "--yes"]):
