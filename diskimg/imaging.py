@@ -107,13 +107,13 @@ def check_block_size(size: int) -> None:
 
 
 def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, ...] = (),
-                     rescue: bool = False, search: tuple[str, ...] = ()) -> None:
+                     rescue: bool = False) -> None:
     """Refuse to overwrite an image without force, or to write an image (or its partial file,
     or the `extra` files that go with it) onto the source: the same file or device, or one of
     its loop device's backing file, its disk or its partitions.  Unless `rescue` (which
     resumes it), an interrupted rescue's partial file is refused too: starting over would
-    discard it.  Even with force, an image that other images (next to it or in `search`)
-    name as their parent is never replaced."""
+    discard it.  (check_no_children, after the chain is loaded, refuses to replace an image
+    that others depend on.)"""
     src = identity.identify(source.path)
     for path in (image, image + ".partial", *extra):
         ident = identity.identify(path)
@@ -127,7 +127,6 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
             raise UsageError(f"{image}: is a directory; give the image's file name")
         if not force:
             raise UsageError(f"{image}: already exists; use --force to overwrite it")
-        _check_no_children(image, search)
     partial = image + ".partial"
     if not rescue and os.path.exists(partial) and _is_rescue_partial(partial):
         raise UsageError(f"{partial}: holds an interrupted rescue; resume it with --rescue, or "
@@ -141,6 +140,13 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
         if src_path in holders:
             raise UnsafeTarget(image, f"lies on the source device {source.path}; write the "
                                       f"image to another disk")
+
+
+def check_no_children(image: str, search: tuple[str, ...] = ()) -> None:
+    """Refuse to replace `image` when an image next to it (or in a search directory) was
+    made against it: replacing it would break that image and every one after it."""
+    if os.path.isfile(image):
+        _check_no_children(image, search)
 
 
 def _check_no_children(image: str, search: tuple[str, ...]) -> None:
@@ -435,10 +441,16 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
     source = open_source(source_path)
     try:
         os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
-        check_image_path(image_path, source, opts.force, search=opts.search)
+        check_image_path(image_path, source, opts.force)
         mounted_rw = check_source_mounted(source, opts.force)
         ident = source_identity(source)
         ref = _load_reference(opts, source, ident, image_path)
+        try:
+            check_no_children(image_path, opts.search)
+        except BaseException:
+            if ref is not None:
+                ref.close()
+            raise
         try:
             return _create(source, image_path, opts, ident, ref, progress, started, mounted_rw)
         finally:

@@ -47,6 +47,7 @@ from diskimg.imaging import (
     ImageResult,
     check_block_size,
     check_image_path,
+    check_no_children,
     check_source_mounted,
     utc_now,
 )
@@ -458,8 +459,8 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
         if not direct:  # no read-ahead: it would turn one bad sector into a bad 128 KiB
             os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_RANDOM)
         mapfile = ropts.mapfile or image_path + ".map"
-        check_image_path(image_path, source, opts.force, extra=(mapfile,), rescue=True,
-                         search=opts.search)
+        check_image_path(image_path, source, opts.force, extra=(mapfile,), rescue=True)
+        check_no_children(image_path, opts.search)
         # a failing disk may well be mounted: the same rule as any source
         mounted_rw = check_source_mounted(source, opts.force)
         # model, serial, WWN only: no reads of a failing disk before the rescue proper

@@ -1,0 +1,161 @@
+"""The identity rule on files (no root needed): a path is what it reaches, not its name.
+Hard links and symlinks are the same file; two files with the same content are not; a path
+that does not exist yet touches nothing.  Plus the source-disk identity: which ids a source's
+first sectors give (real partition tables and filesystems made by sfdisk and mkfs on files)
+and how two sources are compared."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from diskimg import identity
+from diskimg.usedblocks import content_ids
+
+
+@pytest.fixture
+def f(tmp_path):
+    p = tmp_path / "a.dimg"
+    p.write_bytes(b"x" * 4096)
+    return p
+
+
+def test_file_is_itself(f):
+    a, b = identity.identify(str(f)), identity.identify(str(f))
+    assert a.exists and identity.same(a, b)
+    assert identity.overlap(a, b) == f"{f} and {f} are the same file"
+
+
+def test_hard_link_is_the_same_file(f, tmp_path):
+    link = tmp_path / "other-name.dimg"
+    os.link(f, link)
+    a, b = identity.identify(str(f)), identity.identify(str(link))
+    assert identity.same(a, b)
+    why = identity.overlap(a, b)
+    assert why is not None and str(f) in why and str(link) in why
+
+
+def test_symlink_is_the_same_file(f, tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    link = sub / "via-link"
+    link.symlink_to(os.path.relpath(f, sub))
+    assert identity.same(identity.identify(str(f)), identity.identify(str(link)))
+    assert identity.overlap(identity.identify(str(link)), identity.identify(str(f)))
+
+
+def test_copy_is_another_file(f, tmp_path):
+    copy = tmp_path / "copy.dimg"
+    shutil.copyfile(f, copy)
+    a, b = identity.identify(str(f)), identity.identify(str(copy))
+    assert not identity.same(a, b)
+    assert identity.overlap(a, b) is None
+
+
+def test_rename_keeps_the_identity(f, tmp_path):
+    before = identity.identify(str(f))
+    moved = tmp_path / "moved.dimg"
+    os.rename(f, moved)
+    assert identity.same(before, identity.identify(str(moved)))
+
+
+def test_missing_path_touches_nothing(f, tmp_path):
+    missing = identity.identify(str(tmp_path / "not-yet.dimg"))
+    assert not missing.exists and missing.primary is None and not missing.things
+    assert identity.overlap(missing, identity.identify(str(f))) is None
+    assert identity.overlap(missing, missing) is None
+    assert not identity.same(missing, missing)
+
+
+def test_directory_and_fifo_touch_nothing(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for p in (tmp_path, fifo):
+        ident = identity.identify(str(p))
+        assert ident.exists and not ident.things
+
+
+def test_a_file_backs_no_loop_device(f):
+    assert identity.loops_backed_by(str(f)) == []
+    assert identity.loops_backed_by(str(f) + ".missing") == []
+
+
+# --------------------------------------------------------------------------------------------
+# the identity of a source disk
+
+def test_strongest_shared_identity_decides():
+    a = {"serial": "S1", "fs_uuid": "u1", "backing_file": "/x"}
+    # the serial is the strongest both have: equal, so other differences do not matter
+    assert identity.source_mismatch(a, {"serial": "S1", "fs_uuid": "u2"}, "/dev/sdb",
+                                    "p.dimg") is None
+    why = identity.source_mismatch(a, {"serial": "S2", "fs_uuid": "u1"}, "/dev/sdb", "p.dimg")
+    assert why == "/dev/sdb: serial S1 differs from p.dimg's source serial S2"
+    # no serial on one side: the filesystem UUID is compared
+    why = identity.source_mismatch(a, {"fs_uuid": "u2", "backing_file": "/x"}, "/dev/loop1",
+                                   "p.dimg")
+    assert why == ("/dev/loop1: filesystem UUID u1 differs from p.dimg's source filesystem "
+                   "UUID u2")
+    why = identity.source_mismatch({"ptable_id": "gpt:AA"}, {"ptable_id": "gpt:BB"}, "s", "p")
+    assert "GPT disk GUID AA" in why and "GPT disk GUID BB" in why
+    why = identity.source_mismatch({"ptable_id": "mbr:0000abcd"}, {"ptable_id": "mbr:1"},
+                                   "s", "p")
+    assert "MBR disk signature 0000abcd" in why
+
+
+def test_old_images_without_the_new_keys_keep_working():
+    old = {"path": "/dev/loop0", "model": None, "serial": None, "wwn": None}
+    new = {"path": "/dev/loop1", "model": None, "serial": None, "wwn": None,
+           "ptable_id": "gpt:AA", "fs_uuid": None}
+    assert identity.source_mismatch(new, old, "s", "p") is None
+    assert identity.source_mismatch(new, None, "s", "p") is None
+    assert identity.source_mismatch({}, {}, "s", "p") is None
+
+
+def _ids(path) -> dict:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return content_ids(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _need(tool: str) -> None:
+    if not shutil.which(tool):
+        pytest.skip(f"{tool} not installed")
+
+
+def _blank(path, size=16 << 20):
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+
+
+def test_content_ids_of_ext4_gpt_and_mbr(tmp_path):
+    _need("mkfs.ext4")
+    _need("sfdisk")
+    disk = tmp_path / "d.raw"
+    _blank(disk)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", "0b5a1e1c-2d3e-4f50-8a9b-0c1d2e3f4a5b",
+                    str(disk)], check=True)
+    assert _ids(disk) == {"fs_type": "ext", "fs_uuid": "0b5a1e1c-2d3e-4f50-8a9b-0c1d2e3f4a5b"}
+    guid = "6E1A9C52-0B7D-4C1E-9F3A-2B4C6D8E0F12"
+    subprocess.run(["sfdisk", "-q", str(disk)], input=f"label: gpt\nlabel-id: {guid}\n,\n",
+                   text=True, check=True)
+    assert _ids(disk) == {"ptable_id": f"gpt:{guid}"}
+    _blank(disk)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="label: dos\nlabel-id: 0x1234abcd\n,\n",
+                   text=True, check=True)
+    assert _ids(disk) == {"ptable_id": "mbr:1234abcd"}
+
+
+def test_content_ids_of_fat_and_nothing(tmp_path):
+    _need("mkfs.vfat")
+    disk = tmp_path / "f.raw"
+    _blank(disk)
+    assert _ids(disk) == {}
+    subprocess.run(["mkfs.vfat", "-i", "2b3c4d5e", str(disk)], check=True, capture_output=True)
+    assert _ids(disk) == {"fs_type": "vfat", "fs_uuid": "2B3C-4D5E"}
+    tiny = tmp_path / "tiny"
+    tiny.write_bytes(b"\x55" * 100)
+    assert _ids(tiny) == {}
