@@ -122,7 +122,8 @@ class RestoreFailed(DiskimgError):
 
     def __init__(self, cause: DiskimgError | None, target: str, restored_through: int,
                  written_blocks: int, block_size: int, *, created: bool = False,
-                 removed: bool = False, only_changed: bool = False) -> None:
+                 removed: bool = False, only_changed: bool = False,
+                 torn_block: int | None = None) -> None:
         self.cause = cause
         self.target = target
         self.restored_through = restored_through
@@ -131,6 +132,7 @@ class RestoreFailed(DiskimgError):
         self.created = created
         self.removed = removed
         self.only_changed = only_changed
+        self.torn_block = torn_block     # the block whose write failed: may be partly written
         self.path = getattr(cause, "path", None) or target
         super().__init__(f"{cause if cause is not None else 'interrupted'}; {self.left()}")
         self.exit_code = cause.exit_code if cause is not None else EXIT_INTERRUPTED
@@ -139,13 +141,17 @@ class RestoreFailed(DiskimgError):
         """What the target holds now, in words."""
         if self.removed:
             return f"{self.target} removed (this restore created it; --keep-partial keeps it)"
+        torn = "" if self.torn_block is None else \
+            f"block {self.torn_block} may be partly written, "
+        rest = "the rest reads as zeros (a new file)" if self.created else "the rest unchanged"
         if self.restored_through < 0:
+            if torn:
+                return f"{self.target} partially written: {torn}{rest}"
             return f"{self.target} unchanged" + (" (created empty)" if self.created else "")
         done = f"blocks 0-{self.restored_through} restored"
         if self.only_changed:
             done += f" ({self.written_blocks} written, the others already identical)"
-        rest = "the rest reads as zeros (a new file)" if self.created else "the rest unchanged"
-        return f"{self.target} partially written: {done}, {rest}"
+        return f"{self.target} partially written: {done}, {torn}{rest}"
 
     def to_dict(self) -> dict:
         """The `partial` object of a JSON error report."""
@@ -154,6 +160,7 @@ class RestoreFailed(DiskimgError):
             "restored_blocks": [[0, self.restored_through]] if self.restored_through >= 0 else [],
             "written_blocks": self.written_blocks,
             "block_size": self.block_size,
+            "torn_block": self.torn_block,
             "unchanged": not self.created and not self.removed,
             "created": self.created,
             "removed": self.removed,

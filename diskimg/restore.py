@@ -301,6 +301,7 @@ class _Progress:
     def __init__(self) -> None:
         self.through = -1       # last block of the prefix holding the image's contents
         self.written = 0        # blocks actually written in that prefix
+        self.torn: int | None = None   # the block being written when the write failed
 
 
 def restore_image(image: str, target: str, *, search: Iterable[str] = (),
@@ -377,11 +378,11 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
         if isinstance(exc, KeyboardInterrupt):
             raise RestoreInterrupted(target, state.through, state.written, bs,
                                      created=tgt.created, removed=removed,
-                                     only_changed=only_changed) from exc
+                                     only_changed=only_changed, torn_block=state.torn) from exc
         if isinstance(exc, DiskimgError):
             raise RestoreFailed(exc, target, state.through, state.written, bs,
                                 created=tgt.created, removed=removed,
-                                only_changed=only_changed) from exc
+                                only_changed=only_changed, torn_block=state.torn) from exc
         raise
 
 
@@ -551,6 +552,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             try:
                 zero_range(tgt, zeros[0], zeros[1])
             except OSError as err:
+                state.torn = zeros[0] // bs
                 raise OperationFailed(f"{tgt.path}: write error at byte {zeros[0]}: "
                                       f"{err.strerror}") from err
             zeros[1] = 0
@@ -587,6 +589,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
                 try:
                     tgt.write(data, offset)
                 except OSError as err:
+                    state.torn = block
                     raise OperationFailed(f"{tgt.path}: write error at byte {offset}: "
                                           f"{err.strerror}") from err
                 if isinstance(data.obj, mmap.mmap):
