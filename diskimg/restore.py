@@ -175,35 +175,53 @@ def describe_target(path: str, is_block: bool, size: int) -> TargetDescription:
         except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError) as err:
             log.debug("lsblk %s failed: %s", path, err)
         else:
-            contents: list[Content] = []
+            found: list[tuple[dict, int]] = []
 
-            def walk(d: dict) -> None:
-                mps = tuple(m for m in (d.get("mountpoints") or []) if m)
-                if d.get("fstype") or d.get("label") or mps or contents:
-                    contents.append(Content(
-                        name=d.get("name") or "", size=_int(d.get("size")),
-                        fstype=d.get("fstype") or None, label=d.get("label") or None,
-                        pttype=d.get("pttype") or None, mountpoints=mps))
+            def walk(d: dict, depth: int) -> None:
+                found.append((d, depth))
                 for child in d.get("children") or []:
-                    walk(child)
-            walk(dev)
+                    walk(child, depth + 1)
+            walk(dev, 0)
+            contents: list[Content] = []
+            pttype = dev.get("pttype") or None
+            for d, depth in found:
+                fstype, label = d.get("fstype") or None, d.get("label") or None
+                if not fstype and not label:
+                    # lsblk takes these from udev's database, absent on many rescue systems
+                    tags = _blkid(path if depth == 0 else f"/dev/{d.get('name')}")
+                    fstype, label = tags.get("TYPE"), tags.get("LABEL")
+                    if depth == 0:
+                        pttype = pttype or tags.get("PTTYPE")
+                mps = tuple(m for m in (d.get("mountpoints") or []) if m)
+                if fstype or label or mps or depth > 0:
+                    contents.append(Content(
+                        name=d.get("name") or "", size=_int(d.get("size")), fstype=fstype,
+                        label=label, pttype=d.get("pttype") or None, mountpoints=mps))
             return TargetDescription(path, True, size, model=(dev.get("model") or "").strip()
                                      or None, serial=(dev.get("serial") or "").strip() or None,
-                                     pttype=dev.get("pttype") or None, contents=tuple(contents))
-    if not is_block and shutil.which("blkid"):
-        try:
-            proc = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
-                                  text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError) as err:
-            log.debug("blkid %s failed: %s", path, err)
-        else:
-            tags = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-            fstype, label = tags.get("TYPE"), tags.get("LABEL")
-            contents = ((Content(os.path.basename(path), size, fstype, label),)
-                        if fstype or label else ())
-            return TargetDescription(path, False, size, pttype=tags.get("PTTYPE"),
-                                     contents=contents)
+                                     pttype=pttype, contents=tuple(contents))
+    if not is_block:
+        tags = _blkid(path)
+        fstype, label = tags.get("TYPE"), tags.get("LABEL")
+        contents = ((Content(os.path.basename(path), size, fstype, label),)
+                    if fstype or label else ())
+        return TargetDescription(path, False, size, pttype=tags.get("PTTYPE"),
+                                 contents=contents)
     return TargetDescription(path, is_block, size)
+
+
+def _blkid(path: str) -> dict[str, str]:
+    """What `blkid -p` (low-level probing, no cache) says of a device or file: TYPE, LABEL,
+    PTTYPE...; empty when it finds nothing or is not installed."""
+    if not shutil.which("blkid"):
+        return {}
+    try:
+        proc = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.debug("blkid %s failed: %s", path, err)
+        return {}
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
 
 
 def _int(v) -> int | None:
