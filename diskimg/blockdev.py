@@ -23,6 +23,7 @@ BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 BLKPBSZGET = 0x127B
 BLKZEROOUT = 0x127F
+BLKROGET = 0x125E
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
@@ -200,10 +201,13 @@ class Target:
         pwrite_full(self.fd, data, offset)
 
     def close(self) -> None:
+        """Close both descriptors (again: nothing)."""
         if self.direct_fd is not None:
             os.close(self.direct_fd)
             self.direct_fd = None
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def stat_target(path: str) -> tuple[bool, bool, int]:
@@ -235,9 +239,15 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
         if is_block:
             fd = os.open(path, mode | os.O_EXCL | os.O_CLOEXEC)
             try:
+                # a read-only device (losetup -r, blockdev --setro, a write-protected card)
+                # may open for writing and fail only at the first write: ask it first
+                if _ioctl_int(fd, BLKROGET, "i"):
+                    raise UnsafeTarget(path, "is a read-only device (blockdev --setro, "
+                                             "losetup -r or a write-protect switch); nothing "
+                                             "was written")
                 tgt = Target(path, fd, device_size(fd), True, False,
                              sector=_ioctl_int(fd, BLKSSZGET, "i"))
-            except OSError:
+            except BaseException:
                 os.close(fd)
                 raise
             tgt.direct_fd = open_direct(path, write=True)
@@ -256,6 +266,13 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
     except OSError as err:
         if err.errno == errno.EBUSY:
             raise UnsafeTarget(path, "device is busy (mounted or in use)") from err
+        if err.errno in (errno.EROFS, errno.EPERM):
+            what = ("on a read-only filesystem" if err.errno == errno.EROFS
+                    else "not writable (immutable or append-only: chattr -i)")
+            raise UnsafeTarget(path, f"cannot be written: {what}; nothing was written") from err
+        if err.errno == errno.EACCES:
+            raise UnsafeTarget(path, "permission denied: cannot open for writing; nothing "
+                                     "was written") from err
         raise OperationFailed(f"{path}: cannot open for writing: {err.strerror}") from err
 
 
@@ -274,3 +291,20 @@ def zero_range(target: Target, offset: int, length: int) -> None:
         n = min(len(zeros), end - offset)
         pwrite_full(target.fd, memoryview(zeros)[:n], offset)
         offset += n
+
+
+def open_readback(path: str) -> tuple[int, bool]:
+    """A descriptor to read back what a restore wrote, from the device and not from the page
+    cache: O_DIRECT where the device or filesystem allows it (True), else a plain descriptor
+    whose cached pages have been dropped (the caller fsynced them first, so they are clean and
+    POSIX_FADV_DONTNEED lets go of them; the reads then come from the disk)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True
+    except OSError as err:
+        log.debug("%s: no O_DIRECT for the read-back (%s); dropping its cache instead", path, err)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as err:
+        log.debug("%s: POSIX_FADV_DONTNEED failed (%s)", path, err)
+    return fd, False

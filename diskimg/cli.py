@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 from diskimg import (
@@ -254,19 +254,56 @@ def _add_restore(sub) -> None:
                    help="overwrite an existing TARGET without asking")
     p.add_argument("--only-changed", action="store_true",
                    help="read TARGET and write only the blocks that differ from the image")
+    p.add_argument("--salvage", action="store_true",
+                   help="restore past damaged or lost blocks (and what survives of a truncated "
+                        "image): write them as zeros and list them (exit 1)")
+    p.add_argument("--verify", action="store_true",
+                   help="read everything back from TARGET (bypassing the page cache) and "
+                        "compare it with the image; name every block that differs (exit 1)")
+    p.add_argument("--keep-partial", action="store_true",
+                   help="keep a TARGET file this restore created when the restore fails "
+                        "(default: remove it)")
     _chain_options(p)
     p.set_defaults(func=_cmd_restore)
 
 
-def _confirm(args: argparse.Namespace) -> Callable[[str], bool]:
-    def ask(question: str) -> bool:
+def _question_lines(q: restore.Overwrite) -> list[str]:
+    """The overwrite question: what is on the target now, like Clonezilla's last question
+    before it writes."""
+    t = q.target
+    what = "block device" if t.is_block else "file"
+    ident = ", ".join(x for x in (t.model, t.serial and f"serial {t.serial}") if x)
+    lines = [f"diskimg: {t.path} ({what}, {human(t.size)}{', ' + ident if ident else ''}) "
+             f"will be overwritten with {os.path.basename(q.image)} ({human(q.image_size)})"]
+    if t.pttype:
+        lines.append(f"  partition table: {t.pttype}")
+    for c in t.contents:
+        desc = [c.fstype or "-"]
+        if c.label:
+            desc.append(f'label "{c.label}"')
+        if c.size is not None:
+            desc.append(human(c.size))
+        if c.mountpoints:
+            desc.append("mounted on " + ", ".join(c.mountpoints))
+        lines.append(f"  {c.name}: {', '.join(desc)}")
+    if not t.pttype and not t.contents:
+        lines.append("  no partition table or filesystem found on it")
+    return lines
+
+
+def _confirm(args: argparse.Namespace) -> Callable[[restore.Overwrite], bool]:
+    def ask(question: restore.Overwrite) -> bool:
         if args.yes:
             return True
+        lines = _question_lines(question)
         if not sys.stdin.isatty():
-            print(f"diskimg: {question}; refusing without --yes (no terminal to ask on)",
+            print(f"{lines[0]}; refusing without --yes (no terminal to ask on)",
                   file=sys.stderr)
+            for line in lines[1:]:
+                print(line, file=sys.stderr)
             return False
-        print(f"diskimg: {question}.", file=sys.stderr)
+        for line in lines:
+            print(line, file=sys.stderr)
         try:
             answer = input("Type 'yes' to overwrite: ")
         except EOFError:
@@ -275,20 +312,47 @@ def _confirm(args: argparse.Namespace) -> Callable[[str], bool]:
     return ask
 
 
+class _LazyBar:
+    """A progress bar opened at the first progress report, so that nothing the restore asks or
+    says before it starts writing (the overwrite question) is mixed up with the bar."""
+
+    def __init__(self, total: int, desc: str, disabled: bool) -> None:
+        self._args = (total, desc, disabled)
+        self._stack = ExitStack()
+        self._bar = None
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is None:
+            self._bar = self._stack.enter_context(_progress_bar(*self._args))
+        self._bar.update(n)
+
+    def __enter__(self) -> _LazyBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
 def _cmd_restore(args: argparse.Namespace) -> int:
     with _ChainSize(args.image) as total, \
-            _progress_bar(total, "restoring", args.no_progress or args.json) as bar:
+            _LazyBar(total, "restoring", args.no_progress or args.json) as bar:
         result = restore.restore_image(
             args.image, args.target, search=args.search, only_changed=args.only_changed,
-            confirm=_confirm(args), threads=_threads(args), progress=bar.update)
+            confirm=_confirm(args), threads=_threads(args), progress=bar.update,
+            salvage=args.salvage, verify=args.verify, keep_partial=args.keep_partial)
+    problem = bool(result.unreadable or result.salvaged or result.verify_errors)
     if args.json:
-        _print_json(dataclasses.asdict(result))
-        return EXIT_PROBLEM if result.unreadable else EXIT_OK
+        out = dataclasses.asdict(result)
+        out["salvaged"] = [{"block": s.block, "last_block": s.block + s.blocks - 1,
+                            "offset": s.offset, "length": s.length, "reason": s.reason}
+                           for s in result.salvaged]
+        _print_json(out)
+        return EXIT_PROBLEM if problem else EXIT_OK
     rate = result.size / result.seconds if result.seconds else 0
     names = " -> ".join(os.path.basename(p) for p in result.chain_paths)
     print(f"restored {args.image} to {args.target}: {human(result.size)} in "
           f"{result.seconds:.1f} s ({human(rate)}/s)")
-    print(f"  chain: {names}")
+    print(f"  chain: {names}" + (" (truncated: its index is lost)" if result.truncated else ""))
     line = (f"  blocks: {result.blocks}; written {result.written_blocks}, zeroed "
             f"{result.zeroed_blocks}, left as holes {result.hole_blocks}")
     if args.only_changed:
@@ -300,7 +364,29 @@ def _cmd_restore(args: argparse.Namespace) -> int:
               f"{human(result.size)}); the bytes past {result.size} were left as they were")
     for off, length in result.unreadable:
         print(f"  unreadable on the source, restored as zeros: bytes {off}-{off + length - 1}")
-    return EXIT_PROBLEM if result.unreadable else EXIT_OK
+    for s in result.salvaged:
+        blocks = (f"block {s.block}" if s.blocks == 1
+                  else f"blocks {s.block}-{s.block + s.blocks - 1}")
+        print(f"  salvaged as zeros: {blocks}, bytes {s.offset}-{s.offset + s.length - 1} "
+              f"({s.length} bytes): {s.reason}")
+    if result.salvaged:
+        lost = sum(s.length for s in result.salvaged)
+        print(f"  SALVAGED: {lost} bytes ({human(lost)}) in {len(result.salvaged)} range(s) "
+              f"could not be restored and read as zeros")
+    if result.verified:
+        how = "O_DIRECT" if result.verify_direct else "page cache dropped"
+        for m in result.verify_errors[:20]:
+            print(f"  VERIFY FAILED: block {m.block} (byte {m.offset}, {m.length} bytes) reads "
+                  f"back as {m.actual}, the image has {m.expected}")
+        if len(result.verify_errors) > 20:
+            print(f"  ... and {len(result.verify_errors) - 20} more blocks (--json lists all)")
+        if result.verify_errors:
+            print(f"  VERIFY FAILED: {len(result.verify_errors)} of {result.verified_blocks} "
+                  f"blocks read back from {args.target} differ from the image")
+        else:
+            print(f"  verified: {result.verified_blocks} blocks read back ({how}) in "
+                  f"{result.verify_seconds:.1f} s, all identical to the image")
+    return EXIT_PROBLEM if problem else EXIT_OK
 
 
 class _ChainSize:

@@ -110,3 +110,66 @@ class SmartUnavailable(OperationFailed):
 
 class Interrupted(DiskimgError):
     exit_code = EXIT_INTERRUPTED
+
+
+class RestoreFailed(DiskimgError):
+    """A restore that stopped part way (a bad block, an I/O error, Ctrl-C): the error that
+    stopped it (`cause`) and what was left on the target, so that the user knows whether the
+    target still holds its old contents.  The exit code is the cause's.
+
+    `restored_through` is the last block of the contiguous prefix that holds the image's
+    contents (-1: none); blocks are written in order, so every later block is as it was."""
+
+    def __init__(self, cause: DiskimgError | None, target: str, restored_through: int,
+                 written_blocks: int, block_size: int, *, created: bool = False,
+                 removed: bool = False, only_changed: bool = False,
+                 torn_block: int | None = None) -> None:
+        self.cause = cause
+        self.target = target
+        self.restored_through = restored_through
+        self.written_blocks = written_blocks
+        self.block_size = block_size
+        self.created = created
+        self.removed = removed
+        self.only_changed = only_changed
+        self.torn_block = torn_block     # the block whose write failed: may be partly written
+        self.path = getattr(cause, "path", None) or target
+        super().__init__(f"{cause if cause is not None else 'interrupted'}; {self.left()}")
+        self.exit_code = cause.exit_code if cause is not None else EXIT_INTERRUPTED
+
+    def left(self) -> str:
+        """What the target holds now, in words."""
+        if self.removed:
+            return f"{self.target} removed (this restore created it; --keep-partial keeps it)"
+        torn = "" if self.torn_block is None else \
+            f"block {self.torn_block} may be partly written, "
+        rest = "the rest reads as zeros (a new file)" if self.created else "the rest unchanged"
+        if self.restored_through < 0:
+            if torn:
+                return f"{self.target} partially written: {torn}{rest}"
+            return f"{self.target} unchanged" + (" (created empty)" if self.created else "")
+        done = f"blocks 0-{self.restored_through} restored"
+        if self.only_changed:
+            done += f" ({self.written_blocks} written, the others already identical)"
+        return f"{self.target} partially written: {done}, {torn}{rest}"
+
+    def to_dict(self) -> dict:
+        """The `partial` object of a JSON error report."""
+        return {
+            "target": self.target,
+            "restored_blocks": [[0, self.restored_through]] if self.restored_through >= 0 else [],
+            "written_blocks": self.written_blocks,
+            "block_size": self.block_size,
+            "torn_block": self.torn_block,
+            "unchanged": not self.created and not self.removed,
+            "created": self.created,
+            "removed": self.removed,
+        }
+
+
+class RestoreInterrupted(RestoreFailed, Interrupted):
+    """Ctrl-C during a restore (exit 130), with what was left on the target."""
+
+    def __init__(self, target: str, restored_through: int, written_blocks: int,
+                 block_size: int, **kw) -> None:
+        super().__init__(None, target, restored_through, written_blocks, block_size, **kw)

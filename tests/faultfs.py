@@ -31,7 +31,10 @@ Rewriting it also resets the heal counters.  Write it atomically (write a temp f
 number of bytes returned or ``EIO``; tests use it to see the request sizes the kernel sends.
 
 Writes are refused with EROFS, the mount is read-only and the backing file is opened O_RDONLY, so a
-test can prove the backing file is unchanged afterwards.  The filesystem is single-threaded so the
+test can prove the backing file is unchanged afterwards.  With ``--writable`` the file takes writes,
+and lies about some of them, as a failing USB stick or a bad cable does: bytes written inside a
+``--corrupt START:LEN`` range land inverted (each byte XOR 0xFF), bytes inside a ``--drop
+START:LEN`` range are not written at all; the write still reports success.  The filesystem is single-threaded so the
 read log, heal counters and delays are deterministic (a disk serves one command at a time, too).
 """
 from __future__ import annotations
@@ -103,9 +106,13 @@ class FaultFS(fuse.Operations):
     use_ns = True
 
     def __init__(self, backing: Path, config: FaultConfig, config_file: Path | None,
-                 partial: str, read_log: Path | None, fuse_direct_io: bool) -> None:
+                 partial: str, read_log: Path | None, fuse_direct_io: bool,
+                 writable: bool = False, corrupt=(), drop=()) -> None:
         self.backing = backing
-        self.fd = os.open(backing, os.O_RDONLY)
+        self.writable = writable
+        self.corrupt = tuple(corrupt)
+        self.drop = tuple(drop)
+        self.fd = os.open(backing, os.O_RDWR if writable else os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
         self.config = config
         self.config_file = config_file
@@ -174,7 +181,7 @@ class FaultFS(fuse.Operations):
             return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2,
                     "st_atime": now, "st_mtime": now, "st_ctime": now}
         if path == "/" + FILE_NAME:
-            return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": self.size,
+            return {"st_mode": stat.S_IFREG | (0o644 if self.writable else 0o444), "st_nlink": 1, "st_size": self.size,
                     "st_blocks": (self.size + 511) // 512, "st_blksize": 4096,
                     "st_atime": now, "st_mtime": now, "st_ctime": now}
         raise fuse.FuseOSError(errno.ENOENT)
@@ -187,7 +194,7 @@ class FaultFS(fuse.Operations):
     def open(self, path, fi):
         if path != "/" + FILE_NAME:
             raise fuse.FuseOSError(errno.ENOENT)
-        if fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+        if fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND) and not self.writable:
             raise fuse.FuseOSError(errno.EROFS)
         # FOPEN_DIRECT_IO: the kernel forwards each read with its own offset and size instead of
         # filling the FUSE page cache page by page, and caches nothing, so a bad sector that
@@ -222,7 +229,42 @@ class FaultFS(fuse.Operations):
             self.log_file.write(f"{offset} {size} {result}\n")
 
     def write(self, path, data, offset, fi):
-        raise fuse.FuseOSError(errno.EROFS)
+        if not self.writable:
+            raise fuse.FuseOSError(errno.EROFS)
+        with self.lock:
+            end = min(offset + len(data), self.size)
+            if offset >= end:
+                raise fuse.FuseOSError(errno.ENOSPC)
+            buf = bytearray(data[:end - offset])
+            for start, length in self.corrupt:   # the device garbles these bytes
+                lo, hi = max(start, offset), min(start + length, end)
+                for i in range(lo - offset, hi - offset):
+                    buf[i] ^= 0xFF
+            keep = [(offset, end)]               # and silently loses these
+            for start, length in self.drop:
+                cut = []
+                for lo, hi in keep:
+                    a, b = max(lo, start), min(hi, start + length)
+                    if a >= b:
+                        cut.append((lo, hi))
+                        continue
+                    if lo < a:
+                        cut.append((lo, a))
+                    if b < hi:
+                        cut.append((b, hi))
+                keep = cut
+            for lo, hi in keep:
+                os.pwrite(self.fd, bytes(buf[lo - offset:hi - offset]), lo)
+            self._log(offset, len(data), "W")
+            return len(data)
+
+    def fsync(self, path, datasync, fi):
+        if self.writable:
+            os.fsync(self.fd)
+        return 0
+
+    def flush(self, path, fi):
+        return 0
 
     def truncate(self, path, length, fh=None):
         raise fuse.FuseOSError(errno.EROFS)
@@ -258,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="read running into a bad range: short read (default) or EIO")
     parser.add_argument("--no-fuse-direct-io", dest="fuse_direct_io", action="store_false",
                         help="let the kernel use the FUSE page cache (page-sized reads)")
+    parser.add_argument("--writable", action="store_true", help="take writes (see --corrupt)")
+    parser.add_argument("--corrupt", type=parse_range, action="append", default=[],
+                        metavar="START:LEN", help="with --writable: invert bytes written here")
+    parser.add_argument("--drop", type=parse_range, action="append", default=[],
+                        metavar="START:LEN", help="with --writable: lose bytes written here")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
@@ -265,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="faultfs: %(message)s", stream=sys.stderr)
     config = FaultConfig(bad=tuple(sorted(args.bad)), delay=args.delay, heal_after=args.heal_after)
     ops = FaultFS(args.backing.resolve(), config, args.config and args.config.resolve(),
-                  args.partial, args.log, args.fuse_direct_io)
-    fuse.FUSE(ops, str(args.mountpoint), raw_fi=True, foreground=True, nothreads=True, ro=True,
+                  args.partial, args.log, args.fuse_direct_io, args.writable, args.corrupt,
+                  args.drop)
+    fuse.FUSE(ops, str(args.mountpoint), raw_fi=True, foreground=True, nothreads=True,
+              ro=not args.writable,
               allow_other=True, default_permissions=True, fsname="faultfs", subtype="faultfs")
     return 0
 

@@ -118,7 +118,8 @@ class FaultyDevice:
         out = []
         for line in self.log_file.read_text().splitlines():
             off, size, result = line.split()
-            out.append((int(off), int(size), result))
+            if result != "W":   # a write (a writable device)
+                out.append((int(off), int(size), result))
         return out
 
     def clear_reads(self) -> None:
@@ -182,7 +183,8 @@ class FaultyDevice:
 def faulty_device(tmp_path: Path, backing: Path, bad=(), direct_io: bool = True,
                   delay: float = 0.0, heal_after: int | None = None, sector_size: int = 512,
                   partial: str = "short", fuse_direct_io: bool = True,
-                  timeout: float = 10.0) -> FaultyDevice:
+                  timeout: float = 10.0, corrupt_writes=(), drop_writes=(),
+                  writable: bool = False) -> FaultyDevice:
     """Serve `backing` through faultfs with the byte ranges `bad` [(start, length), ...] failing,
     attach a read-only loop device to it and return the running FaultyDevice.
 
@@ -191,6 +193,9 @@ def faulty_device(tmp_path: Path, backing: Path, bad=(), direct_io: bool = True,
     silently declined it.  Off, the loop driver reads through the page cache of the FUSE file.
     sector_size: the loop device's logical block size (512 or 4096).
     partial, fuse_direct_io: see tests/faultfs.py (defaults are the realistic ones).
+    corrupt_writes, drop_writes: byte ranges [(start, length), ...] where the device takes writes
+    and lies about them (inverts the bytes, or loses them); either makes the device writable, as
+    does `writable` (a loop device that takes writes and keeps them all).
 
     Raises FaultyDeviceError when the mount does not appear within `timeout` seconds or a command
     fails; whatever was set up by then is torn down first.
@@ -211,6 +216,11 @@ def faulty_device(tmp_path: Path, backing: Path, bad=(), direct_io: bool = True,
            "--log", str(log_file), "--partial", partial]
     if not fuse_direct_io:
         cmd.append("--no-fuse-direct-io")
+    writable = writable or bool(corrupt_writes) or bool(drop_writes)
+    if writable:
+        cmd.append("--writable")
+        cmd += [f"--corrupt={int(a)}:{int(n)}" for a, n in corrupt_writes]
+        cmd += [f"--drop={int(a)}:{int(n)}" for a, n in drop_writes]
     stderr = open(work / "faultfs.stderr", "w+")
     process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
     stderr.close()  # the child has its copy
@@ -226,7 +236,7 @@ def faulty_device(tmp_path: Path, backing: Path, bad=(), direct_io: bool = True,
             if time.monotonic() > deadline:
                 raise FaultyDeviceError(f"faultfs mount at {mountpoint} did not appear in {timeout} s")
             time.sleep(0.02)
-        device.dev = _run("losetup", "--find", "--show", "--read-only",
+        device.dev = _run("losetup", "--find", "--show", *(() if writable else ("--read-only",)),
                           f"--direct-io={'on' if direct_io else 'off'}",
                           f"--sector-size={sector_size}", str(device.fuse_file)).stdout.strip()
         if device.sysfs("loop/dio") != ("1" if direct_io else "0"):

@@ -1,0 +1,166 @@
+"""Restore failures on real devices: read-only targets refused before anything is written, the
+overwrite question describing a real loop device, --verify catching a device that lies about
+its writes (a loop device over faultfs in writable mode), and Ctrl-C saying what was left."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from diskimg.restore import describe_target
+from helpers import MiB, PYTHON, REPO, cli, cmp_same, compressible, read_at, run, sha256_of
+
+pytestmark = pytest.mark.root
+
+BS = 64 * 1024
+SIZE = 4 * MiB
+
+
+@pytest.fixture
+def image(tmp_path) -> tuple[Path, bytes]:
+    rnd = random.Random(11)
+    data = b"".join(compressible(rnd, BS) if b % 5 else bytes(BS) for b in range(SIZE // BS))
+    src = tmp_path / "src.raw"
+    src.write_bytes(data)
+    img = tmp_path / "src.img"
+    assert cli("image", src, img, "--block-size", "64K", "--all-blocks").rc == 0
+    return img, data
+
+
+def _one_line(res) -> str:
+    assert len(res.err_lines) == 1 and res.err_lines[0].startswith("diskimg: error: "), res.err
+    return res.err_lines[0]
+
+
+@pytest.mark.parametrize("how", ["losetup -r", "blockdev --setro"])
+def test_read_only_device_refused_before_writing(loops, tmp_path, image, how):
+    backing = tmp_path / "ro.img"
+    backing.write_bytes(b"\x5a" * SIZE)
+    if how == "losetup -r":
+        dev = loops.attach(backing, "--read-only")
+    else:
+        dev = loops.attach(backing)
+        run("blockdev", "--setro", dev)
+    try:
+        res = cli("restore", image[0], dev, "--yes")
+    finally:
+        run("blockdev", "--setrw", dev, check=False)   # the flag outlives the attachment
+    assert res.rc == 2, res.err
+    assert "read-only" in _one_line(res) and dev in res.err
+    assert backing.read_bytes() == b"\x5a" * SIZE
+
+
+def test_immutable_file_refused_before_writing(tmp_path, image):
+    target = tmp_path / "immutable.raw"
+    target.write_bytes(b"\x5a" * SIZE)
+    if run("chattr", "+i", target, check=False).returncode != 0:
+        pytest.skip("chattr +i not supported on this filesystem")
+    try:
+        res = cli("restore", image[0], target, "--yes")
+    finally:
+        run("chattr", "-i", target, check=False)
+    assert res.rc == 2, res.err
+    assert "cannot be written" in _one_line(res)
+    assert target.read_bytes() == b"\x5a" * SIZE
+
+
+def test_describe_target_of_a_loop_device(loops, tmp_path, image):
+    dev, _ = loops.create(SIZE * 4, "labelled")
+    run("mkfs.ext4", "-q", "-F", "-L", "mydata", dev)
+    mnt = loops.mount(dev, tmp_path / "mnt")
+    d = describe_target(dev, True, SIZE * 4)
+    assert d.is_block and d.size == SIZE * 4
+    (c,) = d.contents
+    assert (c.fstype, c.label, c.mountpoints) == ("ext4", "mydata", (str(mnt),))
+    loops.umount(mnt)
+    res = cli("restore", image[0], dev)           # stdin is not a terminal: refused
+    assert res.rc == 2
+    assert f"{dev} (block device" in res.err and 'ext4, label "mydata"' in res.err
+
+
+def test_verify_names_the_blocks_a_lying_device_garbled(faulty, tmp_path, image):
+    img, data = image
+    backing = tmp_path / "lying.raw"
+    backing.write_bytes(bytes(SIZE))
+    bad = [(3 * BS + 100, 10), (40 * BS, 1)]        # block 3 (data) and 40 (a zero block)
+    dev = faulty(backing, corrupt_writes=bad).dev
+    plain = cli("restore", img, dev, "--yes", "--no-progress")
+    assert plain.rc == 0, plain.err                 # the device said every write went well
+    assert backing.read_bytes() != data             # and it lied
+    res = cli("restore", img, dev, "--yes", "--verify", "--json")
+    assert res.rc == 1, res.err
+    errs = res.json["verify_errors"]
+    assert [(e["block"], e["offset"]) for e in errs] == [(3, 3 * BS), (40, 40 * BS)]
+    import hashlib
+    assert errs[0]["expected"] == hashlib.sha256(data[3 * BS:4 * BS]).hexdigest()
+    assert errs[0]["actual"] == hashlib.sha256(read_at(backing, 3 * BS, BS)).hexdigest()
+    assert res.json["verify_direct"] is True
+    text = cli("restore", img, dev, "--yes", "--verify")
+    assert text.rc == 1
+    assert f"VERIFY FAILED: block 3 (byte {3 * BS}" in text.out
+    assert "VERIFY FAILED: 2 of 64 blocks" in text.out
+
+
+def test_verify_a_device_that_drops_writes(faulty, tmp_path, image):
+    img, data = image
+    backing = tmp_path / "dropping.raw"
+    backing.write_bytes(b"\x11" * SIZE)
+    dev = faulty(backing, drop_writes=[(7 * BS, 2 * BS)]).dev
+    res = cli("restore", img, dev, "--yes", "--verify", "--json")
+    assert res.rc == 1
+    assert [e["block"] for e in res.json["verify_errors"]] == [7, 8]
+
+
+def test_verify_on_an_honest_loop_device(loops, image):
+    img, data = image
+    dev, backing = loops.create(SIZE, "honest")
+    res = cli("restore", img, dev, "--yes", "--verify", "--json")
+    assert res.rc == 0, res.err
+    assert res.json["verify_errors"] == [] and res.json["verify_direct"] is True
+    cmp_same(dev, backing)
+    assert sha256_of(backing) == sha256_of(img.with_suffix(".raw"))
+
+
+def test_ctrl_c_says_what_was_left(faulty, tmp_path):
+    """SIGINT in the middle of a restore to a slow device: exit 130, one line saying which
+    blocks were restored, and they were."""
+    rnd = random.Random(5)
+    size = 48 * MiB
+    data = b"".join(compressible(rnd, MiB) for _ in range(size // MiB))
+    src = tmp_path / "big.raw"
+    src.write_bytes(data)
+    img = tmp_path / "big.img"
+    assert cli("image", src, img, "--block-size", "1M", "--all-blocks").rc == 0
+    backing = tmp_path / "slow.raw"
+    backing.write_bytes(b"\x33" * size)
+    fd = faulty(backing, writable=True)
+    proc = subprocess.Popen([PYTHON, "-m", "diskimg", "restore", str(img), fd.dev, "--yes",
+                             "--no-progress", "--threads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 20
+        while read_at(backing, 0, 16) == b"\x33" * 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the restore finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith(f"diskimg: error: interrupted; {fd.dev} partially written: blocks 0-")
+    assert line.endswith("restored, the rest unchanged"), line
+    last = int(line.split("blocks 0-")[1].split(" ")[0])
+    got = backing.read_bytes()
+    assert got[:(last + 1) * MiB] == data[:(last + 1) * MiB]
+    assert got[(last + 2) * MiB:] == b"\x33" * (size - (last + 2) * MiB)
+    assert os.path.exists(fd.dev)
