@@ -339,7 +339,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _print_json({"ok": result.ok, "image": result.image,
                      "chain": [{"uuid": u, "path": p} for u, p in result.chain],
                      "blocks_checked": result.blocks_checked,
-                     "errors": [e.to_json() for e in result.errors]})
+                     "errors": [e.to_json() for e in result.errors],
+                     "errors_affecting_restore": result.restore_errors})
         return EXIT_OK if result.ok else EXIT_PROBLEM
     for uuid, path in result.chain:
         print(f"checked {path} ({uuid})")
@@ -347,12 +348,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         where = "" if e.block is None else (
             f"blocks {e.block}-{e.last_block}: " if e.last_block is not None
             else f"block {e.block} (byte {e.offset}): ")
-        print(f"BAD {e.path}: {where}{e.reason}")
+        note = "" if e.affects_restore else (
+            f" (overridden by {e.overridden_by}: does not affect restoring {args.image})")
+        print(f"BAD {e.path}: {where}{e.reason}{note}")
     if result.ok:
         print(f"OK: {result.blocks_checked} blocks, {human(result.bytes_checked)} of data "
               f"verified in {result.seconds:.1f} s")
         return EXIT_OK
-    print(f"FAILED: {len(result.errors)} error(s) in {args.image}")
+    matter = result.restore_errors
+    print(f"FAILED: {len(result.errors)} error(s) in {args.image}"
+          + ("" if matter == len(result.errors) else
+             f"; {matter or 'none'} of them affect{'s' if matter == 1 else ''} restoring it"))
     return EXIT_PROBLEM
 
 
