@@ -374,7 +374,13 @@ def _add_info(sub) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    with imagefile.ImageReader(args.image) as reader:
+    try:
+        reader = imagefile.ImageReader(args.image)
+    except imagefile.TruncatedImage as err:
+        if err.in_header:
+            raise
+        return _info_truncated(args, err)
+    with reader:
         info = imagefile.describe(reader)
     if args.json:
         _print_json(info)
@@ -398,6 +404,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"unreadable:  bytes {r['offset']}-{r['offset'] + r['length'] - 1} "
               f"({r['length']} bytes) read as zeros")
     return EXIT_OK
+
+
+def _info_truncated(args: argparse.Namespace, err: DiskimgError) -> int:
+    """What survived of an image cut short: its header and its whole records; exit 1."""
+    info = imagefile.describe_truncated(args.image)
+    left = info["survived"]
+    if args.json:
+        _print_json({"ok": False, "truncated": True,
+                     "error": {"message": str(err), "path": os.path.abspath(args.image),
+                               "exit_code": err.exit_code}, **info})
+        return err.exit_code
+    print(f"image:       {args.image} (TRUNCATED: no trailer, its index is lost)")
+    print(f"uuid:        {info['uuid']}")
+    print(f"kind:        {info['kind']}" + (f" (parent {info['parent']}, {info['parent_name']})"
+                                           if info["parent"] else ""))
+    print(f"size:        {info['size']} bytes ({human(info['size'])})")
+    print(f"blocks:      {info['blocks']} x {human(info['block_size'])}")
+    print(f"created:     {info['created']} by diskimg {info['tool_version']}")
+    print(f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})")
+    if left["records"]:
+        print(f"survived:    {left['records']} whole records of {left['blocks']} blocks "
+              f"({human(left['bytes'])}), up to byte {left['up_to_byte']} of the file; "
+              f"the last is block {left['last_block']} (verify checks their content)")
+    else:
+        print("survived:    no stored block")
+    _report_error(args, str(err))
+    return err.exit_code
 
 
 ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
