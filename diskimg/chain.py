@@ -122,15 +122,27 @@ class Chain:
 
     def resolve(self, block: int, entry: fmt.IndexEntry) -> tuple[ImageReader, fmt.IndexEntry]:
         """The image holding `block` and its entry there, given the leaf's entry: the nearest
-        image in the chain whose entry is not PARENT."""
-        level = len(self.images) - 1
-        while entry.kind == fmt.PARENT:
+        image in the chain whose entry is not PARENT.  Raises BlockError for an entry of an
+        unknown kind, or a PARENT entry in the root image; a damaged index segment on the way
+        raises format.SegmentError.  (The caller compares the held entry's SHA-256 with the
+        leaf's: section 10 of docs/FORMAT.md.)"""
+        return self.resolve_from(len(self.images) - 1, block, entry)[1:]
+
+    def resolve_from(self, level: int, block: int, entry: fmt.IndexEntry
+                     ) -> tuple[int, ImageReader, fmt.IndexEntry]:
+        """Like `resolve`, starting at image `level` of the chain (0 is the root) whose entry
+        for `block` is `entry`; also returns the level of the holding image."""
+        while True:
+            img = self.images[level]
+            if entry.kind not in fmt.KIND_NAMES:
+                raise img.block_error(block, f"index entry damaged: unknown kind {entry.kind}")
+            if entry.kind != fmt.PARENT:
+                return level, img, entry
+            if level == 0:
+                raise img.block_error(block, "index entry refers to a parent, but this is a "
+                                             "full image")
             level -= 1
-            if level < 0:
-                raise CorruptImage(f"{self.images[0].path}: block {block} refers to a parent "
-                                   f"but this is the root of the chain")
             entry = self.images[level].entry(block)
-        return self.images[level], entry
 
 
 def open_chain(path: str, search: Iterable[str] = ()) -> Chain:

@@ -427,7 +427,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _print_json({"ok": result.ok, "image": result.image,
                      "chain": [{"uuid": u, "path": p} for u, p in result.chain],
                      "blocks_checked": result.blocks_checked,
-                     "errors": [e.to_json() for e in result.errors]})
+                     "errors": [e.to_json() for e in result.errors],
+                     "errors_affecting_restore": result.restore_errors})
         return EXIT_OK if result.ok else EXIT_PROBLEM
     for uuid, path in result.chain:
         print(f"checked {path} ({uuid})")
@@ -435,12 +436,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         where = "" if e.block is None else (
             f"blocks {e.block}-{e.last_block}: " if e.last_block is not None
             else f"block {e.block} (byte {e.offset}): ")
-        print(f"BAD {e.path}: {where}{e.reason}")
+        note = "" if e.affects_restore else (
+            f" (overridden by {e.overridden_by}: does not affect restoring {args.image})")
+        print(f"BAD {e.path}: {where}{e.reason}{note}")
     if result.ok:
         print(f"OK: {result.blocks_checked} blocks, {human(result.bytes_checked)} of data "
               f"verified in {result.seconds:.1f} s")
         return EXIT_OK
-    print(f"FAILED: {len(result.errors)} error(s) in {args.image}")
+    matter = result.restore_errors
+    print(f"FAILED: {len(result.errors)} error(s) in {args.image}"
+          + ("" if matter == len(result.errors) else
+             f"; {matter or 'none'} of them affect{'s' if matter == 1 else ''} restoring it"))
     return EXIT_PROBLEM
 
 
@@ -456,7 +462,13 @@ def _add_info(sub) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    with imagefile.ImageReader(args.image) as reader:
+    try:
+        reader = imagefile.ImageReader(args.image)
+    except imagefile.TruncatedImage as err:
+        if err.in_header:
+            raise
+        return _info_truncated(args, err)
+    with reader:
         info = imagefile.describe(reader)
     if args.json:
         _print_json(info)
@@ -484,6 +496,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"unreadable:  bytes {r['offset']}-{r['offset'] + r['length'] - 1} "
               f"({r['length']} bytes) read as zeros")
     return EXIT_OK
+
+
+def _info_truncated(args: argparse.Namespace, err: DiskimgError) -> int:
+    """What survived of an image cut short: its header and its whole records; exit 1."""
+    info = imagefile.describe_truncated(args.image)
+    left = info["survived"]
+    if args.json:
+        _print_json({"ok": False, "truncated": True,
+                     "error": {"message": str(err), "path": os.path.abspath(args.image),
+                               "exit_code": err.exit_code}, **info})
+        return err.exit_code
+    print(f"image:       {args.image} (TRUNCATED: no trailer, its index is lost)")
+    print(f"uuid:        {info['uuid']}")
+    print(f"kind:        {info['kind']}" + (f" (parent {info['parent']}, {info['parent_name']})"
+                                           if info["parent"] else ""))
+    print(f"size:        {info['size']} bytes ({human(info['size'])})")
+    print(f"blocks:      {info['blocks']} x {human(info['block_size'])}")
+    print(f"created:     {info['created']} by diskimg {info['tool_version']}")
+    print(f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})")
+    if left["records"]:
+        print(f"survived:    {left['records']} whole records of {left['blocks']} blocks "
+              f"({human(left['bytes'])}), up to byte {left['up_to_byte']} of the file; "
+              f"the last is block {left['last_block']} (verify checks their content)")
+    else:
+        print("survived:    no stored block")
+    _report_error(args, str(err))
+    return err.exit_code
 
 
 ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -30,7 +30,7 @@ from typing import Iterator
 import crcmod.predefined
 import zstandard
 
-from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage
+from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
 
 crc32c = crcmod.predefined.mkCrcFun("crc-32c")
 
@@ -87,6 +87,153 @@ CODEC_ZSTD = 1
 FLAG_UNREADABLE = 0x1  # the block has unreadable sectors, stored as zeros (rescue mode)
 
 
+# -- validation of the JSON metadata ---------------------------------------------------------
+# Header and footer JSON are checked field by field when they are read (read_header,
+# read_footer), so that no later code meets a value of the wrong type or range: a CRC only
+# proves that the bytes are what was written, not that what was written makes sense.  Keys this
+# version does not know are ignored (section 13 of docs/FORMAT.md); keys it knows must be
+# right.
+
+U63 = (1 << 63) - 1           # largest size or offset accepted (a signed 64-bit file offset)
+MAX_ENTRIES_PER_SEGMENT = 1 << 20   # a reader's limit: one segment decompresses to <= 48 MiB
+_SOURCE_STRINGS = ("path", "model", "serial", "wwn", "backing_file")
+_HEX = frozenset("0123456789abcdef")
+
+
+class MetadataInvalid(ValueError):
+    """A field of header or footer JSON that does not fit the format (raised by the checks
+    below, turned into MetadataError, with the file named, where the JSON is read)."""
+
+    def __init__(self, name: str, value: object, expected: str) -> None:
+        super().__init__(f"{name} is {_show(value)}, {expected} expected")
+        self.name = name
+
+
+class MetadataError(CorruptImage):
+    """Header, footer or trailer metadata that fails its checks: the whole image is unusable."""
+
+    def __init__(self, path: str, part: str, reason: str) -> None:
+        super().__init__(f"{path}: {part} damaged: {reason}")
+        self.path = path
+        self.part = part
+        self.reason = reason
+
+
+def _show(value: object) -> str:
+    """A value as a message shows it: short, in JSON's words."""
+    if value is None:
+        return "null"
+    if value is _Missing:
+        return "missing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        text = str(value) if abs(value) < 10 ** 30 else f"a {len(str(abs(value)))}-digit number"
+        return text
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else repr(value[:37] + "...")
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _obj(value: object, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise MetadataInvalid(name, value, "an object")
+    return value
+
+
+def _opt(d: dict, key: str, typ: type, default: object, where: str = ""):
+    """d[key] when present (of type `typ`), else `default`."""
+    if key not in d:
+        return default
+    value = d[key]
+    if not isinstance(value, typ):
+        raise MetadataInvalid(where + key, value, "an object" if typ is dict else "a list")
+    return value
+
+
+def _int(d: dict, key: str, lo: int, hi: int, *, required: bool = True, where: str = "",
+         what: str = "a count") -> int | None:
+    """d[key], an integer (not a boolean, not a float) in [lo, hi]."""
+    if key not in d and not required:
+        return None
+    value = d.get(key)
+    if key not in d or not isinstance(value, int) or isinstance(value, bool):
+        raise MetadataInvalid(where + key, value if key in d else _Missing, what)
+    if not lo <= value <= hi:
+        raise MetadataInvalid(where + key, value, f"{what} from {lo} to {hi}")
+    return value
+
+
+def _str(d: dict, key: str, *, required: bool = True, nullable: bool = False,
+         nonempty: bool = False, where: str = "") -> str | None:
+    if key not in d:
+        if required:
+            raise MetadataInvalid(where + key, _Missing, "a string")
+        return None
+    value = d[key]
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) or (nonempty and not value):
+        raise MetadataInvalid(where + key, value, "a non-empty string" if nonempty else
+                              "a string" + (" or null" if nullable else ""))
+    return value
+
+
+def _sha256_hex(d: dict, key: str, where: str = "") -> str:
+    value = d.get(key, _Missing)
+    if not isinstance(value, str) or len(value) != 64 or not _HEX.issuperset(value):
+        raise MetadataInvalid(where + key, value, "64 lower-case hex digits")
+    return value
+
+
+def _list_of_pairs(value: object, name: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """A list of [offset, length] integer pairs, each inside [lo, hi]."""
+    if not isinstance(value, list):
+        raise MetadataInvalid(name, value, "a list of [offset, length] pairs")
+    out = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise MetadataInvalid(f"{name}[{i}]", pair, "an [offset, length] pair")
+        off, length = pair
+        for what, v in (("offset", off), ("length", length)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise MetadataInvalid(f"{name}[{i}] {what}", v, "a non-negative integer")
+        if off < lo or off + length > hi:
+            raise MetadataInvalid(f"{name}[{i}]", pair, f"a range inside bytes {lo}-{hi}")
+        out.append((off, length))
+    return out
+
+
+class _MissingType:
+    def __repr__(self) -> str:
+        return "missing"
+
+
+_Missing = _MissingType()
+
+
+def _parent(d: dict) -> dict | None:
+    """The parent reference (section 4.3), or None."""
+    ref = d.get("parent")
+    if ref is None:
+        return None
+    ref = _obj(ref, "parent")
+    _str(ref, "uuid", nonempty=True, where="parent.")
+    name = _str(ref, "name", nonempty=True, where="parent.")
+    if "/" in name or "\0" in name or name in (".", ".."):
+        raise MetadataInvalid("parent.name", name, "a file name (no directory)")
+    _sha256_hex(ref, "index_sha256", where="parent.")
+    if _str(ref, "kind", where="parent.") not in KINDS_OF_IMAGE:
+        raise MetadataInvalid("parent.kind", ref["kind"], "one of " + ", ".join(KINDS_OF_IMAGE))
+    return ref
+
+
 _ZERO_DIGESTS: dict[int, bytes] = {}
 
 
@@ -96,6 +243,13 @@ def zero_digest(length: int) -> bytes:
     if d is None:
         d = _ZERO_DIGESTS[length] = hashlib.sha256(bytes(length)).digest()
     return d
+
+
+def max_stored_length(length: int) -> int:
+    """The largest stored length a record of a `length`-byte block can have: raw is `length`,
+    and one zstd frame of it is at most a few bytes per 128 KiB more (ZSTD_compressBound);
+    this bound is generous."""
+    return length + (length >> 7) + 1024
 
 
 def check_block_size(size: int) -> None:
@@ -162,12 +316,39 @@ class Header:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> Header:
+    def from_json(cls, d: object) -> Header:
+        """The header described by parsed header JSON, every field checked against section 4 of
+        docs/FORMAT.md; raises MetadataInvalid (a ValueError) naming the first bad field."""
+        d = _obj(d, "the header JSON")
+        kind = _str(d, "kind")
+        if kind not in KINDS_OF_IMAGE:
+            raise MetadataInvalid("kind", d["kind"], "one of " + ", ".join(KINDS_OF_IMAGE))
+        block_size = _int(d, "block_size", MIN_BLOCK_SIZE, MAX_BLOCK_SIZE)
+        if block_size & (block_size - 1):
+            raise MetadataInvalid("block_size", block_size, "a power of two")
+        parent = _parent(d)
+        if (kind == "full") != (parent is None):
+            raise MetadataInvalid("parent", d.get("parent"),
+                                  "null for a full image" if kind == "full"
+                                  else f"a parent reference for an {kind} image")
+        chain = _opt(d, "chain", list, [])
+        for i, u in enumerate(chain):
+            if not isinstance(u, str) or not u:
+                raise MetadataInvalid(f"chain[{i}]", u, "an image UUID")
+        source = _opt(d, "source", dict, {})
+        for key in _SOURCE_STRINGS:
+            _str(source, key, required=False, nullable=True, where="source.")
+        compression = _opt(d, "compression", dict, {})
+        _str(compression, "codec", required=False, where="compression.")
+        _int(compression, "level", -(1 << 31), (1 << 31) - 1, required=False,
+             where="compression.")
+        extra = _opt(d, "extra", dict, {})
+        if "rescue" in extra and not isinstance(extra["rescue"], bool):
+            raise MetadataInvalid("extra.rescue", extra["rescue"], "true or false")
         return cls(
-            uuid=d["uuid"], kind=d["kind"], size=int(d["size"]), block_size=int(d["block_size"]),
-            source=d.get("source") or {}, created=d["created"], tool_version=d["tool_version"],
-            parent=d.get("parent"), chain=tuple(d.get("chain") or ()),
-            compression=d.get("compression") or {}, extra=d.get("extra") or {},
+            uuid=_str(d, "uuid", nonempty=True), kind=kind, size=_int(d, "size", 0, U63), block_size=block_size,
+            source=source, created=_str(d, "created"), tool_version=_str(d, "tool_version"),
+            parent=parent, chain=tuple(chain), compression=compression, extra=extra,
         )
 
     def pack(self) -> bytes:
@@ -221,65 +402,154 @@ def pack_trailer(footer_offset: int, footer_len: int) -> bytes:
     return head + struct.pack("<I", crc32c(head))
 
 
+@dataclass(frozen=True)
+class Footer:
+    """The footer metadata (section 7 of docs/FORMAT.md), checked when read.
+
+    Typed fields for what readers use; `json` is the whole validated JSON for informational
+    keys (`rescue`, ...) and `get` reads it like the dict the footer used to be."""
+
+    entries_per_segment: int
+    segments: tuple[tuple[int, int], ...]      # (offset, length) of each index segment
+    index_sha256: str
+    unreadable: tuple[tuple[int, int], ...]    # byte ranges of the source, sorted, disjoint
+    completed: str | None
+    stats: dict                                # name -> non-negative integer
+    used: dict | None
+    offset: int                                # where the footer starts in the file
+    json: dict
+
+    def get(self, key: str, default: object = None) -> object:
+        return self.json.get(key, default)
+
+    @classmethod
+    def from_json(cls, d: object, header: Header, data_start: int, offset: int) -> Footer:
+        """The footer described by parsed footer JSON of an image with `header`, whose records
+        start at `data_start` and whose footer is at `offset`; raises MetadataInvalid."""
+        d = _obj(d, "the footer JSON")
+        index = _obj(d.get("index", _Missing), "index")
+        eps = _int(index, "entries_per_segment", 1, MAX_ENTRIES_PER_SEGMENT, where="index.",
+                   what="a number of entries")
+        segments = _list_of_pairs(index.get("segments", _Missing), "index.segments",
+                                  data_start, offset)
+        expected = -(-header.blocks // eps)
+        if len(segments) != expected:
+            raise ValueError(f"index.segments lists {len(segments)} segments, {expected} "
+                             f"expected for {header.blocks} blocks")
+        for i, (_, length) in enumerate(segments):
+            if length < SEGMENT_HEADER_SIZE:
+                raise MetadataInvalid(f"index.segments[{i}] length", length,
+                                      f"at least {SEGMENT_HEADER_SIZE} bytes")
+        unreadable = _list_of_pairs(_opt(d, "unreadable", list, []), "unreadable", 0,
+                                    header.size)
+        end = 0
+        for i, (off, length) in enumerate(unreadable):
+            if length == 0 or off < end:
+                raise ValueError(f"unreadable[{i}] [{off}, {length}] is empty, or overlaps or "
+                                 f"comes before the range listed before it")
+            end = off + length
+        stats = _opt(d, "stats", dict, {})
+        for key in stats:
+            _int(stats, key, 0, U63, where="stats.")
+        used = d.get("used")
+        if used is not None:
+            _obj(used, "used")
+            _int(used, "used_bytes", 0, header.size, required=False, where="used.",
+                 what="a number of bytes")
+        if "rescue" in d:
+            _obj(d["rescue"], "rescue")
+        return cls(entries_per_segment=eps, segments=tuple(segments),
+                   index_sha256=_sha256_hex(index, "sha256", where="index."),
+                   unreadable=tuple(unreadable),
+                   completed=_str(d, "completed", required=False), stats=stats, used=used,
+                   offset=offset, json=d)
+
+
+def _pread(fd: int, length: int, offset: int, path: str) -> bytes:
+    try:
+        return os.pread(fd, length, offset)
+    except OSError as err:
+        raise OperationFailed(f"{path}: read error at byte {offset}: "
+                              f"{err.strerror or err}") from err
+
+
+def _load_json(body: bytes) -> object:
+    """Parsed JSON; raises ValueError for anything that is not (too deep a nesting included,
+    which json.loads answers with RecursionError)."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def read_header(fd: int, path: str) -> tuple[Header, int]:
     """The header of the image open on `fd`, and the offset where records start."""
-    fixed = os.pread(fd, _HEADER_FIXED.size, 0)
-    if len(fixed) < _HEADER_FIXED.size or fixed[:8] != HEADER_MAGIC:
+    fixed = _pread(fd, _HEADER_FIXED.size, 0, path)
+    if not fixed:
+        raise NotAnImage(path, "is empty, not a diskimg image")
+    if fixed[:8] != HEADER_MAGIC and not HEADER_MAGIC.startswith(fixed):
         raise NotAnImage(path, "not a diskimg image (no DISKIMG magic at the start)")
+    if len(fixed) < _HEADER_FIXED.size:
+        raise IncompleteImage(path, f"image is truncated inside its header (the file is "
+                                    f"{len(fixed)} bytes)")
     _, version, _, jlen = _HEADER_FIXED.unpack(fixed)
     if version != FORMAT_VERSION:
         raise NotAnImage(path, f"image format version {version} is not supported "
                                f"(this diskimg reads version {FORMAT_VERSION})")
     if jlen > MAX_HEADER_JSON:
-        raise CorruptImage(f"{path}: header damaged (metadata length {jlen} is implausible)")
-    body = os.pread(fd, jlen + 4, _HEADER_FIXED.size)
+        raise MetadataError(path, "header", f"metadata length {jlen} is implausible")
+    body = _pread(fd, jlen + 4, _HEADER_FIXED.size, path)
     if len(body) < jlen + 4:
-        raise IncompleteImage(path, "image is truncated inside its header")
+        raise IncompleteImage(path, f"image is truncated inside its header (the file is "
+                                    f"{_HEADER_FIXED.size + len(body)} bytes, the header "
+                                    f"{_HEADER_FIXED.size + jlen + 4})")
     (crc,) = struct.unpack_from("<I", body, jlen)
     if crc != crc32c(fixed + body[:jlen]):
-        raise CorruptImage(f"{path}: header damaged (CRC-32C mismatch); the image cannot be trusted")
+        raise MetadataError(path, "header", "CRC-32C mismatch; the image cannot be trusted")
     try:
-        header = Header.from_json(json.loads(body[:jlen]))
-        check_block_size(header.block_size)
-        if header.kind not in KINDS_OF_IMAGE or (header.kind == "full") != (header.parent is None):
-            raise ValueError(f"kind {header.kind!r} with parent {header.parent!r}")
-        if header.size < 0:
-            raise ValueError(f"size {header.size}")
-    except (ValueError, KeyError, TypeError) as err:
-        raise CorruptImage(f"{path}: header metadata invalid: {err}") from err
+        header = Header.from_json(_load_json(body[:jlen]))
+    except ValueError as err:
+        raise MetadataError(path, "header", str(err)) from err
     return header, _HEADER_FIXED.size + jlen + 4
 
 
-def read_footer(fd: int, path: str, file_size: int) -> dict:
-    """The footer metadata, found through the trailer; raises when the image is incomplete."""
+def read_footer(fd: int, path: str, file_size: int, header: Header, data_start: int) -> Footer:
+    """The footer metadata, found through the trailer and checked against `header` (whose
+    records start at `data_start`); raises when the image is incomplete."""
     partial_hint = ("image is incomplete (no trailer): it is still being written, was "
                     "interrupted, or was cut short")
-    if file_size < TRAILER_SIZE:
+    if file_size < data_start + TRAILER_SIZE:
         raise IncompleteImage(path, partial_hint)
-    buf = os.pread(fd, TRAILER_SIZE, file_size - TRAILER_SIZE)
+    buf = _pread(fd, TRAILER_SIZE, file_size - TRAILER_SIZE, path)
+    if len(buf) < TRAILER_SIZE:
+        raise IncompleteImage(path, partial_hint)
     magic, f_off, f_len, version, _, _ = _TRAILER.unpack_from(buf)
     (crc,) = struct.unpack_from("<I", buf, _TRAILER.size)
     if magic != TRAILER_MAGIC:
         raise IncompleteImage(path, partial_hint)
     if crc != crc32c(buf[: _TRAILER.size]):
-        raise CorruptImage(f"{path}: trailer damaged (CRC-32C mismatch)")
+        raise MetadataError(path, "trailer", "CRC-32C mismatch")
     if version != FORMAT_VERSION:
-        raise CorruptImage(f"{path}: trailer says format version {version}, header says "
-                           f"{FORMAT_VERSION}")
-    if f_off + f_len + TRAILER_SIZE != file_size or f_len < _FOOTER_FIXED.size + 4:
-        raise CorruptImage(f"{path}: trailer points outside the file (footer at {f_off}, "
-                           f"{f_len} bytes)")
-    fbuf = os.pread(fd, f_len, f_off)
+        raise MetadataError(path, "trailer", f"it says format version {version}, the header "
+                                             f"says {FORMAT_VERSION}")
+    if f_off + f_len + TRAILER_SIZE != file_size or f_len < _FOOTER_FIXED.size + 4 \
+            or f_off < data_start:
+        raise MetadataError(path, "trailer", f"it points outside the file (footer at {f_off}, "
+                                             f"{f_len} bytes)")
+    fbuf = _pread(fd, f_len, f_off, path)
+    if len(fbuf) < f_len:
+        raise IncompleteImage(path, partial_hint)
     fmagic, jlen = _FOOTER_FIXED.unpack_from(fbuf)
     if fmagic != FOOTER_MAGIC or jlen + _FOOTER_FIXED.size + 4 != f_len:
-        raise CorruptImage(f"{path}: footer damaged (bad magic or length)")
+        raise MetadataError(path, "footer", "bad magic or length")
     (fcrc,) = struct.unpack_from("<I", fbuf, f_len - 4)
     if fcrc != crc32c(fbuf[: f_len - 4]):
-        raise CorruptImage(f"{path}: footer damaged (CRC-32C mismatch)")
+        raise MetadataError(path, "footer", "CRC-32C mismatch")
     try:
-        return json.loads(fbuf[_FOOTER_FIXED.size: f_len - 4])
+        return Footer.from_json(_load_json(fbuf[_FOOTER_FIXED.size: f_len - 4]), header,
+                                data_start, f_off)
     except ValueError as err:
-        raise CorruptImage(f"{path}: footer metadata invalid: {err}") from err
+        raise MetadataError(path, "footer", str(err)) from err
 
 
 class SegmentError(CorruptImage):
@@ -294,7 +564,7 @@ class SegmentError(CorruptImage):
 
 def read_segment(fd: int, path: str, offset: int, length: int, first: int, count: int) -> bytes:
     """The raw entries of one index segment, checked against its CRCs and expected place."""
-    buf = os.pread(fd, length, offset)
+    buf = _pread(fd, length, offset, path)
     if len(buf) != length or length < SEGMENT_HEADER_SIZE:
         raise SegmentError(path, first, count, "is truncated")
     magic, s_first, s_count, s_len, s_crc = _SEGMENT.unpack_from(buf)

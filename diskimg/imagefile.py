@@ -63,11 +63,17 @@ class BlockError(CorruptImage):
 
 
 class TruncatedImage(CorruptImage):
-    """An image (not a .partial file) whose trailer is missing: it was cut short."""
+    """An image (not a .partial file) whose trailer is missing: it was cut short.  `in_header`:
+    cut inside the header, so nothing of it can be read."""
 
-    def __init__(self, path: str, size: int) -> None:
-        super().__init__(f"{path}: image is truncated or incomplete: no trailer at its end "
-                         f"({size} bytes); its index is lost")
+    def __init__(self, path: str, size: int, reason: str = "") -> None:
+        self.in_header = "inside its header" in reason
+        if self.in_header:
+            msg = f"{path}: {reason}: nothing of the image survived"
+        else:
+            msg = (f"{path}: image is truncated or incomplete: no trailer at its end "
+                   f"({size} bytes); its index is lost")
+        super().__init__(msg)
         self.path = path
         self.size = size
 
@@ -105,25 +111,20 @@ class ImageReader:
             if stat.S_ISDIR(st.st_mode):
                 raise NotAnImage(self.path, "is a directory, not an image")
             self.file_size = st.st_size
-            self.header, self.data_start = fmt.read_header(self.fd, self.path)
             try:
-                self.footer = fmt.read_footer(self.fd, self.path, self.file_size)
+                self.header, self.data_start = fmt.read_header(self.fd, self.path)
+                self.footer = fmt.read_footer(self.fd, self.path, self.file_size, self.header,
+                                              self.data_start)
             except IncompleteImage as err:
                 if self.path.endswith(".partial"):
                     raise
                 # a file that was once complete and has been cut short is damage, not input
-                raise TruncatedImage(self.path, self.file_size) from err
-            index = self.footer.get("index") or {}
-            self.segments: list[tuple[int, int]] = [tuple(s) for s in index.get("segments", [])]
-            self.entries_per_segment = int(index.get("entries_per_segment", 0))
-            self.index_sha256 = index.get("sha256", "")
-            if self.entries_per_segment <= 0:
-                raise CorruptImage(f"{self.path}: footer damaged (index entries per segment "
-                                   f"{self.entries_per_segment})")
-            expected = -(-self.header.blocks // self.entries_per_segment)
-            if len(self.segments) != expected:
-                raise CorruptImage(f"{self.path}: footer's index table lists {len(self.segments)} "
-                                   f"segments, {expected} expected")
+                raise TruncatedImage(self.path, self.file_size, err.reason) from err
+            self.segments = self.footer.segments
+            self.entries_per_segment = self.footer.entries_per_segment
+            self.index_sha256 = self.footer.index_sha256
+            # where records may lie: after the header, before the first index segment
+            self.records_end = min((off for off, _ in self.segments), default=self.footer.offset)
         except BaseException:
             os.close(self.fd)
             raise
@@ -196,12 +197,32 @@ class ImageReader:
     def block_error(self, block: int, reason: str) -> BlockError:
         return BlockError(self.path, self.uuid, block, block * self.header.block_size, reason)
 
+    def check_data_entry(self, block: int, entry: fmt.IndexEntry) -> None:
+        """Raise BlockError unless a DATA entry's record can lie where the entry says: inside
+        the records area, with a known codec and a stored length no zstd frame of the block
+        exceeds (so that a crafted entry never makes a reader seek past 2^63 or read
+        gigabytes)."""
+        length = self.header.block_length(block)
+        if entry.codec not in (fmt.CODEC_RAW, fmt.CODEC_ZSTD):
+            raise self.block_error(block, f"index entry damaged: unknown codec {entry.codec}")
+        if entry.stored_len > fmt.max_stored_length(length):
+            raise self.block_error(block, f"index entry damaged: stored length "
+                                          f"{entry.stored_len} is implausible for a block of "
+                                          f"{length} bytes")
+        if entry.offset < self.data_start or \
+                entry.offset + fmt.RECORD_HEADER_SIZE + entry.stored_len > self.records_end:
+            raise self.block_error(block, f"index entry damaged: its record (byte "
+                                          f"{entry.offset}, {entry.stored_len} bytes) lies "
+                                          f"outside the records area (bytes {self.data_start}-"
+                                          f"{self.records_end - 1})")
+
     def read_block(self, block: int, entry: fmt.IndexEntry,
                    out: mmap.mmap | bytearray | None = None) -> bytearray | memoryview:
         """The uncompressed content of a DATA block, checked against the entry's SHA-256.  With
         `out` (at least a block long) the content is decompressed into it and a view of it is
         returned, so that a caller reusing its buffers allocates nothing per block."""
         length = self.header.block_length(block)
+        self.check_data_entry(block, entry)
         try:
             buf = os.pread(self.fd, fmt.RECORD_HEADER_SIZE + entry.stored_len, entry.offset)
         except OSError as err:
@@ -210,9 +231,11 @@ class ImageReader:
         rec = fmt.unpack_record(buf)
         if rec is None:
             raise self.block_error(block, "record header damaged (bad magic or CRC-32C)")
-        if rec.block != block or rec.stored_len != entry.stored_len or rec.raw_len != length:
+        if rec.block != block or rec.stored_len != entry.stored_len or rec.raw_len != length \
+                or rec.codec != entry.codec:
             raise self.block_error(block, f"record does not match the index (record says block "
-                                          f"{rec.block}, {rec.stored_len} bytes)")
+                                          f"{rec.block}, {rec.stored_len} bytes, codec "
+                                          f"{rec.codec})")
         if len(buf) != fmt.RECORD_HEADER_SIZE + entry.stored_len:
             raise self.block_error(block, "record is truncated")
         payload = memoryview(buf)[fmt.RECORD_HEADER_SIZE:]
@@ -439,6 +462,83 @@ def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader) -> bytes | Non
 def _mounted_rw(extra: dict) -> list[str]:
     value = extra.get("source_mounted_rw") if isinstance(extra, dict) else None
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """What is left of an image cut short (no trailer, so no index): its header and the whole
+    records that follow it, walked in file order from the first."""
+
+    path: str
+    header: fmt.Header
+    file_size: int
+    records: int                   # whole records with a valid header CRC
+    blocks: int                    # distinct blocks among them
+    data_bytes: int                # bytes of the device those blocks hold
+    end: int                       # byte of the image file where those records end
+    last_block: int | None         # the highest block among them
+    bad: tuple[tuple[int, str], ...]   # (block, reason): records whose content fails its SHA-256
+
+
+def survey_truncated(path: str, check_data: bool = False) -> Survivors:
+    """Walk the records of an image without a trailer.  With `check_data` every record's
+    content is checked against its SHA-256 (reads the whole file); without, only the record
+    headers are read.  Raises TruncatedImage (`in_header`) when not even the header survived,
+    NotAnImage or CorruptImage when the header is not an image's or damaged."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise NotAnImage(path, err.strerror or str(err)) from err
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            header, start = fmt.read_header(fd, path)
+        except IncompleteImage as err:
+            raise TruncatedImage(path, size, err.reason) from err
+        records = data_bytes = 0
+        end, last = start, None
+        seen: set[int] = set()
+        bad: list[tuple[int, str]] = []
+        for offset, rec in scan_records(fd, start, size):
+            if rec.block >= header.blocks or rec.raw_len != header.block_length(rec.block):
+                break   # not a record of this image: what follows is not records either
+            if check_data and read_record_data(fd, offset, rec) is None:
+                bad.append((rec.block, "record damaged: its content fails its checksum"))
+            records += 1
+            if rec.block not in seen:
+                seen.add(rec.block)
+                data_bytes += rec.raw_len
+            last = rec.block if last is None else max(last, rec.block)
+            end = offset + fmt.RECORD_HEADER_SIZE + rec.stored_len
+        return Survivors(path, header, size, records, len(seen), data_bytes, end, last,
+                         tuple(bad))
+    finally:
+        os.close(fd)
+
+
+def describe_truncated(path: str) -> dict:
+    """What `diskimg info` reports of an image cut short: its header and what survived of its
+    records (their headers are checked, not their content: `verify` does that)."""
+    s = survey_truncated(path)
+    h = s.header
+    return {
+        "uuid": h.uuid,
+        "kind": h.kind,
+        "parent": h.parent["uuid"] if h.parent else None,
+        "parent_name": h.parent["name"] if h.parent else None,
+        "chain": list(h.chain) or [h.uuid],
+        "size": h.size,
+        "block_size": h.block_size,
+        "blocks": h.blocks,
+        "image_bytes": s.file_size,
+        "source": h.source,
+        "created": h.created,
+        "tool_version": h.tool_version,
+        "compression": h.compression,
+        "format_version": fmt.FORMAT_VERSION,
+        "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
+                     "up_to_byte": s.end, "last_block": s.last_block},
+    }
 
 
 def describe(reader: ImageReader) -> dict:

@@ -5,25 +5,29 @@ CRC-32C, every stored block's record header against its CRC-32C and the index, a
 against its SHA-256.  Errors are collected, not raised, so that the report names every bad block.
 An image cut short (no trailer) has lost its index; its records are still scanned one by one
 (each record header carries the block's SHA-256) so the report says what survived.
+
+A chain is also checked the way restore resolves it (section 10 of docs/FORMAT.md): every PARENT
+entry of the requested image must resolve to an entry with the same SHA-256, from the index
+entries alone (no block is read twice).  Damage in a parent image is marked as not affecting
+the restore of the requested image when every block it touches is held by a later image.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from diskimg import format as fmt
-from diskimg.chain import open_chain
+from diskimg.chain import Chain, open_chain
 from diskimg.imagefile import (
     BlockError,
     ImageReader,
     TruncatedImage,
-    read_record_data,
-    scan_records,
     segment_runs,
+    survey_truncated,
 )
 from diskimg.pipeline import default_threads, depth_for, ordered_map
 
@@ -38,12 +42,18 @@ class VerifyError:
     offset: int | None    # byte offset of the block in the device
     reason: str
     last_block: int | None = None   # a range of blocks (damaged index segment)
+    # False: damage in a parent image, in blocks that later images of the chain hold, so
+    # restoring the requested image never reads them; `overridden_by` names such an image
+    affects_restore: bool = True
+    overridden_by: str | None = None
 
     def to_json(self) -> dict:
         d = {"block": self.block, "offset": self.offset, "image": self.image,
-             "path": self.path, "reason": self.reason}
+             "path": self.path, "reason": self.reason, "affects_restore": self.affects_restore}
         if self.last_block is not None:
             d["last_block"] = self.last_block
+        if self.overridden_by is not None:
+            d["overridden_by"] = self.overridden_by
         return d
 
 
@@ -60,6 +70,11 @@ class VerifyResult:
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def restore_errors(self) -> int:
+        """How many errors make restoring the requested image fail."""
+        return sum(e.affects_restore for e in self.errors)
+
 
 def verify_image(path: str, search: Iterable[str] = (), threads: int | None = None,
                  progress: Callable[[int], None] | None = None) -> VerifyResult:
@@ -70,7 +85,7 @@ def verify_image(path: str, search: Iterable[str] = (), threads: int | None = No
     try:
         chain = open_chain(path, search)
     except TruncatedImage as err:
-        errors, checked, nbytes = _scan_truncated(err.path, err.size)
+        errors, checked, nbytes = _scan_truncated(err)
         return VerifyResult(path, (), tuple(errors), checked, nbytes, time.monotonic() - started)
     except fmt.CorruptImage as err:  # header, footer or trailer damaged
         return VerifyResult(path, (), (VerifyError("", path, None, None, str(err)),), 0, 0,
@@ -78,13 +93,96 @@ def verify_image(path: str, search: Iterable[str] = (), threads: int | None = No
     errors: list[VerifyError] = []
     checked = nbytes = 0
     with chain:
-        for img in chain.images:
+        for level, img in enumerate(chain.images):
             e, c, n = _verify_one(img, threads, progress)
+            if level < len(chain.images) - 1:
+                e = [_mark_overridden(chain, level, err) for err in e]
             errors += e
             checked += c
             nbytes += n
+        errors += _check_resolution(chain)
         return VerifyResult(path, tuple((i.uuid, i.path) for i in chain.images), tuple(errors),
                             checked, nbytes, time.monotonic() - started)
+
+
+def _runs_in(img: ImageReader, first: int, count: int
+             ) -> Iterator[tuple[int, int, fmt.IndexEntry | None]]:
+    """(first block, count, entry) for the runs of identical entries of `img` among blocks
+    first..first+count-1; entry None for the blocks of a damaged index segment (reported by
+    that image's own check)."""
+    eps = img.entries_per_segment
+    end = first + count
+    while first < end:
+        seg = first // eps
+        seg_first = seg * eps
+        stop = min(end, seg_first + eps, img.blocks)
+        try:
+            raw = img.segment(seg)
+        except fmt.SegmentError:
+            yield first, stop - first, None
+        else:
+            yield from segment_runs(first, raw[(first - seg_first) * fmt.ENTRY_SIZE:
+                                               (stop - seg_first) * fmt.ENTRY_SIZE])
+        first = stop
+
+
+def _resolved(chain: Chain, level: int, first: int, count: int
+              ) -> Iterator[tuple[int, int, int, fmt.IndexEntry | None]]:
+    """Resolve blocks first..first+count-1 from image `level` down the chain, run by run:
+    (first block, count, level of the image that holds them, its entry).  Entry None: the
+    resolution stops at a damaged index segment of that image.  An entry of an unknown kind,
+    or PARENT in the root, is returned as it is (the image's own check reports it)."""
+    todo = [(level, first, count)]   # a list, not recursion: a chain may be 10000 long
+    while todo:
+        lvl, b, n = todo.pop()
+        for rb, rn, entry in _runs_in(chain.images[lvl], b, n):
+            if entry is not None and entry.kind == fmt.PARENT and lvl > 0:
+                todo.append((lvl - 1, rb, rn))
+            else:
+                yield rb, rn, lvl, entry
+
+
+def _check_resolution(chain: Chain) -> list[VerifyError]:
+    """Every PARENT entry of the leaf against the entry it resolves to (section 10, step 3):
+    a different SHA-256 is a block restore refuses ("chain inconsistent")."""
+    leaf = chain.leaf
+    top = len(chain.images) - 1
+    errors: list[VerifyError] = []
+    if top == 0:
+        return errors
+    bs = leaf.header.block_size
+    for first, count, entry in _runs_in(leaf, 0, leaf.blocks):
+        if entry is None or entry.kind != fmt.PARENT:
+            continue
+        for b, n, level, held in _resolved(chain, top - 1, first, count):
+            if held is None or held.kind not in fmt.KIND_NAMES or held.kind == fmt.PARENT:
+                continue   # damage of that image, reported (and marked) by its own check
+            if held.sha256 != entry.sha256:
+                holder = chain.images[level]
+                errors.append(VerifyError(
+                    leaf.uuid, leaf.path, b, b * bs,
+                    f"chain inconsistent: {holder.path} holds the block with checksum "
+                    f"{held.sha256.hex()}, this image's index expects {entry.sha256.hex()}",
+                    last_block=b + n - 1 if n > 1 else None))
+    return errors
+
+
+def _mark_overridden(chain: Chain, level: int, err: VerifyError) -> VerifyError:
+    """`err`, found in image `level` (not the leaf), marked as not affecting the restore of
+    the leaf when resolving its blocks from the leaf never reaches that image."""
+    if err.block is None:
+        return err    # the whole image (its index digest): cannot be narrowed to blocks
+    first, last = err.block, err.last_block if err.last_block is not None else err.block
+    nearest = None
+    for _, _, held_at, entry in _resolved(chain, len(chain.images) - 1, first,
+                                          last - first + 1):
+        if entry is None or held_at <= level:
+            return err
+        nearest = held_at if nearest is None else min(nearest, held_at)
+    if nearest is None:
+        return err
+    return dataclasses.replace(err, affects_restore=False,
+                               overridden_by=chain.images[nearest].path)
 
 
 def _runs(img: ImageReader, errors: list[VerifyError]
@@ -156,26 +254,24 @@ def _verify_one(img: ImageReader, threads: int,
     return errors, checked, nbytes
 
 
-def _scan_truncated(path: str, size: int) -> tuple[list[VerifyError], int, int]:
-    """Walk the records of an image without a trailer; report damaged ones and where it ends."""
-    errors: list[VerifyError] = []
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _scan_truncated(err: TruncatedImage) -> tuple[list[VerifyError], int, int]:
+    """Walk the records of an image without a trailer; report damaged ones and what survived."""
+    if err.in_header:
+        return [VerifyError("", err.path, None, None, str(err))], 0, 0
     try:
-        header, start = fmt.read_header(fd, path)
-        checked = nbytes = 0
-        last_block = -1
-        for offset, rec in scan_records(fd, start, size):
-            if read_record_data(fd, offset, rec) is None:
-                errors.append(VerifyError(header.uuid, path, rec.block,
-                                          rec.block * header.block_size,
-                                          "checksum mismatch in record"))
-            checked += 1
-            nbytes += rec.raw_len
-            last_block = max(last_block, rec.block)
-        errors.append(VerifyError(
-            header.uuid, path, last_block + 1, (last_block + 1) * header.block_size,
-            f"image truncated at byte {size}: no trailer, index lost; {checked} stored blocks "
-            f"up to block {last_block} are intact, later blocks are missing"))
-        return errors, checked, nbytes
-    finally:
-        os.close(fd)
+        s = survey_truncated(err.path, check_data=True)
+    except fmt.CorruptImage as header_err:   # cut, and its header damaged as well
+        return [VerifyError("", err.path, None, None, str(header_err))], 0, 0
+    bs = s.header.block_size
+    errors = [VerifyError(s.header.uuid, s.path, block, block * bs, reason)
+              for block, reason in s.bad]
+    if s.records:
+        survived = (f"{s.records} stored blocks survived, up to byte {s.end} of the file "
+                    f"(the last is block {s.last_block}); later blocks are missing")
+    else:
+        survived = "no stored block survived"
+    after = 0 if s.last_block is None else s.last_block + 1
+    errors.append(VerifyError(
+        s.header.uuid, s.path, after, after * bs,
+        f"image truncated at byte {s.file_size}: no trailer, index lost; {survived}"))
+    return errors, s.records, s.data_bytes
