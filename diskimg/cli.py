@@ -487,20 +487,43 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([d.to_dict() for d in devices])
         return 0
-    print(f"{'NAME':<12} {'SIZE':>7} {'TRAN':<7} {'ROT':<3} {'SECTOR':<9} {'SMART':<5} "
-          f"{'MODEL / SERIAL / BACKING FILE':<40} MOUNTPOINTS")
+    print(_list_table(devices), end="")
+    return 0
+
+
+_LIST_COLUMNS = ("NAME", "SIZE", "RO", "TRAN", "ROT", "SECTOR", "SMART", "FSTYPE", "LABEL",
+                 "UUID", "MODEL / SERIAL / BACKING FILE", "MOUNTPOINTS")
+_RIGHT = {"SIZE"}
+
+
+def _list_table(devices) -> str:
+    """The rows of `list`, each column as wide as its widest cell (as lsblk does), so that a
+    long backing-file path or label does not push the columns after it out of line."""
+    def yes(v: bool | None) -> str:
+        return "-" if v is None else "1" if v else "0"
+
+    rows: list[tuple[str, ...]] = []
     for d in devices:
         ident = d.backing_file if d.backing_file else " ".join(
             x for x in (d.model, d.serial, d.wwn) if x) or "-"
-        sectors = f"{d.logical_sector_size}/{d.physical_sector_size}"
-        print(f"{d.name:<12} {human(d.size):>7} {d.transport or '-':<7} "
-              f"{'yes' if d.rotational else 'no':<3} {sectors:<9} "
-              f"{'yes' if d.smart_available else 'no':<5} {ident:<40} "
-              f"{' '.join(d.mountpoints) or '-'}")
+        sectors = (f"{d.logical_sector_size}/{d.physical_sector_size}"
+                   if d.logical_sector_size else "-")
+        rows.append((d.name, human(d.size), yes(d.read_only), d.transport or "-",
+                     "yes" if d.rotational else "no", sectors,
+                     "yes" if d.smart_available else "no", d.fstype or "-", d.label or "-",
+                     d.uuid or "-", ident, " ".join(d.mountpoints) or "-"))
         for p in d.partitions:
-            print(f"  {p.name:<10} {human(p.size):>7} {'':<7} {'':<3} {'':<9} {'':<5} "
-                  f"{'start ' + str(p.start):<40} {' '.join(p.mountpoints) or '-'}")
-    return 0
+            rows.append(("  " + p.name, human(p.size), yes(p.read_only), "", "", "", "",
+                         p.fstype or "-", p.label or "-", p.uuid or "-", f"start {p.start}",
+                         " ".join(p.mountpoints) or "-"))
+    widths = [max(len(r[i]) for r in [_LIST_COLUMNS, *rows]) for i in range(len(_LIST_COLUMNS))]
+    lines = []
+    for r in [_LIST_COLUMNS, *rows]:
+        cells = [c.rjust(w) if h in _RIGHT else c.ljust(w)
+                 for c, w, h in zip(r, widths, _LIST_COLUMNS)]
+        cells[-1] = r[-1]   # the last column is not padded
+        lines.append(" ".join(cells).rstrip() + "\n")
+    return "".join(lines)
 
 
 def _smart_options(p: argparse.ArgumentParser) -> None:
