@@ -188,10 +188,8 @@ def _cmd_image(args: argparse.Namespace) -> int:
     ratio = result.image_bytes / result.size * 100 if result.size else 0
     print(f"{result.kind} image {result.path} of {args.source}: {human(result.size)} "
           f"in {result.seconds:.1f} s ({human(rate)}/s)")
-    print(f"  blocks: {result.blocks} x {human(result.block_size)}; stored "
-          f"{result.stored_blocks}, zero {result.zero_blocks}, unused {result.unused_blocks}"
-          + (f", unchanged {result.unchanged_blocks}, changed {result.changed_blocks}"
-             if result.parent else ""))
+    for line in _block_lines(dataclasses.asdict(result), bool(result.parent)):
+        print(f"  {line}")
     print(f"  image: {human(result.image_bytes)} ({ratio:.1f}% of the source); "
           f"uuid {result.uuid}")
     if args.rescue:
@@ -202,6 +200,28 @@ def _cmd_image(args: argparse.Namespace) -> int:
         for off, n in unreadable:
             print(f"  unreadable: bytes {off}-{off + n - 1} ({n} bytes), stored as zeros")
     return code
+
+
+def _block_lines(c: dict, has_parent: bool) -> list[str]:
+    """How the blocks of an image are recorded (the four kinds add up to the blocks) and, for
+    a changed-block image, how many changed since the parent and how they are recorded."""
+    line = (f"blocks: {c['blocks']} x {human(c['block_size'])} = stored {c['stored_blocks']} "
+            f"+ zero {c['zero_blocks']} + unused {c['unused_blocks']}")
+    if has_parent:
+        line += f" + unchanged {c['unchanged_blocks']} (kept in the parent)"
+    if c.get("unreadable_blocks"):
+        line += (f"; {c['unreadable_blocks']} of them hold unreadable sectors "
+                 f"(restored as zeros)")
+    lines = [line]
+    if has_parent:
+        zero_changed = c["zero_blocks"] + c["unused_blocks"] - c["unchanged_zero_blocks"]
+        changed = (f"changed: {c['changed_blocks']} of {c['blocks']} blocks differ from the parent (stored "
+                   f"{c['stored_blocks']}, zero or unused {zero_changed})")
+        if c["unchanged_zero_blocks"]:
+            changed += (f"; the other {c['unchanged_zero_blocks']} zero or unused blocks were "
+                        f"zeros in the parent too")
+        lines.append(changed)
+    return lines
 
 
 def _rescue_progress(bar) -> Callable:
@@ -381,13 +401,27 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if len(info["chain"]) > 1:
         print(f"chain:       {' -> '.join(info['chain'])}")
     print(f"source:      {src.get('path')}" + "".join(
-        f", {k} {src[k]}" for k in ("model", "serial") if src.get(k)))
+        f", {k} {src[k]}" for k in ("model", "serial") if src.get(k))
+        + (f", loop device backed by {src['backing_file']}" if src.get("backing_file") else ""))
     print(f"size:        {info['size']} bytes ({human(info['size'])})")
-    print(f"blocks:      {info['blocks']} x {human(info['block_size'])}: stored "
-          f"{info['stored_blocks']}, zero {info['zero_blocks']}, unused {info['unused_blocks']}"
-          + (f", changed {info['changed_blocks']}" if info["parent"] else ""))
+    blocks, *changed = _block_lines(info, bool(info["parent"]))
+    print(f"blocks:      {blocks.removeprefix('blocks: ')}")
+    for line in changed:
+        print(f"             {line}")
+    if info["rescue"]:
+        contents = "rescue image (every block read past read errors)"
+    elif info["all_blocks"] is None:
+        contents = "unknown (made before diskimg recorded it)"
+    else:
+        contents = ("all blocks (free space included: an exact copy)" if info["all_blocks"]
+                    else "used blocks (the free space of ext2/3/4 and FAT left out)")
+    print(f"contents:    {contents}")
+    level = info["compression_level"]
+    print(f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
+          + (f" level {level}" if level is not None else ""))
     print(f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})")
     print(f"created:     {info['created']} by diskimg {info['tool_version']}")
+    print(f"completed:   {info['completed'] or 'unknown'}")
     for r in info["unreadable"]:
         print(f"unreadable:  bytes {r['offset']}-{r['offset'] + r['length'] - 1} "
               f"({r['length']} bytes) read as zeros")

@@ -509,7 +509,8 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
             "stats": {
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": 0, "unchanged_blocks": 0,
-                "changed_blocks": writer.header.blocks, "read_bytes": s.read_bytes,
+                "changed_blocks": writer.header.blocks, "unchanged_zero_blocks": 0,
+                "read_bytes": s.read_bytes,
                 "unreadable_blocks": stats.unreadable_blocks,
             },
             "rescue": {"retries": ropts.retries, "direct": direct, "sector": sector,
@@ -530,7 +531,7 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
             unused_blocks=0, unchanged_blocks=0, changed_blocks=h.blocks,
             stored_bytes=stats.stored_bytes, image_bytes=os.path.getsize(image_path),
             read_bytes=s.read_bytes, seconds=time.monotonic() - started, parent=None,
-            chain=h.chain)
+            chain=h.chain, unreadable_blocks=stats.unreadable_blocks)
         return RescueResult(result, unreadable, mapfile, resumed)
     finally:
         source.close()
