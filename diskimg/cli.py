@@ -105,9 +105,32 @@ def _progress_bar(total: int, desc: str, disabled: bool, unit: str = "B") -> Ite
         return
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
-    scale = unit == "B"
-    with tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024,
-              file=sys.stderr, dynamic_ncols=True) as bar, logging_redirect_tqdm(loggers=[log]):
+    if unit != "B":
+        with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar, \
+                logging_redirect_tqdm(loggers=[log]):
+            yield bar
+        return
+
+    class BinaryBar(tqdm):
+        """Byte counts and rates in the units of the summaries (KiB, MiB/s): tqdm's own
+        scaling prints "MB" for MiB and scales rates by 1000."""
+
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            rate = d["rate"]
+            if rate is None and d["elapsed"]:
+                rate = (d["n"] - d["initial"]) / d["elapsed"]
+            d["n_bin"] = human(d["n"])
+            d["total_bin"] = human(d["total"]) if d["total"] else "?"
+            d["rate_bin"] = f"{human(rate)}/s" if rate else "? B/s"
+            return d
+
+    fmt = ("{desc}: {percentage:3.0f}%|{bar}| {n_bin}/{total_bin} "
+           "[{elapsed}<{remaining}, {rate_bin}{postfix}]" if total else
+           "{desc}: {n_bin} [{elapsed}, {rate_bin}{postfix}]")
+    with BinaryBar(total=total or None, desc=desc, unit="B", bar_format=fmt, file=sys.stderr,
+                   dynamic_ncols=True) as bar, logging_redirect_tqdm(loggers=[log]):
         yield bar
 
 
@@ -352,7 +375,8 @@ def _add_verify(sub) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    with _progress_bar(0, "verifying", args.no_progress or args.json) as bar:
+    total = 0 if args.no_progress or args.json else _chain_bytes(args.image, args.search)
+    with _progress_bar(total, "verifying", args.no_progress or args.json) as bar:
         result = verify.verify_image(args.image, search=args.search, threads=_threads(args),
                                      progress=bar.update)
     if args.json:
@@ -374,6 +398,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"FAILED: {len(result.errors)} error(s) in {args.image}")
     return EXIT_PROBLEM
+
+
+def _chain_bytes(image: str, search: list[str]) -> int:
+    """What verify's progress counts: the device size once per image of the chain (0 when the
+    chain cannot be opened; verify itself then reports why)."""
+    if not sys.stderr.isatty():
+        return 0
+    from diskimg.chain import open_chain
+    try:
+        with open_chain(image, search) as chain:
+            return sum(i.header.size for i in chain.images)
+    except (DiskimgError, OSError):
+        return 0
 
 
 # --------------------------------------------------------------------------------------------
