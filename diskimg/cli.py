@@ -546,7 +546,8 @@ def _report_error(args: argparse.Namespace, message: str) -> None:
 def _add_list(sub) -> None:
     p = sub.add_parser("list", parents=[_common()], help="list disks, partitions and loop devices",
                        description="One row per disk with its partitions, identity, transport, "
-                       "sector sizes, mountpoints and whether SMART can be read.")
+                       "sector sizes, read-only flag, filesystem type, label and UUID, "
+                       "mountpoints ([SWAP] for swap) and whether SMART can be read.")
     p.add_argument("--json", action="store_true", help="print JSON (sizes in bytes)")
     p.add_argument("--all", action="store_true",
                    help="also unattached loop devices, ram, zram, device-mapper and md")
