@@ -238,8 +238,8 @@ def _block_lines(c: dict, has_parent: bool) -> list[str]:
     lines = [line]
     if has_parent:
         zero_changed = c["zero_blocks"] + c["unused_blocks"] - c["unchanged_zero_blocks"]
-        changed = (f"changed: {c['changed_blocks']} of {c['blocks']} blocks differ from the parent (stored "
-                   f"{c['stored_blocks']}, zero or unused {zero_changed})")
+        changed = (f"changed: {c['changed_blocks']} of {c['blocks']} blocks differ from the "
+                   f"parent (stored {c['stored_blocks']}, zero or unused {zero_changed})")
         if c["unchanged_zero_blocks"]:
             changed += (f"; the other {c['unchanged_zero_blocks']} zero or unused blocks were "
                         f"zeros in the parent too")
