@@ -3,8 +3,9 @@
 A full image stands alone.  An incremental image's parent is any image of the same source; a
 differential image's parent is the full image at the root of the chain it was taken against.  A
 child records its parent's UUID, file name and index digest; parents are looked for next to the
-child under that name, then in each search directory (by name, then by UUID among the images
-there), and the digest proves that the file found is the very image the child was made against.
+child under that name, then next to every image of the chain found so far, then in each search
+directory (by name, then by UUID among the images there), and the digest proves that the file
+found is the very image the child was made against.
 """
 from __future__ import annotations
 
@@ -30,9 +31,13 @@ def parent_ref(parent: ImageReader) -> dict:
     }
 
 
-def _search_dirs(child: ImageReader, search: Iterable[str]) -> list[str]:
-    """The child's own directory, then each search directory, without repeats."""
-    dirs = [os.path.dirname(os.path.abspath(child.path))] + [os.path.abspath(d) for d in search]
+def _search_dirs(child: ImageReader, search: Iterable[str],
+                 near: Iterable[str] = ()) -> list[str]:
+    """The child's own directory, then the directories of the images `near` (the chain found
+    so far), then each search directory, without repeats.  A grandparent sitting beside the
+    leaf is found even when the parent came from a search directory."""
+    dirs = [os.path.dirname(os.path.abspath(p)) for p in (child.path, *near)] + \
+        [os.path.abspath(d) for d in search]
     seen: list[str] = []
     for d in dirs:
         if d not in seen:
@@ -59,12 +64,15 @@ def _peek_uuid(path: str, damaged_is_error: bool) -> str | None:
         os.close(fd)
 
 
-def find_parent(child: ImageReader, search: Iterable[str] = ()) -> ImageReader:
-    """Open the parent of `child`.  Raises MissingParent or ChainError (replaced parent)."""
+def find_parent(child: ImageReader, search: Iterable[str] = (),
+                near: Iterable[str] = ()) -> ImageReader:
+    """Open the parent of `child`, looked for next to it, next to each image path in `near`
+    and in each search directory, by name and then by UUID.  Raises MissingParent or
+    ChainError (replaced parent)."""
     ref = child.header.parent
     assert ref is not None
     uuid, name, digest = ref["uuid"], ref["name"], ref["index_sha256"]
-    dirs = _search_dirs(child, search)
+    dirs = _search_dirs(child, search, near)
     impostors: list[str] = []
     # by recorded name first, then any image in those directories with the right UUID
     paths = [os.path.join(d, name) for d in dirs]
@@ -153,7 +161,7 @@ def open_chain(path: str, search: Iterable[str] = ()) -> Chain:
     try:
         while images[0].header.parent is not None:
             child = images[0]
-            parent = find_parent(child, search)
+            parent = find_parent(child, search, near=[i.path for i in images[1:]])
             images.insert(0, parent)
             if parent.header.size != child.header.size or \
                     parent.header.block_size != child.header.block_size:

@@ -105,9 +105,32 @@ def _progress_bar(total: int, desc: str, disabled: bool, unit: str = "B") -> Ite
         return
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
-    scale = unit == "B"
-    with tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024,
-              file=sys.stderr, dynamic_ncols=True) as bar, logging_redirect_tqdm(loggers=[log]):
+    if unit != "B":
+        with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar, \
+                logging_redirect_tqdm(loggers=[log]):
+            yield bar
+        return
+
+    class BinaryBar(tqdm):
+        """Byte counts and rates in the units of the summaries (KiB, MiB/s): tqdm's own
+        scaling prints "MB" for MiB and scales rates by 1000."""
+
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            rate = d["rate"]
+            if rate is None and d["elapsed"]:
+                rate = (d["n"] - d["initial"]) / d["elapsed"]
+            d["n_bin"] = human(d["n"])
+            d["total_bin"] = human(d["total"]) if d["total"] else "?"
+            d["rate_bin"] = f"{human(rate)}/s" if rate else "? B/s"
+            return d
+
+    fmt = ("{desc}: {percentage:3.0f}%|{bar}| {n_bin}/{total_bin} "
+           "[{elapsed}<{remaining}, {rate_bin}{postfix}]" if total else
+           "{desc}: {n_bin} [{elapsed}, {rate_bin}{postfix}]")
+    with BinaryBar(total=total or None, desc=desc, unit="B", bar_format=fmt, file=sys.stderr,
+                   dynamic_ncols=True) as bar, logging_redirect_tqdm(loggers=[log]):
         yield bar
 
 
@@ -190,10 +213,8 @@ def _cmd_image(args: argparse.Namespace) -> int:
     ratio = result.image_bytes / result.size * 100 if result.size else 0
     print(f"{result.kind} image {result.path} of {args.source}: {human(result.size)} "
           f"in {result.seconds:.1f} s ({human(rate)}/s)")
-    print(f"  blocks: {result.blocks} x {human(result.block_size)}; stored "
-          f"{result.stored_blocks}, zero {result.zero_blocks}, unused {result.unused_blocks}"
-          + (f", unchanged {result.unchanged_blocks}, changed {result.changed_blocks}"
-             if result.parent else ""))
+    for line in _block_lines(dataclasses.asdict(result), bool(result.parent)):
+        print(f"  {line}")
     print(f"  image: {human(result.image_bytes)} ({ratio:.1f}% of the source); "
           f"uuid {result.uuid}")
     if args.rescue:
@@ -204,6 +225,28 @@ def _cmd_image(args: argparse.Namespace) -> int:
         for off, n in unreadable:
             print(f"  unreadable: bytes {off}-{off + n - 1} ({n} bytes), stored as zeros")
     return code
+
+
+def _block_lines(c: dict, has_parent: bool) -> list[str]:
+    """How the blocks of an image are recorded (the four kinds add up to the blocks) and, for
+    a changed-block image, how many changed since the parent and how they are recorded."""
+    line = (f"blocks: {c['blocks']} x {human(c['block_size'])} = stored {c['stored_blocks']} "
+            f"+ zero {c['zero_blocks']} + unused {c['unused_blocks']}")
+    if has_parent:
+        line += f" + unchanged {c['unchanged_blocks']} (kept in the parent)"
+    if c.get("unreadable_blocks"):
+        line += (f"; {c['unreadable_blocks']} of them hold unreadable sectors "
+                 f"(restored as zeros)")
+    lines = [line]
+    if has_parent:
+        zero_changed = c["zero_blocks"] + c["unused_blocks"] - c["unchanged_zero_blocks"]
+        changed = (f"changed: {c['changed_blocks']} of {c['blocks']} blocks differ from the "
+                   f"parent (stored {c['stored_blocks']}, zero or unused {zero_changed})")
+        if c["unchanged_zero_blocks"]:
+            changed += (f"; the other {c['unchanged_zero_blocks']} zero or unused blocks were "
+                        f"zeros in the parent too")
+        lines.append(changed)
+    return lines
 
 
 def _rescue_progress(bar) -> Callable:
@@ -420,7 +463,8 @@ def _add_verify(sub) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    with _progress_bar(0, "verifying", args.no_progress or args.json) as bar:
+    total = 0 if args.no_progress or args.json else _chain_bytes(args.image, args.search)
+    with _progress_bar(total, "verifying", args.no_progress or args.json) as bar:
         result = verify.verify_image(args.image, search=args.search, threads=_threads(args),
                                      progress=bar.update)
     if args.json:
@@ -448,6 +492,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
           + ("" if matter == len(result.errors) else
              f"; {matter or 'none'} of them affect{'s' if matter == 1 else ''} restoring it"))
     return EXIT_PROBLEM
+
+
+def _chain_bytes(image: str, search: list[str]) -> int:
+    """What verify's progress counts: the device size once per image of the chain (0 when the
+    chain cannot be opened; verify itself then reports why)."""
+    if not sys.stderr.isatty():
+        return 0
+    from diskimg.chain import open_chain
+    try:
+        with open_chain(image, search) as chain:
+            return sum(i.header.size for i in chain.images)
+    except (DiskimgError, OSError):
+        return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,13 +538,27 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if len(info["chain"]) > 1:
         print(f"chain:       {' -> '.join(info['chain'])}")
     print(f"source:      {src.get('path')}" + "".join(
-        f", {k} {src[k]}" for k in ("model", "serial") if src.get(k)))
+        f", {k} {src[k]}" for k in ("model", "serial") if src.get(k))
+        + (f", loop device backed by {src['backing_file']}" if src.get("backing_file") else ""))
     print(f"size:        {info['size']} bytes ({human(info['size'])})")
-    print(f"blocks:      {info['blocks']} x {human(info['block_size'])}: stored "
-          f"{info['stored_blocks']}, zero {info['zero_blocks']}, unused {info['unused_blocks']}"
-          + (f", changed {info['changed_blocks']}" if info["parent"] else ""))
+    blocks, *changed = _block_lines(info, bool(info["parent"]))
+    print(f"blocks:      {blocks.removeprefix('blocks: ')}")
+    for line in changed:
+        print(f"             {line}")
+    if info["rescue"]:
+        contents = "rescue image (every block read past read errors)"
+    elif info["all_blocks"] is None:
+        contents = "unknown (made before diskimg recorded it)"
+    else:
+        contents = ("all blocks (free space included: an exact copy)" if info["all_blocks"]
+                    else "used blocks (the free space of ext2/3/4 and FAT left out)")
+    print(f"contents:    {contents}")
+    level = info["compression_level"]
+    print(f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
+          + (f" level {level}" if level is not None else ""))
     print(f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})")
     print(f"created:     {info['created']} by diskimg {info['tool_version']}")
+    print(f"completed:   {info['completed'] or 'unknown'}")
     if info["source_mounted_rw"]:
         print(f"warning:     the source was mounted read-write on "
               f"{', '.join(info['source_mounted_rw'])} while imaged (--force): the image may "
@@ -606,7 +677,8 @@ def _report_error(args: argparse.Namespace, message: str) -> None:
 def _add_list(sub) -> None:
     p = sub.add_parser("list", parents=[_common()], help="list disks, partitions and loop devices",
                        description="One row per disk with its partitions, identity, transport, "
-                       "sector sizes, mountpoints and whether SMART can be read.")
+                       "sector sizes, read-only flag, filesystem type, label and UUID, "
+                       "mountpoints ([SWAP] for swap) and whether SMART can be read.")
     p.add_argument("--json", action="store_true", help="print JSON (sizes in bytes)")
     p.add_argument("--all", action="store_true",
                    help="also unattached loop devices, ram, zram, device-mapper and md")
@@ -618,20 +690,43 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([d.to_dict() for d in devices])
         return 0
-    print(f"{'NAME':<12} {'SIZE':>7} {'TRAN':<7} {'ROT':<3} {'SECTOR':<9} {'SMART':<5} "
-          f"{'MODEL / SERIAL / BACKING FILE':<40} MOUNTPOINTS")
+    print(_list_table(devices), end="")
+    return 0
+
+
+_LIST_COLUMNS = ("NAME", "SIZE", "RO", "TRAN", "ROT", "SECTOR", "SMART", "FSTYPE", "LABEL",
+                 "UUID", "MODEL / SERIAL / BACKING FILE", "MOUNTPOINTS")
+_RIGHT = {"SIZE"}
+
+
+def _list_table(devices) -> str:
+    """The rows of `list`, each column as wide as its widest cell (as lsblk does), so that a
+    long backing-file path or label does not push the columns after it out of line."""
+    def yes(v: bool | None) -> str:
+        return "-" if v is None else "1" if v else "0"
+
+    rows: list[tuple[str, ...]] = []
     for d in devices:
         ident = d.backing_file if d.backing_file else " ".join(
             x for x in (d.model, d.serial, d.wwn) if x) or "-"
-        sectors = f"{d.logical_sector_size}/{d.physical_sector_size}"
-        print(f"{d.name:<12} {human(d.size):>7} {d.transport or '-':<7} "
-              f"{'yes' if d.rotational else 'no':<3} {sectors:<9} "
-              f"{'yes' if d.smart_available else 'no':<5} {ident:<40} "
-              f"{' '.join(d.mountpoints) or '-'}")
+        sectors = (f"{d.logical_sector_size}/{d.physical_sector_size}"
+                   if d.logical_sector_size else "-")
+        rows.append((d.name, human(d.size), yes(d.read_only), d.transport or "-",
+                     "yes" if d.rotational else "no", sectors,
+                     "yes" if d.smart_available else "no", d.fstype or "-", d.label or "-",
+                     d.uuid or "-", ident, " ".join(d.mountpoints) or "-"))
         for p in d.partitions:
-            print(f"  {p.name:<10} {human(p.size):>7} {'':<7} {'':<3} {'':<9} {'':<5} "
-                  f"{'start ' + str(p.start):<40} {' '.join(p.mountpoints) or '-'}")
-    return 0
+            rows.append(("  " + p.name, human(p.size), yes(p.read_only), "", "", "", "",
+                         p.fstype or "-", p.label or "-", p.uuid or "-", f"start {p.start}",
+                         " ".join(p.mountpoints) or "-"))
+    widths = [max(len(r[i]) for r in [_LIST_COLUMNS, *rows]) for i in range(len(_LIST_COLUMNS))]
+    lines = []
+    for r in [_LIST_COLUMNS, *rows]:
+        cells = [c.rjust(w) if h in _RIGHT else c.ljust(w)
+                 for c, w, h in zip(r, widths, _LIST_COLUMNS)]
+        cells[-1] = r[-1]   # the last column is not padded
+        lines.append(" ".join(cells).rstrip() + "\n")
+    return "".join(lines)
 
 
 def _smart_options(p: argparse.ArgumentParser) -> None:

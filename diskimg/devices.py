@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import stat
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,7 @@ UDEV_DB = Path("/run/udev/data")
 
 __all__ = [
     "DeviceInfo", "Mount", "PartitionInfo", "holding_devices", "identify", "list_devices",
-    "mounted_read_write", "mounts", "usage",
+    "mounted_read_write", "mounts", "natural_key", "usage",
 ]
 
 
@@ -391,7 +393,17 @@ class PartitionInfo:
     number: int
     start: int            # bytes from the start of the disk
     size: int             # bytes
-    mountpoints: tuple[str, ...]
+    mountpoints: tuple[str, ...]       # "[SWAP]" for active swap, as lsblk shows it
+    fstype: str | None = None          # what lsblk -f shows: filesystem type, label, UUID
+    label: str | None = None
+    uuid: str | None = None
+    read_only: bool | None = None
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["mountpoints"] = list(self.mountpoints)
+        d["ro"] = self.read_only
+        return d
 
 
 @dataclass(frozen=True)
@@ -415,13 +427,85 @@ class DeviceInfo:
     mountpoints: tuple[str, ...] = field(default_factory=tuple)   # the disk's, its partitions' and holders'
     smart_available: bool = False
     source: str = "sysfs"              # "udev" when the udev database supplied identity
+    fstype: str | None = None          # a filesystem or swap on the whole disk (no partitions)
+    label: str | None = None
+    uuid: str | None = None
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["partitions"] = [dict(p.__dict__, mountpoints=list(p.mountpoints))
-                           for p in self.partitions]
+        d["partitions"] = [p.to_dict() for p in self.partitions]
         d["mountpoints"] = list(self.mountpoints)
+        d["ro"] = self.read_only   # lsblk's name for it
         return d
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders device names as people do: loop2 before loop10, sda before sdb,
+    nvme0n1p2 before nvme0n1p10 (digit runs compare as numbers)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", name) if part)
+
+
+def _blkid() -> str | None:
+    # blkid lives in /sbin on many systems whose PATH for root lacks it
+    return shutil.which("blkid", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def _unescape_blkid(value: str) -> str:
+    # `blkid -o export` escapes shell metacharacters (spaces, quotes...) with a backslash
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+def _probe_fs(path: str) -> dict[str, str]:
+    """TYPE, LABEL and UUID of what is on a device, from ``blkid -p`` (the superblocks
+    themselves, not blkid's cache); {} when nothing is recognised or blkid is missing or
+    cannot read the device (not root)."""
+    blkid = _blkid()
+    if blkid is None:
+        return {}
+    try:
+        proc = subprocess.run([blkid, "-p", "-o", "export", path], capture_output=True,
+                              text=True, errors="replace", timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.debug("blkid -p %s failed: %s", path, e)
+        return {}
+    result = {}
+    for line in proc.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in ("TYPE", "LABEL", "UUID"):
+            result[key] = _unescape_blkid(value)
+    return result
+
+
+def _fs_identity(d: Path, props: dict[str, str]) -> tuple[str | None, str | None, str | None]:
+    """(fstype, label, uuid) of a disk or partition: udev's when it has probed the device,
+    else blkid's."""
+    if props:
+        return (props.get("ID_FS_TYPE") or None, props.get("ID_FS_LABEL") or None,
+                props.get("ID_FS_UUID") or None)
+    if (_int(_read(d / "size")) or 0) == 0:
+        return None, None, None
+    found = _probe_fs(_devpath(d))
+    return found.get("TYPE"), found.get("LABEL"), found.get("UUID")
+
+
+def _swap_devices() -> set[int]:
+    """Device numbers of block devices in use as swap (shown as the mountpoint [SWAP])."""
+    result: set[int] = set()
+    try:
+        lines = SWAPS.read_text().splitlines()[1:]
+    except OSError:
+        return result
+    for line in lines:
+        if not line.split():
+            continue
+        try:
+            st = os.stat(_unescape(line.split()[0]))
+        except OSError:
+            continue
+        if stat.S_ISBLK(st.st_mode):
+            result.add(st.st_rdev)
+    return result
 
 
 _NO_SMART = ("loop", "ram", "zram", "virtio", "dm", "md", "nbd", "sr", "xen")
@@ -486,11 +570,18 @@ def _device_info(d: Path, by_devnum: dict[int, list[str]], smartctl: bool) -> De
     ro = _read(d / "ro")
     parts = []
     for p in _partitions(d):
+        pnum = _devnum_of_sysdir(p)
+        pprops = _udev_properties(pnum) if pnum is not None else {}
+        fstype, label, uuid = _fs_identity(p, pprops)
+        pro = _read(p / "ro")
         parts.append(PartitionInfo(
             name=p.name, path=_devpath(p), number=_int(_read(p / "partition")) or 0,
             start=(_int(_read(p / "start")) or 0) * 512, size=(_int(_read(p / "size")) or 0) * 512,
             mountpoints=tuple(_mountpoints_of(p, by_devnum)),
+            fstype=fstype, label=label, uuid=uuid,
+            read_only=None if pro is None else pro == "1",
         ))
+    fstype, label, uuid = _fs_identity(d, props)
     mps = _mountpoints_of(d, by_devnum)
     for p in parts:
         mps += [m for m in p.mountpoints if m not in mps]
@@ -506,11 +597,13 @@ def _device_info(d: Path, by_devnum: dict[int, list[str]], smartctl: bool) -> De
         partitions=tuple(parts), mountpoints=tuple(mps),
         smart_available=smartctl and transport not in _NO_SMART,
         source="udev" if props else "sysfs",
+        fstype=fstype, label=label, uuid=uuid,
     )
 
 
 def list_devices(all_devices: bool = False, smartctl: str | None = None) -> list[DeviceInfo]:
-    """Whole disks, sorted by name, each with its partitions nested.
+    """Whole disks in natural name order (loop2 before loop10), each with its partitions
+    nested.  Filesystem type, label and UUID come from udev, or else from ``blkid -p``.
 
     Without ``all_devices`` the list leaves out unattached loop devices, empty devices (size 0),
     ram and zram devices, and stacked devices (device-mapper, md), which show up as mountpoints
@@ -521,9 +614,11 @@ def list_devices(all_devices: bool = False, smartctl: str | None = None) -> list
     by_devnum: dict[int, list[str]] = {}
     for m in mounts():
         by_devnum.setdefault(os.makedev(m.major, m.minor), []).append(m.mountpoint)
+    for devnum in _swap_devices():
+        by_devnum.setdefault(devnum, []).append("[SWAP]")
     result = []
     try:
-        entries = sorted(SYS_BLOCK.iterdir())
+        entries = sorted(SYS_BLOCK.iterdir(), key=lambda e: natural_key(e.name))
     except OSError as e:
         log.warning("cannot list %s: %s", SYS_BLOCK, e)
         return result

@@ -545,6 +545,11 @@ def describe(reader: ImageReader) -> dict:
     """What `diskimg info` reports of an image: header, statistics and unreadable ranges."""
     h, f = reader.header, reader.footer
     stats = f.get("stats", {})
+    counts = block_counts(h.blocks, stats, h.parent is not None)
+    extra = h.extra or {}
+    rescue = extra.get("rescue") is True
+    # a rescue reads every block; images before all_blocks was recorded: unknown (None)
+    all_blocks = True if rescue else extra.get("all_blocks")
     return {
         "uuid": h.uuid,
         "kind": h.kind,
@@ -554,11 +559,7 @@ def describe(reader: ImageReader) -> dict:
         "size": h.size,
         "block_size": h.block_size,
         "blocks": h.blocks,
-        "stored_blocks": stats.get("stored_blocks", 0),
-        "zero_blocks": stats.get("zero_blocks", 0),
-        "unused_blocks": stats.get("unused_blocks", 0),
-        "unchanged_blocks": stats.get("unchanged_blocks", 0),
-        "changed_blocks": stats.get("changed_blocks", h.blocks),
+        **counts,
         "stored_bytes": stats.get("stored_bytes", 0),
         "image_bytes": reader.file_size,
         "source": h.source,
@@ -566,9 +567,35 @@ def describe(reader: ImageReader) -> dict:
         "completed": f.get("completed"),
         "tool_version": h.tool_version,
         "compression": h.compression,
+        "compression_level": (h.compression or {}).get("level"),
+        "rescue": rescue,
+        "all_blocks": all_blocks if isinstance(all_blocks, bool) else None,
         "format_version": fmt.FORMAT_VERSION,
         "index_sha256": reader.index_sha256,
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)
         "source_mounted_rw": _mounted_rw(h.extra),
+    }
+
+
+def block_counts(blocks: int, stats: dict, has_parent: bool) -> dict[str, int]:
+    """The block counts of a footer's stats, so that stored + zero + unused + unchanged =
+    blocks, with changed = blocks - unchanged - unchanged_zero (zero or unused blocks that were
+    zeros in the parent too).  Images written before this rule counted those zero blocks in
+    `unchanged` as well; their split is recovered here from the sum."""
+    stored = stats.get("stored_blocks", 0)
+    zero = stats.get("zero_blocks", 0)
+    unused = stats.get("unused_blocks", 0)
+    unchanged = stats.get("unchanged_blocks", 0)
+    unchanged_zero = stats.get("unchanged_zero_blocks")
+    if unchanged_zero is None:          # an older image
+        parents = max(0, blocks - stored - zero - unused)
+        unchanged_zero = max(0, unchanged - parents) if has_parent else 0
+        unchanged = parents if has_parent else 0
+    changed = stats.get("changed_blocks", blocks) if has_parent else blocks
+    return {
+        "stored_blocks": stored, "zero_blocks": zero, "unused_blocks": unused,
+        "unchanged_blocks": unchanged, "changed_blocks": changed,
+        "unchanged_zero_blocks": unchanged_zero,
+        "unreadable_blocks": stats.get("unreadable_blocks", 0),
     }

@@ -93,6 +93,12 @@ class ImageResult:
     seconds: float
     parent: str | None
     chain: tuple[str, ...]
+    # stored + zero + unused + unchanged = blocks: each block counts once, by how this image
+    # records it (unchanged: a reference to the parent).  changed = blocks - unchanged -
+    # unchanged_zero: the zero or unused blocks that were all zeros in the parent too are
+    # recorded as zero or unused, but did not change.
+    unchanged_zero_blocks: int = 0
+    unreadable_blocks: int = 0          # a rescue: blocks holding unreadable sectors (zeros)
 
 
 def utc_now() -> str:
@@ -475,7 +481,8 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=ident,
         created=utc_now(), tool_version=__version__, parent=parent, chain=chain,
         compression={"codec": "zstd", "level": opts.level},
-        extra={"source_mounted_rw": mounted_rw} if mounted_rw else {},
+        extra={"all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
+               **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
     )
     compress = _Compressor(opts.level)
     ref_entries = ref.iter_entries() if ref is not None else None
@@ -488,7 +495,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     # what is not a hole of a sparse file (a device has none)
     data_spans = ([(0, source.size)] if source.is_block
                   else list(data_ranges(source.fd, source.size)))
-    counts = {"read_bytes": 0, "unchanged_runs": 0}
+    counts = {"read_bytes": 0, "unchanged_zero": 0}
 
     def split_short(run: Run) -> Iterator[Run]:
         """Runs share one entry; the short last block has another checksum, so alone."""
@@ -511,7 +518,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                 for run in split_short(item):
                     if ref_entries is not None:
                         zsha = fmt.zero_digest(header.block_length(run.first))
-                        counts["unchanged_runs"] += sum(
+                        counts["unchanged_zero"] += sum(
                             next(ref_entries)[1].sha256 == zsha for _ in range(run.count))
                     yield run
                 continue
@@ -627,15 +634,16 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                 if progress:
                     progress(header.block_length(block))
         stats = writer.stats
-        unchanged = stats.parent_blocks + counts["unchanged_runs"]
-        changed = header.blocks - unchanged if ref is not None else header.blocks
+        # unchanged: the parent references only, so that the four kinds add up to the blocks
+        unchanged, unchanged_zero = stats.parent_blocks, counts["unchanged_zero"]
+        changed = header.blocks - unchanged - unchanged_zero if ref is not None else header.blocks
         meta = {
             "completed": utc_now(),
             "stats": {
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": stats.unused_blocks,
                 "unchanged_blocks": unchanged, "changed_blocks": changed,
-                "read_bytes": counts["read_bytes"],
+                "unchanged_zero_blocks": unchanged_zero, "read_bytes": counts["read_bytes"],
             },
             "used": None if used_map is None else {
                 "used_bytes": used_map.used_bytes,
@@ -657,5 +665,5 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         changed_blocks=changed, stored_bytes=stats.stored_bytes,
         image_bytes=os.path.getsize(image_path), read_bytes=counts["read_bytes"],
         seconds=time.monotonic() - started, parent=parent["uuid"] if parent else None,
-        chain=chain,
+        chain=chain, unchanged_zero_blocks=unchanged_zero,
     )

@@ -100,6 +100,15 @@ class RescueResult:
 
 SYNC_NOTE = "diskimg-synced-bytes:"
 UUID_NOTE = "diskimg-image-uuid:"
+IMAGE_NOTE = "diskimg-image:"       # the image's final path (IMAGE, not IMAGE.partial)
+STATUS_NOTE = "diskimg-status:"     # "in progress", then "complete" in the map left at the end
+
+
+def _image_notes(writer: ImageWriter, complete: bool) -> tuple[str, ...]:
+    """The comment lines that name the image a map belongs to, and whether it is finished."""
+    return (f"{IMAGE_NOTE} {os.path.abspath(writer.path)}",
+            f"{UUID_NOTE} {writer.header.uuid}",
+            f"{STATUS_NOTE} {'complete' if complete else 'in progress'}")
 
 
 class _Session:
@@ -323,7 +332,7 @@ class _Session:
         try:
             self.map.save(self.mapfile, self.ropts.command, self.started,
                           notes=(f"{SYNC_NOTE} {self.writer.pos}",
-                                 f"{UUID_NOTE} {self.header.uuid}"))
+                                 *_image_notes(self.writer, complete=False)))
         except OSError as err:
             raise OperationFailed(f"{self.mapfile}: cannot write the mapfile: "
                                   f"{err.strerror}") from err
@@ -506,7 +515,8 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
             "stats": {
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": 0, "unchanged_blocks": 0,
-                "changed_blocks": writer.header.blocks, "read_bytes": s.read_bytes,
+                "changed_blocks": writer.header.blocks, "unchanged_zero_blocks": 0,
+                "read_bytes": s.read_bytes,
                 "unreadable_blocks": stats.unreadable_blocks,
             },
             "rescue": {"retries": ropts.retries, "direct": direct, "sector": sector,
@@ -515,7 +525,9 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
         }
         writer.finish(meta)
         try:
-            rmap.save(mapfile, ropts.command, s.started)
+            # the map left behind still names its image (now IMAGE, no longer .partial)
+            rmap.save(mapfile, ropts.command, s.started,
+                      notes=_image_notes(writer, complete=True))
         except OSError as err:  # the image is complete; only the final map is missing
             log.warning("%s: could not write the final mapfile: %s", mapfile, err.strerror)
         h = writer.header
@@ -525,7 +537,7 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
             unused_blocks=0, unchanged_blocks=0, changed_blocks=h.blocks,
             stored_bytes=stats.stored_bytes, image_bytes=os.path.getsize(image_path),
             read_bytes=s.read_bytes, seconds=time.monotonic() - started, parent=None,
-            chain=h.chain)
+            chain=h.chain, unreadable_blocks=stats.unreadable_blocks)
         return RescueResult(result, unreadable, mapfile, resumed)
     finally:
         source.close()

@@ -33,6 +33,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _probe_only_loop_devices(monkeypatch):
+    """`diskimg list` probes every disk's superblocks with blkid; in tests it may only read the
+    loop devices tests create, never the machine's own disks."""
+    from diskimg import devices
+    real = devices._probe_fs
+
+    def probe(path: str) -> dict[str, str]:
+        return real(path) if os.path.basename(path).startswith("loop") else {}
+    monkeypatch.setattr(devices, "_probe_fs", probe)
+
+
 class LoopDevices:
     """Attaches loop devices over files in a test's tmp_path and always detaches them."""
 

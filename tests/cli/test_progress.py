@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -49,3 +50,26 @@ def test_no_progress_bar_in_a_pipe_or_when_asked(tmp_path):
     for flag in ("--no-progress", "--json"):
         err = _stderr_on_terminal(_image_cmd(tmp_path, flag))
         assert "imaging" not in err and "%" not in err, flag
+
+
+def test_bar_uses_the_binary_units_of_the_summaries(tmp_path):
+    err = _stderr_on_terminal(_image_cmd(tmp_path))
+    assert "/24.0 MiB" in err and "MiB/s" in err
+    assert not re.search(r"\d(kB|MB|GB)\b", err), err   # tqdm's decimal-looking units
+
+
+def test_verify_bar_has_a_total_percentage_and_eta(tmp_path):
+    subprocess.run(_image_cmd(tmp_path), check=True, capture_output=True)
+    image = tmp_path / "a.img"
+    err = _stderr_on_terminal([sys.executable, "-m", "diskimg", "verify", str(image)])
+    assert "verifying" in err and "100%" in err and "/24.0 MiB" in err
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", err), err   # elapsed<remaining: an ETA
+    # a chain: every image's blocks are checked, so the total counts each image
+    src = tmp_path / "src.raw"
+    with open(src, "r+b") as f:
+        f.write(b"changed")
+    subprocess.run([sys.executable, "-m", "diskimg", "image", str(src), str(tmp_path / "i.img"),
+                    "--incremental", str(image)], check=True, capture_output=True)
+    err = _stderr_on_terminal([sys.executable, "-m", "diskimg", "verify",
+                               str(tmp_path / "i.img")])
+    assert "100%" in err and "48.0 MiB/48.0 MiB" in err
