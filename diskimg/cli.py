@@ -30,10 +30,13 @@ from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PERMISSION,
     EXIT_PROBLEM,
     EXIT_USAGE,
     DiskimgError,
+    PermissionDenied,
     UsageError,
+    is_permission_error,
 )
 from diskimg.pipeline import default_threads
 from diskimg.units import human, parse_size
@@ -49,12 +52,18 @@ def _print_json(obj) -> None:
 # --------------------------------------------------------------------------------------------
 # parser assembly
 
-def _common() -> argparse.ArgumentParser:
-    """Options every command takes; pass as ``parents=[_common()]`` to each subparser."""
+def _common(top: bool = False) -> argparse.ArgumentParser:
+    """Options every command takes; pass as ``parents=[_common()]`` to each subparser.  They are
+    accepted before the command too (``top``: the main parser's copy, which holds the defaults).
+    The subparsers' copies default to SUPPRESS: argparse copies a subparser's namespace over
+    the main one, so a default there would undo ``diskimg --debug verify X``."""
+    default = {} if top else {"default": argparse.SUPPRESS}
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
-    p.add_argument("--debug", action="store_true", help="debug logging, tracebacks on errors")
-    p.add_argument("--log-file", metavar="FILE", help="also write the log to FILE")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is being done",
+                   **default)
+    p.add_argument("--debug", action="store_true", help="debug logging, tracebacks on errors",
+                   **default)
+    p.add_argument("--log-file", metavar="FILE", help="also write the log to FILE", **default)
     return p
 
 
@@ -399,11 +408,27 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class _UsageExit(Exception):
+    """argparse found a usage error (raised instead of printing and exiting, so that main can
+    answer in JSON when --json was asked for)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageExit(self, message)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diskimg",
         description="Image block devices, track changed blocks, restore block by block, "
         "watch disk health.",
+        parents=[_common(top=True)],
     )
     parser.add_argument("--version", action="version", version=f"diskimg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -422,51 +447,106 @@ def _setup_logging(args: argparse.Namespace) -> None:
     handler.setFormatter(logging.Formatter("diskimg: %(message)s"))
     root.addHandler(handler)
     if args.log_file:
-        fh = logging.FileHandler(args.log_file)
+        try:
+            fh = logging.FileHandler(args.log_file)
+        except OSError as err:
+            root.removeHandler(handler)
+            if is_permission_error(err):
+                raise PermissionDenied(args.log_file, "write the log file") from err
+            raise UsageError(f"{args.log_file}: cannot write the log file: "
+                             f"{err.strerror or err}") from err
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         root.addHandler(fh)
     root.propagate = False
 
 
+# argument names that hold paths; with --json they are made absolute before the command runs,
+# so that every path the JSON echoes (image, target, chain_paths, ...) is absolute
+_PATH_ARGS = ("source", "image", "target", "incremental", "differential", "mapfile")
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, os.path.abspath(value))
+    if isinstance(getattr(args, "search", None), list):
+        args.search = [os.path.abspath(d) for d in args.search]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
+    """Run one command; returns its exit code.  Every failure, Ctrl-C included, is one line on
+    stderr (and with --json one JSON object on stdout), never a traceback unless --debug."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    want_json = "--json" in argv
+    args: argparse.Namespace | None = None
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: usage errors exit 2, --help/--version exit 0
-        return int(e.code or 0)
-    try:
+        parser = _build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version
+            return int(e.code or 0)
+        except _UsageExit as e:
+            if want_json:
+                _report_error(None, e.message, EXIT_USAGE, json_out=True)
+            else:
+                e.parser.print_usage(sys.stderr)
+                print(f"{e.parser.prog}: error: {e.message}", file=sys.stderr)
+            return EXIT_USAGE
+        want_json = bool(getattr(args, "json", False))
+        if want_json:
+            _absolute_paths(args)
         _setup_logging(args)
-    except OSError as e:
-        print(f"diskimg: error: {e.filename}: cannot write the log file: {e.strerror}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    try:
         return args.func(args)
-    except DiskimgError as e:
-        _report_error(args, str(e))
-        return e.exit_code
     except KeyboardInterrupt:
-        _report_error(args, "interrupted")
-        return EXIT_INTERRUPTED
+        return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)
+    except DiskimgError as e:
+        return _report_error(args, str(e), e.exit_code, json_out=want_json, err=e)
     except BrokenPipeError:  # output piped into head and friends: not an error worth a message
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        _report_error(args, f"{where}{e.strerror or e}")
-        return EXIT_FAILED
+        if is_permission_error(e):
+            return _report_error(args, f"{where}permission denied ({e.strerror or e})",
+                                 EXIT_PERMISSION, json_out=want_json, err=e)
+        return _report_error(args, f"{where}{e.strerror or e}", EXIT_FAILED,
+                             json_out=want_json, err=e)
     except Exception as e:  # a bug: still one line, the traceback with --debug
-        _report_error(args, f"internal error: {type(e).__name__}: {e} (run with --debug for "
-                            f"the traceback, and please report it)")
-        return EXIT_FAILED
+        return _report_error(args, f"internal error: {type(e).__name__}: {e} (run with --debug "
+                                   f"for the traceback, and please report it)", EXIT_FAILED,
+                             json_out=want_json)
 
 
-def _report_error(args: argparse.Namespace, message: str) -> None:
-    if args.debug:
-        log.exception("traceback")
-    print(f"diskimg: error: {message}", file=sys.stderr)
+def _error_path(err: BaseException | None) -> str | None:
+    path = getattr(err, "path", None) if isinstance(err, DiskimgError) else (
+        getattr(err, "filename", None) if isinstance(err, OSError) else None)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    return os.path.abspath(path) if isinstance(path, str) and path else None
+
+
+def _report_error(args: argparse.Namespace | None, message: str, code: int, *,
+                  json_out: bool = False, err: BaseException | None = None) -> int:
+    """Print the one error line (and the JSON object with --json); returns ``code``.  A second
+    Ctrl-C while this runs is dropped: it must not leave a traceback in place of the message."""
+    try:
+        if args is not None and getattr(args, "debug", False):
+            log.exception("traceback")
+        print(f"diskimg: error: {message}", file=sys.stderr)
+        if json_out:
+            error = {"message": message, "path": _error_path(err), "exit_code": code}
+            extra = getattr(err, "to_dict", None)
+            if callable(extra):
+                error.update({k: v for k, v in extra().items() if k not in error})
+            _print_json({"ok": False, "error": error})
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (BrokenPipeError, ValueError):
+        pass
+    return code
 
 
 # --------------------------------------------------------------------------------------------
