@@ -15,17 +15,7 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from diskimg import (
-    __version__,
-    blockdev,
-    health,
-    imagefile,
-    imaging,
-    rescue,
-    restore,
-    verify,
-)
-from diskimg.devices import list_devices
+from diskimg import __version__, defaults
 from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -38,10 +28,43 @@ from diskimg.errors import (
     UsageError,
     is_permission_error,
 )
-from diskimg.pipeline import default_threads
 from diskimg.units import human, parse_size
 
 log = logging.getLogger("diskimg")
+
+
+class _LazyModule:
+    """A library module imported when a command first uses it, not when the CLI starts:
+    ``--help``, ``--version`` and ``info`` do not pay for the imaging code, and only the
+    commands that need them import zstandard, pyudev (``list``) or pySMART (``health``)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        # __import__, not importlib.import_module: the same import machinery as an import
+        # statement, which is what -X importtime measures
+        __import__(self._name)
+        return getattr(sys.modules[self._name], attr)
+
+
+blockdev = _LazyModule("diskimg.blockdev")
+devices = _LazyModule("diskimg.devices")
+health = _LazyModule("diskimg.health")
+imagefile = _LazyModule("diskimg.imagefile")
+imaging = _LazyModule("diskimg.imaging")
+pipeline = _LazyModule("diskimg.pipeline")
+rescue = _LazyModule("diskimg.rescue")
+restore = _LazyModule("diskimg.restore")
+verify = _LazyModule("diskimg.verify")
+
+
+def list_devices(all_devices: bool = False) -> list:
+    return devices.list_devices(all_devices=all_devices)
+
+
+def default_threads() -> int:
+    return pipeline.default_threads()
 
 
 def _print_json(obj) -> None:
@@ -129,9 +152,9 @@ def _add_image(sub) -> None:
     p.add_argument("source", metavar="SOURCE", help="block device or regular file to image")
     p.add_argument("image", metavar="IMAGE", help="image file to write")
     p.add_argument("--block-size", type=_parse_size, default=None, metavar="SIZE",
-                   help=f"power of two, 64K to 16M (default: {human(imaging.DEFAULT_BLOCK_SIZE)}; "
+                   help=f"power of two, 64K to 16M (default: {human(defaults.DEFAULT_BLOCK_SIZE)}; "
                         f"a changed-block image uses its parent's)")
-    p.add_argument("--level", type=int, default=imaging.DEFAULT_LEVEL, metavar="N",
+    p.add_argument("--level", type=int, default=defaults.DEFAULT_LEVEL, metavar="N",
                    help="zstd compression level, 1-22 (default: %(default)s)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--incremental", metavar="PARENT",

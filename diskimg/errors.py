@@ -145,5 +145,13 @@ def is_permission_error(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in PERMISSION_ERRNOS
 
 
+class SmartctlFailed(SmartUnavailable):
+    """smartctl itself failed: killed, or printed what is not smartctl's output (exit 3).
+    ``path`` is the smartctl binary."""
+
+    def __init__(self, smartctl: str, message: str) -> None:
+        super().__init__(message, path=smartctl)
+
+
 class Interrupted(DiskimgError):
     exit_code = EXIT_INTERRUPTED

@@ -36,6 +36,7 @@ from diskimg.blockdev import (
     preadv_full,
 )
 from diskimg.chain import open_chain, parent_ref
+from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (the library's names)
 from diskimg.errors import ChainError, DiskimgError, ReadError, UnsafeTarget, UsageError
 from diskimg.imagefile import ImageReader, ImageWriter
 from diskimg.pipeline import (
@@ -49,9 +50,7 @@ from diskimg.pipeline import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 1 << 20
 READERS = 4   # O_DIRECT reads in flight from a device: one per core would leave the disk idle
-DEFAULT_LEVEL = 2
 READ_AHEAD_WINDOW = 8 << 20   # how far past a failed read its bad sector may lie
 
 Progress = Callable[[int], None]
