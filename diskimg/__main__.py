@@ -5,9 +5,10 @@ middle of importing the CLI and its libraries, which shows a traceback.  So befo
 is imported this module installs a handler that raises KeyboardInterrupt once and ignores every
 later Ctrl-C: the first one stops the command, and pressing it again while the command cleans up
 (closing the pipeline, removing a partial file, printing the message) cannot interrupt the
-cleanup or add a second traceback.  It imports only the standard library's signal and sys.
+cleanup or add a second traceback.  It imports only the built-in _signal and sys (``import
+signal`` would first build its enums, which is long enough for a Ctrl-C to land in).
 """
-import signal
+import _signal
 import sys
 
 _interrupted = False
@@ -21,7 +22,7 @@ def _on_sigint(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
-signal.signal(signal.SIGINT, _on_sigint)
+_signal.signal(_signal.SIGINT, _on_sigint)
 
 
 def _report_interrupted() -> int:
@@ -42,7 +43,7 @@ def main() -> int:
         finally:
             # nothing that happens after the command (interpreter shutdown, joining threads)
             # may turn a late Ctrl-C into a traceback
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     except KeyboardInterrupt:
         # before cli.main could catch it: during the imports, or between its return and here
         return _report_interrupted()

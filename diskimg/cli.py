@@ -559,6 +559,12 @@ def _report_error(args: argparse.Namespace | None, message: str, code: int, *,
         if args is not None and getattr(args, "debug", False):
             log.exception("traceback")
         print(f"diskimg: error: {message}", file=sys.stderr)
+        # the --log-file keeps why the command ended too (stderr has it already)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,),
+                                None)
+        for handler in log.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
         if json_out:
             error = {"message": message, "path": _error_path(err), "exit_code": code}
             extra = getattr(err, "to_dict", None)
