@@ -1,5 +1,54 @@
+"""The entry point of ``diskimg`` and ``python -m diskimg``: catches Ctrl-C from the very start.
+
+Python's own SIGINT handler raises KeyboardInterrupt wherever the main thread is, including in the
+middle of importing the CLI and its libraries, which shows a traceback.  So before anything heavy
+is imported this module installs a handler that raises KeyboardInterrupt once and ignores every
+later Ctrl-C: the first one stops the command, and pressing it again while the command cleans up
+(closing the pipeline, removing a partial file, printing the message) cannot interrupt the
+cleanup or add a second traceback.  It imports only the built-in _signal and sys (``import
+signal`` would first build its enums, which is long enough for a Ctrl-C to land in).
+"""
+import _signal
 import sys
 
-from diskimg.cli import main
+_interrupted = False
 
-sys.exit(main())
+
+def _on_sigint(signum, frame):  # noqa: ARG001
+    global _interrupted
+    if _interrupted:
+        return
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+_signal.signal(_signal.SIGINT, _on_sigint)
+
+
+def _report_interrupted() -> int:
+    try:
+        sys.stderr.write("diskimg: error: interrupted\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    return 130
+
+
+def main() -> int:
+    """Run the CLI with sys.argv; returns the exit code (130 on Ctrl-C at any point)."""
+    try:
+        try:
+            from diskimg.cli import main as cli_main
+            code = cli_main()
+        finally:
+            # nothing that happens after the command (interpreter shutdown, joining threads)
+            # may turn a late Ctrl-C into a traceback
+            _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    except KeyboardInterrupt:
+        # before cli.main could catch it: during the imports, or between its return and here
+        return _report_interrupted()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

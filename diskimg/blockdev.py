@@ -15,7 +15,15 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator
 
-from diskimg.errors import OperationFailed, SourceError, UnsafeTarget
+from diskimg.errors import (
+    DiskimgError,
+    OperationFailed,
+    PermissionDenied,
+    SourceError,
+    UnsafeTarget,
+    UsageError,
+    is_permission_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +60,56 @@ def device_size(fd: int) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
 
 
+def file_kind(mode: int) -> str:
+    """What a stat mode is, for messages: "a pipe", "a character device", ..."""
+    for test, name in ((stat.S_ISFIFO, "a pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def missing_dir_error(path: str, parent_dir: str) -> DiskimgError:
+    """The error for a file whose directory os.path.isdir says is not there: it may be there but
+    out of reach (a parent directory without search permission), which is not "not found"."""
+    try:
+        os.stat(parent_dir)
+    except OSError as err:
+        if is_permission_error(err):
+            return PermissionDenied(parent_dir, "look into the directory")
+    return UsageError(f"{path}: directory {parent_dir} does not exist")
+
+
 def open_source(path: str, direct: bool = False) -> Source:
-    """Open a block device or regular file read-only.  Raises SourceError for anything else."""
+    """Open a block device or a regular file of nonzero size read-only.  Raises SourceError for
+    anything else (a pipe, /dev/stdin from a pipe, a character device, an empty or /proc file),
+    PermissionDenied when it may not be read."""
     path = str(path)
     try:
         st = os.stat(path)
     except FileNotFoundError as err:
         raise SourceError(path, "no such file or device") from err
     except OSError as err:
+        if is_permission_error(err):
+            raise PermissionDenied(path, "read the source") from err
         raise SourceError(path, err.strerror or str(err)) from err
     if stat.S_ISDIR(st.st_mode):
         raise SourceError(path, "is a directory; give a block device or an image file")
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise SourceError(path, "is neither a block device nor a regular file")
+        # a pipe cannot be read at offsets, a character device has no size: nothing to image
+        raise SourceError(path, f"is {file_kind(st.st_mode)}, not a block device or regular "
+                                f"file")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        # /proc and /sys files say size 0 and produce text on read: not a disk either
+        raise SourceError(path, "is an empty regular file (size 0; a /proc or /sys file?): "
+                                "nothing to image")
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
     try:
         fd = os.open(path, flags)
     except OSError as err:
+        if is_permission_error(err):
+            raise PermissionDenied(path, "read the source") from err
         raise SourceError(path, f"cannot open read-only: {err.strerror}") from err
     if stat.S_ISBLK(st.st_mode):
         try:
@@ -216,17 +257,26 @@ def stat_target(path: str) -> tuple[bool, bool, int]:
         st = os.stat(path)
     except FileNotFoundError:
         return False, False, 0
+    except OSError as err:
+        if is_permission_error(err):
+            raise PermissionDenied(path, "look at the target") from err
+        raise
     if stat.S_ISDIR(st.st_mode):
         raise UnsafeTarget(path, "is a directory; give a block device or a file")
     if stat.S_ISBLK(st.st_mode):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            if is_permission_error(err):
+                raise PermissionDenied(path, "open the target") from err
+            raise
         try:
             return True, True, device_size(fd)
         finally:
             os.close(fd)
     if stat.S_ISREG(st.st_mode):
         return True, False, st.st_size
-    raise UnsafeTarget(path, "is neither a block device nor a regular file")
+    raise UnsafeTarget(path, f"is {file_kind(st.st_mode)}, not a block device or regular file")
 
 
 def open_target(path: str, size: int, exists: bool, is_block: bool,
@@ -266,14 +316,16 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
     except OSError as err:
         if err.errno == errno.EBUSY:
             raise UnsafeTarget(path, "device is busy (mounted or in use)") from err
-        if err.errno in (errno.EROFS, errno.EPERM):
-            what = ("on a read-only filesystem" if err.errno == errno.EROFS
-                    else "not writable (immutable or append-only: chattr -i)")
-            raise UnsafeTarget(path, f"cannot be written: {what}; nothing was written") from err
-        if err.errno == errno.EACCES:
-            raise UnsafeTarget(path, "permission denied: cannot open for writing; nothing "
+        if err.errno == errno.EROFS:
+            raise UnsafeTarget(path, "cannot be written: on a read-only filesystem; nothing "
                                      "was written") from err
-        raise OperationFailed(f"{path}: cannot open for writing: {err.strerror}") from err
+        if is_permission_error(err):
+            detail = ("immutable or append-only: chattr -i" if err.errno == errno.EPERM
+                      else err.strerror)
+            raise PermissionDenied(path, "open for writing", f"{detail}; nothing was written") \
+                from err
+        raise OperationFailed(f"{path}: cannot open for writing: {err.strerror}",
+                              path=path) from err
 
 
 def zero_range(target: Target, offset: int, length: int) -> None:

@@ -16,6 +16,7 @@ from typing import Iterable
 
 from diskimg import format as fmt
 from diskimg.errors import ChainError, CorruptImage, DiskimgError, MissingParent
+from diskimg.errors import PermissionDenied, is_permission_error
 from diskimg.imagefile import ImageReader
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ def _peek_uuid(path: str, damaged_is_error: bool) -> str | None:
     raises CorruptImage when `damaged_is_error` (the file at the parent's recorded name)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except OSError as err:
+        if damaged_is_error and is_permission_error(err):
+            raise PermissionDenied(path, "read the parent image") from err
         return None
     try:
         return fmt.read_header(fd, path)[0].uuid
@@ -101,6 +104,12 @@ def find_parent(child: ImageReader, search: Iterable[str] = (),
     if impostors:
         raise ChainError(f"parent image {uuid} ({name}) of {child.path} not found: "
                          + "; ".join(impostors) + " (replaced by a different image?)")
+    for d in dirs:  # not found because a directory may not be searched: say so
+        try:
+            os.stat(os.path.join(d, name))
+        except OSError as err:
+            if is_permission_error(err):
+                raise PermissionDenied(os.path.join(d, name), "look for the parent image") from err
     raise MissingParent(uuid, name, dirs, child.path)
 
 

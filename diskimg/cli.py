@@ -15,30 +15,56 @@ import sys
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
-from diskimg import (
-    __version__,
-    blockdev,
-    health,
-    imagefile,
-    imaging,
-    rescue,
-    restore,
-    verify,
-)
-from diskimg.devices import list_devices
+from diskimg import __version__, defaults
 from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PERMISSION,
     EXIT_PROBLEM,
     EXIT_USAGE,
     DiskimgError,
+    PermissionDenied,
     UsageError,
+    is_permission_error,
 )
-from diskimg.pipeline import default_threads
 from diskimg.units import human, parse_size
 
 log = logging.getLogger("diskimg")
+
+
+class _LazyModule:
+    """A library module imported when a command first uses it, not when the CLI starts:
+    ``--help``, ``--version`` and ``info`` do not pay for the imaging code, and only the
+    commands that need them import zstandard, pyudev (``list``) or pySMART (``health``)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        # __import__, not importlib.import_module: the same import machinery as an import
+        # statement, which is what -X importtime measures
+        __import__(self._name)
+        return getattr(sys.modules[self._name], attr)
+
+
+blockdev = _LazyModule("diskimg.blockdev")
+devices = _LazyModule("diskimg.devices")
+health = _LazyModule("diskimg.health")
+imagefile = _LazyModule("diskimg.imagefile")
+imaging = _LazyModule("diskimg.imaging")
+pipeline = _LazyModule("diskimg.pipeline")
+rescue = _LazyModule("diskimg.rescue")
+restore = _LazyModule("diskimg.restore")
+verify = _LazyModule("diskimg.verify")
+
+
+def list_devices(all_devices: bool = False) -> list:
+    return devices.list_devices(all_devices=all_devices)
+
+
+def default_threads() -> int:
+    return pipeline.default_threads()
 
 
 def _print_json(obj) -> None:
@@ -49,12 +75,18 @@ def _print_json(obj) -> None:
 # --------------------------------------------------------------------------------------------
 # parser assembly
 
-def _common() -> argparse.ArgumentParser:
-    """Options every command takes; pass as ``parents=[_common()]`` to each subparser."""
+def _common(top: bool = False) -> argparse.ArgumentParser:
+    """Options every command takes; pass as ``parents=[_common()]`` to each subparser.  They are
+    accepted before the command too (``top``: the main parser's copy, which holds the defaults).
+    The subparsers' copies default to SUPPRESS: argparse copies a subparser's namespace over
+    the main one, so a default there would undo ``diskimg --debug verify X``."""
+    default = {} if top else {"default": argparse.SUPPRESS}
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
-    p.add_argument("--debug", action="store_true", help="debug logging, tracebacks on errors")
-    p.add_argument("--log-file", metavar="FILE", help="also write the log to FILE")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is being done",
+                   **default)
+    p.add_argument("--debug", action="store_true", help="debug logging, tracebacks on errors",
+                   **default)
+    p.add_argument("--log-file", metavar="FILE", help="also write the log to FILE", **default)
     return p
 
 
@@ -143,9 +175,9 @@ def _add_image(sub) -> None:
     p.add_argument("source", metavar="SOURCE", help="block device or regular file to image")
     p.add_argument("image", metavar="IMAGE", help="image file to write")
     p.add_argument("--block-size", type=_parse_size, default=None, metavar="SIZE",
-                   help=f"power of two, 64K to 16M (default: {human(imaging.DEFAULT_BLOCK_SIZE)}; "
+                   help=f"power of two, 64K to 16M (default: {human(defaults.DEFAULT_BLOCK_SIZE)}; "
                         f"a changed-block image uses its parent's)")
-    p.add_argument("--level", type=int, default=imaging.DEFAULT_LEVEL, metavar="N",
+    p.add_argument("--level", type=int, default=defaults.DEFAULT_LEVEL, metavar="N",
                    help="zstd compression level, 1-22 (default: %(default)s)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--incremental", metavar="PARENT",
@@ -601,11 +633,27 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class _UsageExit(Exception):
+    """argparse found a usage error (raised instead of printing and exiting, so that main can
+    answer in JSON when --json was asked for)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageExit(self, message)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diskimg",
         description="Image block devices, track changed blocks, restore block by block, "
         "watch disk health.",
+        parents=[_common(top=True)],
     )
     parser.add_argument("--version", action="version", version=f"diskimg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -624,51 +672,112 @@ def _setup_logging(args: argparse.Namespace) -> None:
     handler.setFormatter(logging.Formatter("diskimg: %(message)s"))
     root.addHandler(handler)
     if args.log_file:
-        fh = logging.FileHandler(args.log_file)
+        try:
+            fh = logging.FileHandler(args.log_file)
+        except OSError as err:
+            root.removeHandler(handler)
+            if is_permission_error(err):
+                raise PermissionDenied(args.log_file, "write the log file") from err
+            raise UsageError(f"{args.log_file}: cannot write the log file: "
+                             f"{err.strerror or err}") from err
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         root.addHandler(fh)
     root.propagate = False
 
 
+# argument names that hold paths; with --json they are made absolute before the command runs,
+# so that every path the JSON echoes (image, target, chain_paths, ...) is absolute
+_PATH_ARGS = ("source", "image", "target", "incremental", "differential", "mapfile")
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, os.path.abspath(value))
+    if isinstance(getattr(args, "search", None), list):
+        args.search = [os.path.abspath(d) for d in args.search]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
+    """Run one command; returns its exit code.  Every failure, Ctrl-C included, is one line on
+    stderr (and with --json one JSON object on stdout), never a traceback unless --debug."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    want_json = "--json" in argv
+    args: argparse.Namespace | None = None
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: usage errors exit 2, --help/--version exit 0
-        return int(e.code or 0)
-    try:
+        parser = _build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version
+            return int(e.code or 0)
+        except _UsageExit as e:
+            if want_json:
+                _report_error(None, e.message, EXIT_USAGE, json_out=True)
+            else:
+                e.parser.print_usage(sys.stderr)
+                print(f"{e.parser.prog}: error: {e.message}", file=sys.stderr)
+            return EXIT_USAGE
+        want_json = bool(getattr(args, "json", False))
+        if want_json:
+            _absolute_paths(args)
         _setup_logging(args)
-    except OSError as e:
-        print(f"diskimg: error: {e.filename}: cannot write the log file: {e.strerror}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    try:
         return args.func(args)
-    except DiskimgError as e:
-        _report_error(args, str(e))
-        return e.exit_code
     except KeyboardInterrupt:
-        _report_error(args, "interrupted")
-        return EXIT_INTERRUPTED
+        return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)
+    except DiskimgError as e:
+        return _report_error(args, str(e), e.exit_code, json_out=want_json, err=e)
     except BrokenPipeError:  # output piped into head and friends: not an error worth a message
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        _report_error(args, f"{where}{e.strerror or e}")
-        return EXIT_FAILED
+        if is_permission_error(e):
+            return _report_error(args, f"{where}permission denied ({e.strerror or e})",
+                                 EXIT_PERMISSION, json_out=want_json, err=e)
+        return _report_error(args, f"{where}{e.strerror or e}", EXIT_FAILED,
+                             json_out=want_json, err=e)
     except Exception as e:  # a bug: still one line, the traceback with --debug
-        _report_error(args, f"internal error: {type(e).__name__}: {e} (run with --debug for "
-                            f"the traceback, and please report it)")
-        return EXIT_FAILED
+        return _report_error(args, f"internal error: {type(e).__name__}: {e} (run with --debug "
+                                   f"for the traceback, and please report it)", EXIT_FAILED,
+                             json_out=want_json)
 
 
-def _report_error(args: argparse.Namespace, message: str) -> None:
-    if args.debug:
-        log.exception("traceback")
-    print(f"diskimg: error: {message}", file=sys.stderr)
+def _error_path(err: BaseException | None) -> str | None:
+    path = getattr(err, "path", None) if isinstance(err, DiskimgError) else (
+        getattr(err, "filename", None) if isinstance(err, OSError) else None)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    return os.path.abspath(path) if isinstance(path, str) and path else None
+
+
+def _report_error(args: argparse.Namespace | None, message: str, code: int, *,
+                  json_out: bool = False, err: BaseException | None = None) -> int:
+    """Print the one error line (and the JSON object with --json); returns ``code``.  A second
+    Ctrl-C while this runs is dropped: it must not leave a traceback in place of the message."""
+    try:
+        if args is not None and getattr(args, "debug", False):
+            log.exception("traceback")
+        print(f"diskimg: error: {message}", file=sys.stderr)
+        # the --log-file keeps why the command ended too (stderr has it already)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,),
+                                None)
+        for handler in log.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        if json_out:
+            error = {"message": message, "path": _error_path(err), "exit_code": code}
+            extra = getattr(err, "to_dict", None)
+            if callable(extra):
+                error.update({k: v for k, v in extra().items() if k not in error})
+            _print_json({"ok": False, "error": error})
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (BrokenPipeError, ValueError):
+        pass
+    return code
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
-from diskimg.errors import SmartUnavailable, UsageError
+from diskimg.errors import SmartctlFailed, SmartUnavailable, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -374,9 +374,41 @@ def _make_smartctl(path: str):
             log.debug("smartctl %s -> rc %s, %d lines", " ".join(params), rc, len(out))
             if "--all" in params or "--info" in params:
                 self.last_all = list(out)
+            if self.broken is None:
+                self.broken = _smartctl_trouble(self.smartctl_path, out, rc)
             return out, rc
 
-    return _RecordingSmartctl(path)
+    sm = _RecordingSmartctl(path)
+    sm.broken = None     # the first sign that smartctl itself is broken, set by generic_call
+    return sm
+
+
+# smartctl starts every answer with its banner ("smartctl 7.3 2022-02-28 r5338 [...]"); answers
+# to commands given to a drive (-t, -X) may be recorded without it but start with a section
+_SMARTCTL_TEXT = re.compile(r"^(smartctl \d+\.\d+|=== START OF )", re.M)
+
+
+def _smartctl_trouble(path: str, out: list[str], rc: int) -> str | None:
+    """Why an answer of smartctl shows that smartctl itself is broken (killed by a signal, or
+    text that is not smartctl's), or None.  A non-zero exit alone is not: smartctl's exit
+    status is a bit mask that is non-zero for a device without SMART or with logged errors."""
+    first = next((line.strip() for line in out if line.strip()), "")
+    if rc is not None and rc < 0:
+        import signal
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"smartctl at {path} failed: killed by {name}" + (f": {first}" if first else "")
+    if not first or _SMARTCTL_TEXT.search("\n".join(out)):
+        # no output at all is what an unknown command line gives: a question pySMART may ask
+        # of a device that cannot answer it, not a sign of a broken smartctl
+        return None
+    if rc:
+        return (f"smartctl at {path} failed: exit {rc}: "
+                + (first[:120] if first else "no output"))
+    return (f"smartctl at {path} printed output diskimg cannot read"
+            + (f": {first[:120]}" if first else " (nothing)"))
 
 
 def _open(path: str, smartctl: str | None, interface: str | None):
@@ -397,13 +429,16 @@ def _open(path: str, smartctl: str | None, interface: str | None):
         def dev_reference(self) -> str:
             return ref
 
-    sm = _make_smartctl(binary)
+    sm = _make_smartctl(os.path.abspath(binary))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             dev = _Device(ref, interface=interface, smartctl=sm)
         except ValueError as e:          # pySMART: unknown interface
             raise UsageError(f"{path}: {e}") from e
+    if sm.broken:
+        # not "the device has no SMART": the tool that would tell us failed
+        raise SmartctlFailed(binary, sm.broken)
     return dev, sm
 
 
@@ -538,6 +573,9 @@ def precheck(path: str, smartctl: str | None = None) -> HealthReport | None:
         if not os.path.exists(path) or not _is_block_or_char(path):
             return None
         report = check(path, smartctl)
+    except SmartctlFailed as e:  # worth a line, but no reason to refuse imaging
+        log.warning("warning: no health check of %s before imaging: %s", path, e)
+        return None
     except (SmartUnavailable, UsageError) as e:
         log.debug("no health check for %s: %s", path, e)
         return None

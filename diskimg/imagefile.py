@@ -19,8 +19,10 @@ from typing import Iterator
 import zstandard
 
 from diskimg import format as fmt
+from diskimg.blockdev import file_kind as _kind
 from diskimg.blockdev import replace_durably
 from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
+from diskimg.errors import PermissionDenied, is_permission_error
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +107,14 @@ class ImageReader:
         except IsADirectoryError as err:
             raise NotAnImage(self.path, "is a directory, not an image") from err
         except PermissionError as err:
-            raise NotAnImage(self.path, "permission denied") from err
+            raise PermissionDenied(self.path, "read the image") from err
         try:
             st = os.fstat(self.fd)
             if stat.S_ISDIR(st.st_mode):
                 raise NotAnImage(self.path, "is a directory, not an image")
+            if not stat.S_ISREG(st.st_mode):
+                # a pipe (/dev/stdin) cannot be read at offsets: "Illegal seek" otherwise
+                raise NotAnImage(self.path, f"is {_kind(st.st_mode)}, not an image file")
             self.file_size = st.st_size
             try:
                 self.header, self.data_start = fmt.read_header(self.fd, self.path)
@@ -296,8 +301,10 @@ class ImageWriter:
                 os.ftruncate(self.fd, resume_at)  # drop a record torn by a crash
                 os.lseek(self.fd, resume_at, os.SEEK_SET)
         except OSError as err:
+            if is_permission_error(err):
+                raise PermissionDenied(self.partial, "create the image") from err
             raise OperationFailed(f"{self.partial}: cannot open for writing: "
-                                  f"{err.strerror}") from err
+                                  f"{err.strerror}", path=self.partial) from err
         self.pos = 0
         self._behind = [0, 0]   # the last two write-behind marks
         if resume_at is None:

@@ -28,12 +28,15 @@ from diskimg import format as fmt
 from diskimg.blockdev import (
     Source,
     data_ranges,
+    file_kind,
     locate_bad_sector,
+    missing_dir_error,
     open_direct,
     open_source,
     preadv_full,
 )
 from diskimg.chain import open_chain, parent_ref
+from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (the library's names)
 from diskimg.errors import (
     ChainError,
     DiskimgError,
@@ -54,9 +57,7 @@ from diskimg.pipeline import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 1 << 20
 READERS = 4   # O_DIRECT reads in flight from a device: one per core would leave the disk idle
-DEFAULT_LEVEL = 2
 READ_AHEAD_WINDOW = 8 << 20   # how far past a failed read its bad sector may lie
 
 Progress = Callable[[int], None]
@@ -131,6 +132,9 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
     if os.path.exists(image):
         if os.path.isdir(image):
             raise UsageError(f"{image}: is a directory; give the image's file name")
+        if not os.path.isfile(image):  # /dev/stdin, a pipe, a device: --force would replace it
+            raise UsageError(f"{image}: is {file_kind(os.stat(image).st_mode)}, not a regular "
+                             f"file; an image is written to a file")
         if not force:
             raise UsageError(f"{image}: already exists; use --force to overwrite it")
     partial = image + ".partial"
@@ -139,7 +143,7 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
                          f"remove it to start over")
     parent_dir = os.path.dirname(os.path.abspath(image))
     if not os.path.isdir(parent_dir):
-        raise UsageError(f"{image}: directory {parent_dir} does not exist")
+        raise missing_dir_error(image, parent_dir)
     if source.is_block:
         src_path = os.path.realpath(source.path)
         holders = devices.holding_devices(parent_dir)

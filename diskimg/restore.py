@@ -33,6 +33,7 @@ from diskimg import format as fmt
 from diskimg.blockdev import (
     Target,
     open_readback,
+    missing_dir_error,
     open_target,
     preadv_full,
     stat_target,
@@ -151,7 +152,7 @@ def check_target(target: str, size: int) -> tuple[bool, bool, int]:
     exists, is_block, tsize = stat_target(target)
     parent_dir = os.path.dirname(os.path.abspath(target))
     if not exists and not os.path.isdir(parent_dir):
-        raise UsageError(f"{target}: directory {parent_dir} does not exist")
+        raise missing_dir_error(target, parent_dir)
     if is_block:
         busy = devices.usage(target)
         if busy:

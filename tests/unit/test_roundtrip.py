@@ -17,7 +17,7 @@ BS = fmt.MIN_BLOCK_SIZE
 # contents made of runs: zeros, random bytes, a repeated byte; sizes around block boundaries
 runs = st.lists(
     st.tuples(st.sampled_from(["zero", "random", "fill"]), st.integers(1, 3 * BS)),
-    min_size=0, max_size=6,
+    min_size=1, max_size=6,
 )
 
 

@@ -1,0 +1,7 @@
+"""Defaults the CLI shows in its help and the library uses.  Kept apart from imaging.py so that
+building the argument parser (``diskimg --help``, ``--version``, ``info``) imports no
+compression library."""
+from __future__ import annotations
+
+DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_LEVEL = 2
