@@ -206,6 +206,22 @@ def test_restore_into_the_backing_file_of_a_loop_with_a_mounted_partition(loops,
     assert stamp(backing) == before
 
 
+def test_restore_onto_a_loop_device_whose_file_another_mounted_loop_reads(loops, tmp_path,
+                                                                          chain):
+    _, full, _ = chain
+    dev, backing = loops.create(4 * MiB, "twice")
+    run("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
+    other = loops.attach(backing)
+    mnt = loops.mount(other, tmp_path / "mnt")
+    os.sync()
+    before = stamp(backing)
+    refused(cli("restore", full, dev, "--yes", "--no-progress"), dev, other, mnt)
+    # and it is no consistent source either
+    refused(cli("image", dev, tmp_path / "x.dimg", "--no-progress"), dev, mnt)
+    assert stamp(backing) == before
+    assert not (tmp_path / "x.dimg").exists()
+
+
 def test_restore_into_the_backing_file_of_an_idle_loop_device(loops, tmp_path, chain):
     """Attached but not in use: allowed, with a warning (nothing reads it meanwhile)."""
     src, full, _ = chain
