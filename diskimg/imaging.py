@@ -67,7 +67,7 @@ class ImageOptions:
     block_size: int | None = None      # None: the parent's, or DEFAULT_BLOCK_SIZE
     level: int = DEFAULT_LEVEL
     threads: int = field(default_factory=default_threads)
-    force: bool = False                 # overwrite an existing image; accept another serial
+    force: bool = False                 # replace a finished image; accept another disk; a rw mount
     incremental: str | None = None      # parent image path
     differential: str | None = None     # any image of the chain whose root full image is used
     search: tuple[str, ...] = ()
