@@ -226,26 +226,29 @@ def same(a: PathIdentity, b: PathIdentity) -> bool:
 
 
 def loops_backed_by(path: str) -> list[str]:
-    """The attached loop devices (/dev/loopN) whose backing file is the file at `path`,
-    matched by device and inode; empty for anything that is not a regular file."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    """The attached loop devices (/dev/loopN) that read or write the same file as `path`:
+    over the regular file at `path`, or for a loop device (or a partition of one), the other
+    loop devices over its backing file.  Matched by device and inode; `path`'s own loop device
+    is left out.  Empty for anything else."""
+    ident = identify(path)
+    files = {k for k in ident.things if k[0] == "file"}
+    if not files:
         return []
-    if not stat.S_ISREG(st.st_mode):
-        return []
-    key = _file_key(st)
     result = []
     try:
-        entries = sorted(SYS_BLOCK.glob("loop*"), key=lambda p: int(p.name[4:] or 0)
-                         if p.name[4:].isdigit() else 0)
+        entries = sorted(SYS_BLOCK.glob("loop*"), key=lambda p: int(p.name[4:])
+                         if p.name[4:].isdigit() else -1)
     except OSError:
         return []
     for entry in entries:
         if not (entry / "loop").is_dir():
             continue
-        found, _ = _loop_backing(entry.resolve(), None)
-        if found == key:
+        d = entry.resolve()
+        devnum = _devnum(d)
+        if devnum is not None and _blk_key(devnum) in ident.things:
+            continue    # path's own loop device
+        found, _ = _loop_backing(d, None)
+        if found in files:
             result.append(f"/dev/{entry.name}")
     return result
 

@@ -68,7 +68,7 @@ class ImageOptions:
     block_size: int | None = None      # None: the parent's, or DEFAULT_BLOCK_SIZE
     level: int = DEFAULT_LEVEL
     threads: int = field(default_factory=default_threads)
-    force: bool = False                 # overwrite an existing image; accept another serial
+    force: bool = False                 # replace a finished image; accept another disk; a rw mount
     incremental: str | None = None      # parent image path
     differential: str | None = None     # any image of the chain whose root full image is used
     search: tuple[str, ...] = ()
@@ -201,10 +201,10 @@ def _check_no_children(image: str, search: tuple[str, ...]) -> None:
 
 
 def check_source_mounted(source: Source, force: bool) -> list[str]:
-    """The mountpoints where the source (its partitions, holders, or for a file the loop
-    devices it backs) is mounted read-write.  Refused unless `force`: the filesystem changes
+    """The mountpoints where the source (its partitions, holders, or the loop devices over
+    the same file) is mounted read-write.  Refused unless `force`: the filesystem changes
     while it is read, so the image may be inconsistent."""
-    devs = [source.path] if source.is_block else identity.loops_backed_by(source.path)
+    devs = ([source.path] if source.is_block else []) + identity.loops_backed_by(source.path)
     found: list[tuple[str, str]] = []
     for dev in devs:
         found += [f for f in devices.mounted_read_write(dev) if f not in found]

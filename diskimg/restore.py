@@ -157,16 +157,16 @@ def check_target(target: str, size: int) -> tuple[bool, bool, int]:
         busy = devices.usage(target)
         if busy:
             raise UnsafeTarget(target, "is in use: " + "; ".join(busy))
-    elif exists:
-        # a file under a loop device: writing it writes the loop device's disk
+    if exists:
+        # a file under a loop device (or a loop device over a file another one reads):
+        # writing it writes that loop device's disk
+        how = "shares its backing file with" if is_block else "backs"
         for loop in identity.loops_backed_by(target):
             busy = devices.usage(loop)
             if busy:
-                raise UnsafeTarget(target, f"backs {loop}, which is in use: "
-                                           + "; ".join(busy))
-            log.warning("%s backs %s (attached, not in use): detach it with losetup -d %s "
-                        "before using it again, its cached data may be stale", target, loop,
-                        loop)
+                raise UnsafeTarget(target, f"{how} {loop}, which is in use: " + "; ".join(busy))
+            log.warning("%s %s %s (attached, not in use): detach it with losetup -d %s before "
+                        "using it again, its cached data may be stale", target, how, loop, loop)
     if exists and tsize < size:
         raise UnsafeTarget(target, f"is too small: {tsize} bytes ({human(tsize)}), the image "
                                    f"needs {size} bytes ({human(size)})")

@@ -159,3 +159,22 @@ def test_content_ids_of_fat_and_nothing(tmp_path):
     tiny = tmp_path / "tiny"
     tiny.write_bytes(b"\x55" * 100)
     assert _ids(tiny) == {}
+
+
+def test_mountinfo_read_only_is_the_filesystems(tmp_path):
+    """A read-only bind mount of a filesystem that is read-write elsewhere is not read-only;
+    the superblock options (after the separator) decide."""
+    from diskimg.devices import mounts
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "36 25 7:3 / /mnt/rw rw,relatime shared:1 - ext4 /dev/loop3 rw\n"
+        "37 25 7:4 / /mnt/ro ro,relatime shared:2 - ext4 /dev/loop4 ro\n"
+        "38 25 7:3 / /mnt/bind ro,relatime shared:1 - ext4 /dev/loop3 rw,errors=remount-ro\n"
+        "39 25 7:5 / /mnt/old\\040name rw master:3 - xfs /dev/loop5 rw,attr2\n")
+    got = {m.mountpoint: (m.read_only, m.options, m.super_options) for m in mounts(info)}
+    assert got == {
+        "/mnt/rw": (False, "rw,relatime", "rw"),
+        "/mnt/ro": (True, "ro,relatime", "ro"),
+        "/mnt/bind": (False, "ro,relatime", "rw,errors=remount-ro"),
+        "/mnt/old name": (False, "rw", "rw,attr2"),
+    }
