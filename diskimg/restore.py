@@ -39,7 +39,7 @@ from diskimg.blockdev import (
     stat_target,
     zero_range,
 )
-from diskimg.chain import Chain, open_chain
+from diskimg.chain import open_chain
 from diskimg.errors import (
     CorruptImage,
     DiskimgError,

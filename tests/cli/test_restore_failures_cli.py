@@ -24,7 +24,7 @@ from diskimg import format as fmt
 from diskimg.errors import RestoreFailed
 from diskimg.imagefile import ImageReader
 from diskimg.restore import describe_target, restore_image
-from helpers import PYTHON, REPO, cli, compressible, flip_byte, read_at, run
+from helpers import PYTHON, REPO, cli, compressible, flip_byte, run
 
 BS = 64 * 1024
 NBLOCKS = 20
