@@ -132,6 +132,17 @@ def _resolved(chain: Chain, level: int, first: int, count: int
     (first block, count, level of the image that holds them, its entry).  Entry None: the
     resolution stops at a damaged index segment of that image.  An entry of an unknown kind,
     or PARENT in the root, is returned as it is (the image's own check reports it)."""
+    if count == 1:   # a single block (most PARENT entries of data): entry by entry is faster
+        while True:
+            try:
+                entry = chain.images[level].entry(first)
+            except fmt.SegmentError:
+                yield first, 1, level, None
+                return
+            if entry.kind != fmt.PARENT or level == 0:
+                yield first, 1, level, entry
+                return
+            level -= 1
     todo = [(level, first, count)]   # a list, not recursion: a chain may be 10000 long
     while todo:
         lvl, b, n = todo.pop()
