@@ -25,6 +25,24 @@ def _on_sigint(signum, frame):  # noqa: ARG001
 _signal.signal(_signal.SIGINT, _on_sigint)
 
 
+def _on_unraisable(unraisable) -> None:
+    """Python drops an exception raised where it cannot propagate (a weakref callback during
+    an import, a __del__) with an "Exception ignored in" message.  A Ctrl-C that lands there
+    is not lost: a timer raises it again a millisecond later, in the main thread's own code.
+    (Raising it from here, or sending SIGINT from here, would only be dropped again: Python
+    runs the handler before this hook returns.)"""
+    global _interrupted
+    if unraisable.exc_type is KeyboardInterrupt:
+        _interrupted = False
+        _signal.signal(_signal.SIGALRM, _on_sigint)
+        _signal.setitimer(_signal.ITIMER_REAL, 0.001)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+sys.unraisablehook = _on_unraisable
+
+
 def _report_interrupted() -> int:
     try:
         sys.stderr.write("diskimg: error: interrupted\n")

@@ -76,10 +76,17 @@ def test_ctrl_c_storm_from_the_start(entry, tmp_path):
     run ends in exactly one line and exit 130, or completes normally."""
     img = _image_of(tmp_path)
     cmd = ENTRY_POINTS[entry] + ["info", str(img)]
+    # the storm starts at 20 moments spread over one uninterrupted run's duration (this
+    # machine's load decides how long start-up takes); until enough runs were caught by diskimg
+    t0 = time.monotonic()
+    subprocess.run(cmd, capture_output=True, check=True)
+    step = (time.monotonic() - t0) / 16
     outcomes = {"interrupted": 0, "completed": 0, "before diskimg": 0}
-    for i in range(40):
+    for i in range(200):
+        if i >= 40 and outcomes["interrupted"] >= 10:
+            break
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep((i % 20) * 0.006)
+        time.sleep((i % 20) * step)
         while proc.poll() is None:
             try:
                 proc.send_signal(signal.SIGINT)
@@ -87,8 +94,15 @@ def test_ctrl_c_storm_from_the_start(entry, tmp_path):
                 break
             time.sleep(0.002)
         out, err = proc.communicate()
-        if proc.returncode == EXIT_INTERRUPTED:
-            assert err == "diskimg: error: interrupted\n", err
+        if proc.returncode == EXIT_INTERRUPTED or (proc.returncode == -signal.SIGINT
+                                                   and err == "diskimg: error: interrupted\n"):
+            # (-SIGINT: a later Ctrl-C of the storm after Python's finalization gave SIGINT
+            # back its default action, a moment before exit; the shell shows 130 for both)
+            early, _, line = err.rpartition("diskimg: error: interrupted\n")
+            assert line == "", err
+            # before it, at most what Python printed for a Ctrl-C that it dropped itself
+            # ("Exception ignored in ...") before diskimg's code ran
+            assert early == "" or _frames_outside_diskimg(early), err
             outcomes["interrupted"] += 1
         elif proc.returncode == 0:
             assert err == "" and "uuid:" in out
@@ -97,7 +111,7 @@ def test_ctrl_c_storm_from_the_start(entry, tmp_path):
             # the only other ending: killed by SIGINT before Python set up its handler (no
             # output), or Python's traceback from its own start-up, before diskimg's code
             assert proc.returncode in (-signal.SIGINT, 1), (proc.returncode, err)
-            assert err == "" or _frames_outside_diskimg(err), err
+            assert err == "" or _frames_outside_diskimg(err), (proc.returncode, err)
             outcomes["before diskimg"] += 1
     assert outcomes["interrupted"] >= 10, outcomes
 
