@@ -624,7 +624,7 @@ def _info_truncated(args: argparse.Namespace, err: DiskimgError) -> int:
               f"the last is block {left['last_block']} (verify checks their content)")
     else:
         print("survived:    no stored block")
-    _report_error(args, str(err))
+    _report_error(args, str(err), err.exit_code, err=err)
     return err.exit_code
 
 

@@ -79,6 +79,8 @@ class LoopDevices:
         for mnt in reversed(self.mounts):
             run("umount", "-l", mnt, check=False)
         for dev in reversed(self.devices):
+            # a read-only flag set by a test (blockdev --setro) outlives the detach
+            run("blockdev", "--setrw", dev, check=False)
             run("losetup", "-d", dev, check=False)
 
 
