@@ -56,7 +56,7 @@ def main() -> int:
     """Run the CLI with sys.argv; returns the exit code (130 on Ctrl-C at any point)."""
     try:
         try:
-            from diskimg.cli import main as cli_main
+            from diskimg.cli.main import main as cli_main
             code = cli_main()
         finally:
             # nothing that happens after the command (interpreter shutdown, joining threads)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make the compatibility fixtures of the current image format version: fixtures/compat/vN/.
 
-Run this ONCE per released format version (N = diskimg.format.FORMAT_VERSION), and commit what it
+Run this ONCE per released format version (N = diskimg.format.v1.FORMAT_VERSION), and commit what it
 writes.  Never regenerate an existing version's fixtures: they are the images that version's
 diskimg wrote, and tests/unit/test_compat.py checks that every later diskimg still verifies,
 describes and restores them exactly.  The script refuses to touch an existing directory; if a
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from diskimg import __version__  # noqa: E402
 from diskimg import format as fmt  # noqa: E402
-from diskimg.imagefile import ImageReader, describe  # noqa: E402
-from diskimg.imaging import ImageOptions, create_image  # noqa: E402
+from diskimg.image.imagefile import ImageReader, describe  # noqa: E402
+from diskimg.ops.imaging import ImageOptions, create_image  # noqa: E402
 
 BS = 64 * 1024
 SIZE = 5 * BS + 20000           # 6 blocks, the last one 20000 bytes

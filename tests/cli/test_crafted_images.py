@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from diskimg import format as fmt
-from diskimg.imagefile import ImageReader
+from diskimg.image.imagefile import ImageReader
 from helpers import cli, compressible, flip_byte
 from imagecraft import (
     footer_json,

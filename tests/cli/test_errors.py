@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import PYTHON, REPO, MiB, cli
 
-from diskimg import health
+from diskimg.health import smart as health
 from diskimg.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PERMISSION, EXIT_USAGE
 
 DISKIMG = str(REPO / ".venv" / "bin" / "diskimg")
@@ -145,7 +145,7 @@ def test_ctrl_c_twice_while_imaging(entry, tmp_path):
 
 def test_ctrl_c_with_json(tmp_path, monkeypatch):
     """In-process: KeyboardInterrupt from inside a command gives the JSON failure object."""
-    from diskimg import imagefile
+    from diskimg.image import imagefile
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -198,7 +198,7 @@ def test_json_usage_errors(capsys):
 
 def test_json_error_merges_to_dict(tmp_path, monkeypatch):
     """An error with to_dict() (a restore's partial-write details) adds its fields."""
-    from diskimg import imagefile
+    from diskimg.image import imagefile
     from diskimg.errors import OperationFailed
 
     class Detailed(OperationFailed):
@@ -452,27 +452,27 @@ def _imported(*argv: str, cwd: Path) -> set[str]:
     for line in proc.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
             names.add(line.rsplit("|", 1)[1].strip())
-    assert "diskimg.cli" in names, proc.stderr[-2000:]
+    assert "diskimg.cli.main" in names, proc.stderr[-2000:]
     return names
 
 
 def test_startup_imports_only_what_the_command_needs(tmp_path):
     img = _image_of(tmp_path)
-    heavy = {"pySMART", "pyudev", "tqdm", "zstandard", "crcmod", "diskimg.imaging",
-             "diskimg.health", "diskimg.devices"}
+    heavy = {"pySMART", "pyudev", "tqdm", "zstandard", "crcmod", "diskimg.ops.imaging",
+             "diskimg.health.smart", "diskimg.devices"}
     for argv in (["--version"], ["--help"], ["info", "--help"]):
         assert not heavy & _imported(*argv, cwd=tmp_path), argv
     got = _imported("info", str(img), cwd=tmp_path)
     assert "zstandard" in got
-    assert not {"pySMART", "pyudev", "tqdm", "diskimg.imaging", "diskimg.health"} & got
+    assert not {"pySMART", "pyudev", "tqdm", "diskimg.ops.imaging", "diskimg.health.smart"} & got
     got = _imported("verify", str(img), "--no-progress", cwd=tmp_path)
-    assert not {"pySMART", "pyudev", "tqdm", "diskimg.imaging", "diskimg.health"} & got
+    assert not {"pySMART", "pyudev", "tqdm", "diskimg.ops.imaging", "diskimg.health.smart"} & got
     got = _imported("image", str(tmp_path / "a.raw"), str(tmp_path / "b.dimg"), cwd=tmp_path)
-    assert "diskimg.imaging" in got and not {"pySMART", "tqdm"} & got
+    assert "diskimg.ops.imaging" in got and not {"pySMART", "tqdm"} & got
     got = _imported("health", str(tmp_path / "nonexistent"), cwd=tmp_path)
-    assert not {"zstandard", "pyudev", "diskimg.imaging"} & got
+    assert not {"zstandard", "pyudev", "diskimg.ops.imaging"} & got
     got = _imported("list", cwd=tmp_path)
-    assert not {"zstandard", "pySMART", "diskimg.imaging"} & got
+    assert not {"zstandard", "pySMART", "diskimg.ops.imaging"} & got
 
 
 def test_entry_point_is_light():

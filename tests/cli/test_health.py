@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from diskimg import health
-from diskimg.cli import main
+from diskimg.health import smart as health
+from diskimg.cli.main import main
 
 # sample -> (verdict, what, value fragment); see docs/HEALTH.md for why
 EXPECTED = {

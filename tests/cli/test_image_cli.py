@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from diskimg import format as fmt
-from diskimg.imagefile import ImageReader
+from diskimg.image.imagefile import ImageReader
 from helpers import PYTHON, REPO, cli, compressible, flip_byte, read_at
 
 BS = 64 * 1024

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from diskimg import format as fmt
-from diskimg.cli import main
-from diskimg.imagefile import ImageWriter
+from diskimg.cli.main import main
+from diskimg.image.imagefile import ImageWriter
 
 
 def _source(tmp_path, size=3 << 20):
@@ -65,7 +65,7 @@ def test_unwritable_log_file_is_a_usage_error(tmp_path, capsys):
 def test_unexpected_failure_is_one_line_and_a_traceback_with_debug(tmp_path, capsys,
                                                                    monkeypatch):
     """A bug must not greet a sysadmin with a traceback: one line, exit 3; --debug shows it."""
-    from diskimg import imaging
+    from diskimg.ops import imaging
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("simulated bug")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from diskimg.cli import main
+from diskimg.cli.main import main
 
 
 def test_list_json_shape(capsys):
@@ -47,7 +47,7 @@ def test_natural_device_order():
 
 
 def test_list_columns_align_with_a_long_backing_file():
-    from diskimg.cli import _list_table
+    from diskimg.cli.main import _list_table
     from diskimg.devices import DeviceInfo, PartitionInfo
 
     def loop(name, backing, label=None):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from helpers import cli
 
-from diskimg.mapfile import FINISHED, RescueMap
+from diskimg.ops.mapfile import FINISHED, RescueMap
 
 
 def test_completed_rescue_map_names_its_image(tmp_path):

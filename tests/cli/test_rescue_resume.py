@@ -8,9 +8,9 @@ import json
 import os
 
 from diskimg import format as fmt
-from diskimg.cli import main
-from diskimg.imagefile import ImageReader, ImageWriter
-from diskimg.mapfile import FINISHED, RescueMap
+from diskimg.cli.main import main
+from diskimg.image.imagefile import ImageReader, ImageWriter
+from diskimg.ops.mapfile import FINISHED, RescueMap
 
 BS = 64 * 1024
 

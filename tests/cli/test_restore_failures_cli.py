@@ -22,8 +22,8 @@ import pytest
 
 from diskimg import format as fmt
 from diskimg.errors import RestoreFailed
-from diskimg.imagefile import ImageReader
-from diskimg.restore import describe_target, restore_image
+from diskimg.image.imagefile import ImageReader
+from diskimg.ops.restore import describe_target, restore_image
 from helpers import PYTHON, REPO, cli, compressible, flip_byte, run
 
 BS = 64 * 1024

@@ -86,7 +86,7 @@ def test_counts_add_up_for_every_kind(tmp_path):
 def test_info_of_an_image_made_before_the_rule(tmp_path):
     """Older images counted zero blocks that were zeros in the parent as unchanged too; info
     recovers the split from the sum."""
-    from diskimg.imagefile import block_counts
+    from diskimg.image.imagefile import block_counts
     old = {"stored_blocks": 1, "zero_blocks": 50, "unused_blocks": 0, "unchanged_blocks": 95,
            "changed_blocks": 1}
     c = block_counts(96, old, has_parent=True)

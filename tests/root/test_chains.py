@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from diskimg import format as fmt
-from diskimg.imagefile import ImageReader
+from diskimg.image.imagefile import ImageReader
 from helpers import (MiB, SECTOR, cli, cmp_same, compressible, dd_copy, dd_write, fill_tree,
                      flip_byte, fsck_clean, mkfs, sha256_of, tree_sha256)
 

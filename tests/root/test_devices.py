@@ -12,7 +12,7 @@ import pytest
 from helpers import run
 
 from diskimg import devices
-from diskimg.cli import main
+from diskimg.cli.main import main
 
 pytestmark = pytest.mark.root
 
@@ -179,5 +179,5 @@ def test_health_on_loop_device_is_unknown(loops, capsys):
     assert main(["health", dev, "--json"]) == 3
     report = json.loads(capsys.readouterr().out)
     assert report["verdict"] == "UNKNOWN" and report["smart_overall"] is None
-    from diskimg import health
+    from diskimg.health import smart as health
     assert health.precheck(dev) is None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from diskimg.cli import main
+from diskimg.cli.main import main
 
 pytestmark = pytest.mark.root
 

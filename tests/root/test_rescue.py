@@ -34,7 +34,7 @@ from faulty import (
     parse_ddrescue_map,
 )
 
-from diskimg.mapfile import FINISHED, RescueMap
+from diskimg.ops.mapfile import FINISHED, RescueMap
 
 pytestmark = [
     pytest.mark.root,
@@ -417,8 +417,8 @@ def read_in(reads, blocks: set[int]) -> list[tuple[int, int, str]]:
 
 # The CLI with the map saved every 0.2 s instead of every 30 s, so a kill finds a mapfile that is
 # current but for the last moments (records written after it are checked by content on resume).
-SAVE_OFTEN = ("import sys; import diskimg.rescue; diskimg.rescue.MAP_SAVE_INTERVAL = 0.2; "
-              "from diskimg.cli import main; sys.exit(main(sys.argv[1:]))")
+SAVE_OFTEN = ("import sys; import diskimg.ops.rescue; diskimg.ops.rescue.MAP_SAVE_INTERVAL = 0.2; "
+              "from diskimg.cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
 @pytest.mark.parametrize("when", ["copying", "trimming", "trimming_map_saved"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from diskimg.errors import EXIT_PERMISSION
-from diskimg.restore import describe_target
+from diskimg.ops.restore import describe_target
 from helpers import MiB, PYTHON, REPO, cli, cmp_same, compressible, read_at, run, sha256_of
 
 pytestmark = pytest.mark.root

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from diskimg import identity
+from diskimg.disk import identity
 from helpers import MiB, cli, compressible, run, sha256_of
 
 pytestmark = pytest.mark.root

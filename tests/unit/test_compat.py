@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from diskimg.cli import main
-from diskimg.restore import restore_image
-from diskimg.verify import verify_image
+from diskimg.cli.main import main
+from diskimg.ops.restore import restore_image
+from diskimg.ops.verify import verify_image
 
 COMPAT = Path(__file__).resolve().parents[2] / "fixtures" / "compat"
 

@@ -273,7 +273,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_image(src: Path, img: Path, *extra: str) -> None:
-    from diskimg.cli import main
+    from diskimg.cli.main import main
     rc = main(["image", str(src), str(img), "--block-size", "64K", "--no-progress", *extra])
     assert rc == 0
 

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from diskimg import identity
-from diskimg.usedblocks import content_ids
+from diskimg.disk import identity
+from diskimg.disk.usedblocks import content_ids
 
 
 @pytest.fixture

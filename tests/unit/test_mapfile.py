@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diskimg.mapfile import (
+from diskimg.ops.mapfile import (
     BAD,
     FINISHED,
     NON_SCRAPED,

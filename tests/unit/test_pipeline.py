@@ -10,8 +10,8 @@ import time
 import pytest
 import zstandard
 
-from diskimg.imagefile import decompress_into
-from diskimg.pipeline import BufferPool, ordered_map, prefetch
+from diskimg.image.imagefile import decompress_into
+from diskimg.ops.pipeline import BufferPool, ordered_map, prefetch
 
 
 def test_results_come_in_input_order_whatever_the_finishing_order():

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diskimg import format as fmt
-from diskimg.imaging import Read, Run, _intersect, plan_blocks
+from diskimg.ops.imaging import Read, Run, _intersect, plan_blocks
 
 
 def ranges_strategy(size):

@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskimg import format as fmt
-from diskimg.imagefile import ImageReader
-from diskimg.imaging import ImageOptions, create_image
-from diskimg.restore import restore_image
+from diskimg.image.imagefile import ImageReader
+from diskimg.ops.imaging import ImageOptions, create_image
+from diskimg.ops.restore import restore_image
 
 BS = fmt.MIN_BLOCK_SIZE
 

@@ -1,4 +1,4 @@
-"""diskimg.usedblocks on real filesystems made by mke2fs/mkfs.vfat/mkfs.xfs in regular files.
+"""diskimg.disk.usedblocks on real filesystems made by mke2fs/mkfs.vfat/mkfs.xfs in regular files.
 
 Every filesystem test proves the map safe the strong way: a copy with every byte outside the
 used ranges zeroed (and one filled with 0xAA) must pass ``fsck -n`` and give back every file
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from helpers import blanked_copy, dumpe2fs_counts, dumpe2fs_used, run
 
-from diskimg.usedblocks import Region, UsedMap, _bit_runs, scan
+from diskimg.disk.usedblocks import Region, UsedMap, _bit_runs, scan
 
 MiB = 1 << 20
 
@@ -304,7 +304,7 @@ def test_xfs_is_read_fully(tmp_path, caplog):
     with open(img, "wb") as f:
         f.truncate(300 * MiB)
     run("mkfs.xfs", "-q", "-f", str(img))
-    with caplog.at_level(logging.INFO, logger="diskimg.usedblocks"):
+    with caplog.at_level(logging.INFO, logger="diskimg.disk.usedblocks"):
         m = scan_file(img)
     assert m.ranges == ((0, 300 * MiB),)
     assert [(r.kind, r.analysed) for r in m.regions] == [("xfs", False)]
@@ -605,7 +605,7 @@ class TestPartitionTablesFallBack:
 
 
 def test_min_gap_merges_small_holes():
-    from diskimg.usedblocks import _Ranges
+    from diskimg.disk.usedblocks import _Ranges
     r = _Ranges()
     for s in (0, 100, 40, 1000, 110):
         r.add(s, 10)

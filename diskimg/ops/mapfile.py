@@ -14,7 +14,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterator
 
-from diskimg.blockdev import replace_durably
+from diskimg.disk.blockdev import replace_durably
 
 NON_TRIED = "?"
 NON_TRIMMED = "*"

@@ -23,9 +23,11 @@ from typing import Callable, Iterable, Iterator
 
 import zstandard
 
-from diskimg import __version__, devices, identity, usedblocks
+from diskimg import __version__, devices
+from diskimg.disk import identity
+from diskimg.disk import usedblocks
 from diskimg import format as fmt
-from diskimg.blockdev import (
+from diskimg.disk.blockdev import (
     Source,
     data_ranges,
     file_kind,
@@ -35,7 +37,7 @@ from diskimg.blockdev import (
     open_source,
     preadv_full,
 )
-from diskimg.chain import open_chain, parent_ref
+from diskimg.image.chain import open_chain, parent_ref
 from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (the library's names)
 from diskimg.errors import (
     ChainError,
@@ -45,8 +47,8 @@ from diskimg.errors import (
     UnsafeTarget,
     UsageError,
 )
-from diskimg.imagefile import ImageReader, ImageWriter
-from diskimg.pipeline import (
+from diskimg.image.imagefile import ImageReader, ImageWriter
+from diskimg.ops.pipeline import (
     IN_FLIGHT_BYTES,
     BufferPool,
     default_threads,

@@ -48,15 +48,15 @@ class _LazyModule:
         return getattr(sys.modules[self._name], attr)
 
 
-blockdev = _LazyModule("diskimg.blockdev")
+blockdev = _LazyModule("diskimg.disk.blockdev")
 devices = _LazyModule("diskimg.devices")
-health = _LazyModule("diskimg.health")
-imagefile = _LazyModule("diskimg.imagefile")
-imaging = _LazyModule("diskimg.imaging")
-pipeline = _LazyModule("diskimg.pipeline")
-rescue = _LazyModule("diskimg.rescue")
-restore = _LazyModule("diskimg.restore")
-verify = _LazyModule("diskimg.verify")
+health = _LazyModule("diskimg.health.smart")
+imagefile = _LazyModule("diskimg.image.imagefile")
+imaging = _LazyModule("diskimg.ops.imaging")
+pipeline = _LazyModule("diskimg.ops.pipeline")
+rescue = _LazyModule("diskimg.ops.rescue")
+restore = _LazyModule("diskimg.ops.restore")
+verify = _LazyModule("diskimg.ops.verify")
 
 
 def list_devices(all_devices: bool = False) -> list:
@@ -531,7 +531,7 @@ def _chain_bytes(image: str, search: list[str]) -> int:
     chain cannot be opened; verify itself then reports why)."""
     if not sys.stderr.isatty():
         return 0
-    from diskimg.chain import open_chain
+    from diskimg.image.chain import open_chain
     try:
         with open_chain(image, search) as chain:
             return sum(i.header.size for i in chain.images)

@@ -17,7 +17,7 @@ from typing import Iterable
 from diskimg import format as fmt
 from diskimg.errors import ChainError, CorruptImage, DiskimgError, MissingParent
 from diskimg.errors import PermissionDenied, is_permission_error
-from diskimg.imagefile import ImageReader
+from diskimg.image.imagefile import ImageReader
 
 log = logging.getLogger(__name__)
 

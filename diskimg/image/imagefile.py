@@ -19,8 +19,8 @@ from typing import Iterator
 import zstandard
 
 from diskimg import format as fmt
-from diskimg.blockdev import file_kind as _kind
-from diskimg.blockdev import replace_durably
+from diskimg.disk.blockdev import file_kind as _kind
+from diskimg.disk.blockdev import replace_durably
 from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
 from diskimg.errors import PermissionDenied, is_permission_error
 

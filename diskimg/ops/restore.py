@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from diskimg import devices, identity
+from diskimg import devices
+from diskimg.disk import identity
 from diskimg import format as fmt
-from diskimg.blockdev import (
+from diskimg.disk.blockdev import (
     Target,
     open_readback,
     missing_dir_error,
@@ -39,7 +40,7 @@ from diskimg.blockdev import (
     stat_target,
     zero_range,
 )
-from diskimg.chain import open_chain
+from diskimg.image.chain import open_chain
 from diskimg.errors import (
     CorruptImage,
     DiskimgError,
@@ -49,8 +50,8 @@ from diskimg.errors import (
     UnsafeTarget,
     UsageError,
 )
-from diskimg.imagefile import TruncatedImage, read_record_data, scan_records
-from diskimg.pipeline import BufferPool, default_threads, depth_for, ordered_map
+from diskimg.image.imagefile import TruncatedImage, read_record_data, scan_records
+from diskimg.ops.pipeline import BufferPool, default_threads, depth_for, ordered_map
 from diskimg.units import human
 
 log = logging.getLogger(__name__)
@@ -500,7 +501,7 @@ def _plan(chain, only_changed: bool, salvage: bool) -> Iterator[tuple[int, int, 
 
 
 def _segment_runs(leaf, seg: int, first: int):
-    from diskimg.imagefile import segment_runs
+    from diskimg.image.imagefile import segment_runs
     return segment_runs(first, leaf.segment(seg))
 
 

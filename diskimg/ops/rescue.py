@@ -38,10 +38,10 @@ import zstandard
 
 from diskimg import __version__, devices
 from diskimg import format as fmt
-from diskimg.blockdev import Source, open_source
+from diskimg.disk.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
-from diskimg.imagefile import ImageWriter, read_record_data, scan_records
-from diskimg.imaging import (
+from diskimg.image.imagefile import ImageWriter, read_record_data, scan_records
+from diskimg.ops.imaging import (
     DEFAULT_BLOCK_SIZE,
     ImageOptions,
     ImageResult,
@@ -51,8 +51,8 @@ from diskimg.imaging import (
     check_source_mounted,
     utc_now,
 )
-from diskimg.identity import source_mismatch
-from diskimg.mapfile import (
+from diskimg.disk.identity import source_mismatch
+from diskimg.ops.mapfile import (
     BAD,
     FINISHED,
     NON_SCRAPED,

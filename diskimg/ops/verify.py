@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from diskimg import format as fmt
-from diskimg.chain import Chain, open_chain
-from diskimg.imagefile import (
+from diskimg.image.chain import Chain, open_chain
+from diskimg.image.imagefile import (
     BlockError,
     ImageReader,
     TruncatedImage,
     segment_runs,
     survey_truncated,
 )
-from diskimg.pipeline import default_threads, depth_for, ordered_map
+from diskimg.ops.pipeline import default_threads, depth_for, ordered_map
 
 log = logging.getLogger(__name__)
 

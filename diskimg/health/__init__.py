@@ -1,0 +1,1 @@
+"""SMART health: verdicts with reasons, self-tests."""

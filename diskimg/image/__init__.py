@@ -1,0 +1,1 @@
+"""One image and chains of images: reading, writing, resolving, describing."""

@@ -1,0 +1,1 @@
+"""The operations: the pipeline they share, imaging, restore, verify, rescue."""
