@@ -14,6 +14,20 @@ EXIT_FAILED = 3       # the operation failed: I/O error, disk full, SMART unread
 EXIT_PERMISSION = 4   # permission denied: a source, image, parent, target, log file or directory
 EXIT_INTERRUPTED = 130
 
+
+# Set once a command has begun to clean up after a failure or a Ctrl-C (restore removing its
+# partial file, the CLI printing the error).  diskimg.__main__ reads it: from then on a Ctrl-C
+# that Python dropped is not raised again, so that it cannot cut the cleanup short or replace
+# the message.  cli.main clears it when a command starts.
+cleanup_begun = False
+
+
+def begin_cleanup() -> None:
+    """Mark that the command is cleaning up (see `cleanup_begun`)."""
+    global cleanup_begun
+    cleanup_begun = True
+
+
 # errno values that mean "not allowed" (EACCES: mode bits; EPERM: immutable files, capabilities)
 PERMISSION_ERRNOS = (13, 1)
 

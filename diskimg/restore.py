@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from diskimg import devices, identity
+from diskimg import devices, errors, identity
 from diskimg import format as fmt
 from diskimg.blockdev import (
     Target,
@@ -405,6 +405,7 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
     except BaseException as exc:
         if done:
             raise
+        errors.begin_cleanup()    # a Ctrl-C Python dropped may not cut _leave short
         if tgt is None:
             if isinstance(exc, KeyboardInterrupt):
                 raise RestoreInterrupted(target, -1, 0, bs) from exc
