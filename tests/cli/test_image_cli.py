@@ -225,6 +225,24 @@ def test_existing_image_needs_force(tmp_path, src, image):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_force_replaces_only_images(tmp_path, src):
+    """--force replaces a diskimg image, never another file that happens to have the name
+    (a VM's disk file, a document): exit 2, the file untouched."""
+    other = tmp_path / "vm.img"
+    other.write_bytes(b"not an image, somebody's data" * 1000)
+    before = other.read_bytes()
+    res = cli("image", src[0], other, "--force", "--no-progress")
+    assert res.rc == 2
+    assert_one_error_line(res, str(other), "is not a diskimg image", "replaces only images")
+    assert other.read_bytes() == before
+    assert not list(tmp_path.glob("*.partial"))
+    # an empty file is not an image either
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    assert cli("image", src[0], empty, "--force", "--no-progress").rc == 2
+    assert empty.stat().st_size == 0
+
+
 @pytest.mark.parametrize("size, why", [
     ("96K", "power of two"), ("3K", "power of two"), ("32K", "between"), ("32M", "between"),
     ("1", "between"), ("0", "between"),
