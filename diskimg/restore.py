@@ -32,6 +32,7 @@ from diskimg import devices, errors, identity
 from diskimg import format as fmt
 from diskimg.blockdev import (
     Target,
+    check_writable_device,
     open_readback,
     missing_dir_error,
     open_target,
@@ -157,6 +158,7 @@ def check_target(target: str, size: int) -> tuple[bool, bool, int]:
         busy = devices.usage(target)
         if busy:
             raise UnsafeTarget(target, "is in use: " + "; ".join(busy))
+        check_writable_device(target)
     if exists:
         # a file under a loop device (or a loop device over a file another one reads):
         # writing it writes that loop device's disk

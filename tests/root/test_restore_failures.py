@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from diskimg.errors import EXIT_PERMISSION
-from diskimg.restore import describe_target
+from diskimg.errors import EXIT_PERMISSION, UnsafeTarget
+from diskimg.restore import describe_target, restore_image
 from helpers import MiB, PYTHON, REPO, cli, cmp_same, compressible, read_at, run, sha256_of
 
 pytestmark = pytest.mark.root
@@ -47,10 +47,15 @@ def test_read_only_device_refused_before_writing(loops, tmp_path, image, how):
     else:
         dev = loops.attach(backing)
         run("blockdev", "--setro", dev)
+    asked = []
     try:
         res = cli("restore", image[0], dev, "--yes")
+        # refused before the overwrite question, not after the user said yes
+        with pytest.raises(UnsafeTarget, match="read-only"):
+            restore_image(str(image[0]), dev, confirm=lambda q: asked.append(q) or True)
     finally:
         run("blockdev", "--setrw", dev, check=False)   # the flag outlives the attachment
+    assert asked == []
     assert res.rc == 2, res.err
     assert "read-only" in _one_line(res) and dev in res.err
     assert backing.read_bytes() == b"\x5a" * SIZE
