@@ -213,14 +213,21 @@ class RestoreFailed(DiskimgError):
         return f"{self.target} partially written: {done}, {torn}{rest}"
 
     def to_dict(self) -> dict:
-        """The `partial` object of a JSON error report."""
+        """What the target holds, for a JSON error report (the CLI merges these keys into its
+        `error` object): `target`; `restored_blocks`, the ranges [first, last] that hold the
+        image's contents; `written_blocks`, how many of them this restore wrote; `block_size`;
+        `torn_block`, the block whose write failed (may be partly written) or None;
+        `target_unchanged`, true only when the target was not changed at all (nothing written,
+        no torn block, and no new file left behind); `created`, the restore created the file;
+        `removed`, it removed that file again."""
         return {
             "target": self.target,
             "restored_blocks": [[0, self.restored_through]] if self.restored_through >= 0 else [],
             "written_blocks": self.written_blocks,
             "block_size": self.block_size,
             "torn_block": self.torn_block,
-            "unchanged": not self.created and not self.removed,
+            "target_unchanged": (self.written_blocks == 0 and self.torn_block is None
+                                 and (not self.created or self.removed)),
             "created": self.created,
             "removed": self.removed,
         }

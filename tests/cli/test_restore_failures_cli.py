@@ -134,7 +134,23 @@ def test_library_error_carries_typed_fields(tmp_path, image):
     assert err.exit_code == 1 and err.cause.exit_code == 1
     assert err.to_dict() == {"target": str(target), "restored_blocks": [[0, 2]],
                              "written_blocks": 3, "block_size": BS, "torn_block": None,
-                             "unchanged": True, "created": False, "removed": False}
+                             "target_unchanged": False, "created": False, "removed": False}
+
+
+def test_target_unchanged_only_when_nothing_was_written(tmp_path, image):
+    """`target_unchanged` means the target was not changed at all: false once blocks 0-2 were
+    written (above), true when the very first block is bad; the JSON error carries the keys
+    flat in `error`."""
+    damage(image, 0)
+    target = tmp_path / "target.raw"
+    target.write_bytes(PATTERN * SIZE)
+    res = cli("restore", image, target, "--yes", "--json")
+    assert res.rc == 1
+    error = res.json["error"]
+    assert error["target_unchanged"] is True and error["written_blocks"] == 0
+    assert error["restored_blocks"] == [] and error["target"] == str(target)
+    assert "partial" not in error and "unchanged" not in error
+    assert target.read_bytes() == PATTERN * SIZE
 
 
 # --------------------------------------------------------------------------------------------
