@@ -453,9 +453,16 @@ def scan_records(fd: int, start: int, end: int) -> Iterator[tuple[int, fmt.Recor
         pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
 
 
-def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader) -> bytes | None:
-    """The content of a record found by scan_records, or None when it fails its SHA-256."""
-    payload = os.pread(fd, rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
+def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader, path: str
+                     ) -> bytes | None:
+    """The content of a record found by scan_records, or None when it fails its SHA-256.
+    Raises OperationFailed (naming `path`, the image open on `fd`) when it cannot be read."""
+    try:
+        payload = os.pread(fd, rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
+    except OSError as err:
+        raise OperationFailed(f"{path}: read error at byte {offset + fmt.RECORD_HEADER_SIZE} "
+                              f"(record of block {rec.block}): {err.strerror}",
+                              path=path) from err
     try:
         data = (_decompressor().decompress(payload, max_output_size=rec.raw_len)
                 if rec.codec == fmt.CODEC_ZSTD else payload)
@@ -509,7 +516,7 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
         for offset, rec in scan_records(fd, start, size):
             if rec.block >= header.blocks or rec.raw_len != header.block_length(rec.block):
                 break   # not a record of this image: what follows is not records either
-            if check_data and read_record_data(fd, offset, rec) is None:
+            if check_data and read_record_data(fd, offset, rec, path) is None:
                 bad.append((rec.block, "record damaged: its content fails its checksum"))
             records += 1
             if rec.block not in seen:

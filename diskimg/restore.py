@@ -561,7 +561,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             if kind == _RECORD:
                 pool.put(buf)
                 off, rec = what
-                data = read_record_data(leaf.fd, off, rec)
+                data = read_record_data(leaf.fd, off, rec, leaf.path)
                 if data is None:
                     raise leaf_block_error(block, "record damaged (data does not match its "
                                                   "SHA-256)")
@@ -708,13 +708,19 @@ def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
             except OSError as err:
                 if direct and err.errno == errno.EINVAL:
                     os.close(fd)      # the filesystem refused this O_DIRECT read after all
-                    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    fd = -1
                     direct = False
-                    got = _read_at(fd, view[:length], offset)
+                    try:
+                        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        got = _read_at(fd, view[:length], offset)
+                    except OSError as err2:
+                        raise OperationFailed(f"{target}: read error at byte {offset} while "
+                                              f"verifying: {err2.strerror}",
+                                              path=target) from err2
                 else:
                     raise OperationFailed(f"{target}: read error at byte {offset} while "
-                                          f"verifying: {err.strerror}") from err
+                                          f"verifying: {err.strerror}", path=target) from err
             data = view[:min(got, length)]
             actual = hashlib.sha256(data).digest()
             data.release()
@@ -727,7 +733,8 @@ def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
     finally:
         view.release()
         buf.close()
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     return dict(verified_blocks=checked, verify_errors=tuple(errors),
                 verify_seconds=time.monotonic() - started, verify_direct=direct)
 
