@@ -201,7 +201,7 @@ def describe_target(path: str, is_block: bool, size: int) -> TargetDescription:
                 fstype, label = d.get("fstype") or None, d.get("label") or None
                 if not fstype and not label:
                     # lsblk takes these from udev's database, absent on many rescue systems
-                    tags = _blkid(path if depth == 0 else f"/dev/{d.get('name')}")
+                    tags = devices.probe_fs(path if depth == 0 else f"/dev/{d.get('name')}")
                     fstype, label = tags.get("TYPE"), tags.get("LABEL")
                     if depth == 0:
                         pttype = pttype or tags.get("PTTYPE")
@@ -214,27 +214,13 @@ def describe_target(path: str, is_block: bool, size: int) -> TargetDescription:
                                      or None, serial=(dev.get("serial") or "").strip() or None,
                                      pttype=pttype, contents=tuple(contents))
     if not is_block:
-        tags = _blkid(path)
+        tags = devices.probe_fs(path)
         fstype, label = tags.get("TYPE"), tags.get("LABEL")
         contents = ((Content(os.path.basename(path), size, fstype, label),)
                     if fstype or label else ())
         return TargetDescription(path, False, size, pttype=tags.get("PTTYPE"),
                                  contents=contents)
     return TargetDescription(path, is_block, size)
-
-
-def _blkid(path: str) -> dict[str, str]:
-    """What `blkid -p` (low-level probing, no cache) says of a device or file: TYPE, LABEL,
-    PTTYPE...; empty when it finds nothing or is not installed."""
-    if not shutil.which("blkid"):
-        return {}
-    try:
-        proc = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
-                              text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as err:
-        log.debug("blkid %s failed: %s", path, err)
-        return {}
-    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
 
 
 def _int(v) -> int | None:

@@ -391,3 +391,15 @@ def test_question_comes_before_any_progress_bar(tmp_path, image):
     err = _stderr_on_terminal([PYTHON, "-m", "diskimg", "restore", str(image), str(target),
                                "--yes"])
     assert "restoring" in err and "100%" in err
+
+
+def test_describe_target_shows_a_label_with_a_space(tmp_path):
+    """blkid -o export escapes the space ("my\\ disk"): the question shows the label as it is."""
+    if not shutil.which("mkfs.ext4"):
+        pytest.skip("mkfs.ext4 not installed")
+    target = tmp_path / "fs.img"
+    with open(target, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "my disk", str(target)], check=True)
+    desc = describe_target(str(target), False, target.stat().st_size)
+    assert [(c.fstype, c.label) for c in desc.contents] == [("ext4", "my disk")]
