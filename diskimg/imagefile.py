@@ -473,11 +473,6 @@ def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader, path: str
     return data
 
 
-def _mounted_rw(extra: dict) -> list[str]:
-    value = extra.get("source_mounted_rw") if isinstance(extra, dict) else None
-    return [str(v) for v in value] if isinstance(value, list) else []
-
-
 @dataclass(frozen=True)
 class Survivors:
     """What is left of an image cut short (no trailer, so no index): its header and the whole
@@ -560,10 +555,9 @@ def describe(reader: ImageReader) -> dict:
     h, f = reader.header, reader.footer
     stats = f.get("stats", {})
     counts = block_counts(h.blocks, stats, h.parent is not None)
-    extra = h.extra or {}
-    rescue = extra.get("rescue") is True
+    rescue = h.extra.get("rescue", False)
     # a rescue reads every block; images before all_blocks was recorded: unknown (None)
-    all_blocks = True if rescue else extra.get("all_blocks")
+    all_blocks = True if rescue else h.extra.get("all_blocks")
     return {
         "uuid": h.uuid,
         "kind": h.kind,
@@ -583,12 +577,12 @@ def describe(reader: ImageReader) -> dict:
         "compression": h.compression,
         "compression_level": (h.compression or {}).get("level"),
         "rescue": rescue,
-        "all_blocks": all_blocks if isinstance(all_blocks, bool) else None,
+        "all_blocks": all_blocks,
         "format_version": fmt.FORMAT_VERSION,
         "index_sha256": reader.index_sha256,
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)
-        "source_mounted_rw": _mounted_rw(h.extra),
+        "source_mounted_rw": list(h.extra.get("source_mounted_rw", [])),
     }
 
 
