@@ -529,7 +529,17 @@ def describe_truncated(path: str) -> dict:
     """What `diskimg info` reports of an image cut short: its header and what survived of its
     records (their headers are checked, not their content: `verify` does that)."""
     s = survey_truncated(path)
-    h = s.header
+    return {
+        **_header_fields(s.header),
+        "image_bytes": s.file_size,
+        "format_version": fmt.FORMAT_VERSION,
+        "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
+                     "up_to_byte": s.end, "last_block": s.last_block},
+    }
+
+
+def _header_fields(h: fmt.Header) -> dict:
+    """What info reports of any image's header, complete or cut short."""
     return {
         "uuid": h.uuid,
         "kind": h.kind,
@@ -539,14 +549,10 @@ def describe_truncated(path: str) -> dict:
         "size": h.size,
         "block_size": h.block_size,
         "blocks": h.blocks,
-        "image_bytes": s.file_size,
         "source": h.source,
         "created": h.created,
         "tool_version": h.tool_version,
         "compression": h.compression,
-        "format_version": fmt.FORMAT_VERSION,
-        "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
-                     "up_to_byte": s.end, "last_block": s.last_block},
     }
 
 
@@ -559,22 +565,11 @@ def describe(reader: ImageReader) -> dict:
     # a rescue reads every block; images before all_blocks was recorded: unknown (None)
     all_blocks = True if rescue else h.extra.get("all_blocks")
     return {
-        "uuid": h.uuid,
-        "kind": h.kind,
-        "parent": h.parent["uuid"] if h.parent else None,
-        "parent_name": h.parent["name"] if h.parent else None,
-        "chain": list(h.chain) or [h.uuid],
-        "size": h.size,
-        "block_size": h.block_size,
-        "blocks": h.blocks,
+        **_header_fields(h),
         **counts,
         "stored_bytes": stats.get("stored_bytes", 0),
         "image_bytes": reader.file_size,
-        "source": h.source,
-        "created": h.created,
         "completed": f.get("completed"),
-        "tool_version": h.tool_version,
-        "compression": h.compression,
         "compression_level": (h.compression or {}).get("level"),
         "rescue": rescue,
         "all_blocks": all_blocks,

@@ -811,3 +811,16 @@ def test_incremental_with_another_block_size_than_its_parent(tmp_path, src, pare
     out = cli("restore", child, tmp_path / "out.raw")
     assert out.rc == 0, f"the incremental just made cannot be restored: {out.err}"
     assert (tmp_path / "out.raw").read_bytes() == bytes(changed)
+
+
+def test_info_of_a_truncated_image_reports_the_same_header(tmp_path, image):
+    """info of a complete image and of the same image cut short report the header alike."""
+    cut = tmp_path / "cut.img"
+    cut.write_bytes(image.read_bytes()[:-4096])
+    whole = cli("info", image, "--json").json
+    res = cli("info", cut, "--json")
+    assert res.rc == 1 and res.json["truncated"] is True
+    part = res.json
+    for key in ("uuid", "kind", "parent", "parent_name", "chain", "size", "block_size",
+                "blocks", "source", "created", "tool_version", "compression"):
+        assert part[key] == whole[key], key
