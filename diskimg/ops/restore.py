@@ -559,7 +559,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             if kind == _RECORD:
                 pool.put(buf)
                 off, rec = what
-                data = read_record_data(leaf.fd, off, rec)
+                data = read_record_data(leaf.fd, off, rec, header)
                 if data is None:
                     raise leaf_block_error(block, "record damaged (data does not match its "
                                                   "SHA-256)")
