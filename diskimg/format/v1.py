@@ -56,9 +56,8 @@ HEADER_MAGIC = b"DISKIMG\x00"
 _HEADER_FIXED = struct.Struct("<8sHHI")
 MAX_HEADER_JSON = 1 << 20
 
-# record header: magic, block u64, stored length u32, raw length u32, codec (transform-chain
-# id) u8, flags u8,
-# reserved u16, sha256 32s | crc32c u32 over the preceding 56 bytes
+# record header: magic, block u64, stored length u32, raw length u32, codec u8 (the
+# transform-chain id), flags u8, reserved u16, sha256 32s | crc32c u32 over the preceding 56 bytes
 RECORD_MAGIC = b"DIBK"
 _RECORD = struct.Struct("<4sQIIBBH32s")
 RECORD_HEADER_SIZE = _RECORD.size + 4  # 60
@@ -348,7 +347,8 @@ class Header:
             "block_size": self.block_size, "source": self.source, "created": self.created,
             "tool_version": self.tool_version, "parent": self.parent, "chain": list(self.chain),
             "compression": self.compression, "extra": self.extra,
-            "transforms": {str(cid): list(names) for cid, names in sorted(self.transforms.items())},
+            "transforms": {str(cid): list(names)
+                           for cid, names in sorted(self.transforms.items())},
         }
 
     @classmethod

@@ -31,7 +31,8 @@ BS = 64 * 1024
 
 
 def _text(n: int) -> bytes:
-    return b"".join(f"line {i:08d} of a compressible block\n".encode() for i in range(n // 30 + 1))[:n]
+    lines = (f"line {i:08d} of a compressible block\n".encode() for i in range(n // 30 + 1))
+    return b"".join(lines)[:n]
 
 
 BLOCKS = {
