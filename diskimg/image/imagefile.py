@@ -12,44 +12,18 @@ import logging
 import mmap
 import os
 import stat
-import threading
 from dataclasses import dataclass
 from typing import Iterator
-
-import zstandard
 
 from diskimg import format as fmt
 from diskimg.disk.blockdev import file_kind as _kind
 from diskimg.disk.blockdev import replace_durably
 from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
 from diskimg.errors import PermissionDenied, is_permission_error
+from diskimg.image.records import decode_verified
+from diskimg.transforms import DecodeError, reading_chain
 
 log = logging.getLogger(__name__)
-
-_local = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    """This thread's decompression context: a context must not be shared between threads, and
-    making one per block costs more than decompressing the block."""
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    return dctx
-
-
-def decompress_into(payload: bytes | memoryview, out: memoryview) -> int:
-    """Decompress one zstd frame into `out`; the number of bytes it holds, or len(out) + 1 when
-    it holds more than `out` takes.  Damaged data decompresses short or raises ZstdError.
-    Decompressing into a buffer that is reused costs half of allocating a new one per block."""
-    got = 0
-    with _decompressor().stream_reader(payload) as reader:
-        while got < len(out):
-            n = reader.readinto(out[got:])
-            if n == 0:
-                return got
-            got += n
-        return got + 1 if reader.read(1) else got
 
 
 class BlockError(CorruptImage):
@@ -120,6 +94,7 @@ class ImageReader:
                 self.header, self.data_start = fmt.read_header(self.fd, self.path)
                 self.footer = fmt.read_footer(self.fd, self.path, self.file_size, self.header,
                                               self.data_start)
+                self.transforms = reading_chain(self.header.transforms)
             except IncompleteImage as err:
                 if self.path.endswith(".partial"):
                     raise
@@ -204,11 +179,11 @@ class ImageReader:
 
     def check_data_entry(self, block: int, entry: fmt.IndexEntry) -> None:
         """Raise BlockError unless a DATA entry's record can lie where the entry says: inside
-        the records area, with a known codec and a stored length no zstd frame of the block
-        exceeds (so that a crafted entry never makes a reader seek past 2^63 or read
-        gigabytes)."""
+        the records area, with a codec (transform-chain id) the header's table names and a
+        stored length no zstd frame of the block exceeds (so that a crafted entry never makes a
+        reader seek past 2^63 or read gigabytes)."""
         length = self.header.block_length(block)
-        if entry.codec not in (fmt.CODEC_RAW, fmt.CODEC_ZSTD):
+        if entry.codec not in self.transforms:
             raise self.block_error(block, f"index entry damaged: unknown codec {entry.codec}")
         if entry.stored_len > fmt.max_stored_length(length):
             raise self.block_error(block, f"index entry damaged: stored length "
@@ -246,25 +221,10 @@ class ImageReader:
         payload = memoryview(buf)[fmt.RECORD_HEADER_SIZE:]
         into = out if out is not None else bytearray(length)
         view = memoryview(into)[:length]
-        if rec.codec == fmt.CODEC_ZSTD:
-            try:
-                got = decompress_into(payload, view)
-            except zstandard.ZstdError as err:
-                raise self.block_error(block, f"data does not decompress ({err})") from err
-            if got != length:
-                what = "more" if got > length else f"{got}"
-                raise self.block_error(block, f"data does not decompress: {what} bytes, "
-                                              f"{length} expected")
-        elif rec.codec == fmt.CODEC_RAW:
-            if len(payload) != length:
-                raise self.block_error(block, f"data is {len(payload)} bytes, {length} expected")
-            view[:] = payload
-        else:
-            raise self.block_error(block, f"unknown codec {rec.codec}")
-        actual = hashlib.sha256(view).digest()
-        if actual != entry.sha256:
-            raise self.block_error(block, f"checksum mismatch: calculated {actual.hex()}, "
-                                          f"should be {entry.sha256.hex()}")
+        try:
+            decode_verified(self.transforms, block, payload, rec.codec, entry.sha256, view)
+        except DecodeError as err:
+            raise self.block_error(block, err.reason) from err
         return view if out is not None else into
 
 
@@ -453,22 +413,22 @@ def scan_records(fd: int, start: int, end: int) -> Iterator[tuple[int, fmt.Recor
         pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
 
 
-def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader, path: str
-                     ) -> bytes | None:
-    """The content of a record found by scan_records, or None when it fails its SHA-256.
-    Raises OperationFailed (naming `path`, the image open on `fd`) when it cannot be read."""
+def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader, header: fmt.Header,
+                     path: str) -> bytearray | None:
+    """The content of a record found by scan_records in the image with `header` open on `fd`,
+    or None when it does not decode or fails its checksum.  Raises OperationFailed (naming
+    `path`) when it cannot be read."""
     try:
         payload = os.pread(fd, rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
     except OSError as err:
         raise OperationFailed(f"{path}: read error at byte {offset + fmt.RECORD_HEADER_SIZE} "
                               f"(record of block {rec.block}): {err.strerror}",
                               path=path) from err
+    data = bytearray(rec.raw_len)
     try:
-        data = (_decompressor().decompress(payload, max_output_size=rec.raw_len)
-                if rec.codec == fmt.CODEC_ZSTD else payload)
-    except zstandard.ZstdError:
-        return None
-    if len(data) != rec.raw_len or hashlib.sha256(data).digest() != rec.sha256:
+        decode_verified(reading_chain(header.transforms), rec.block, payload, rec.codec,
+                        rec.sha256, memoryview(data))
+    except DecodeError:
         return None
     return data
 
@@ -511,7 +471,7 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
         for offset, rec in scan_records(fd, start, size):
             if rec.block >= header.blocks or rec.raw_len != header.block_length(rec.block):
                 break   # not a record of this image: what follows is not records either
-            if check_data and read_record_data(fd, offset, rec, path) is None:
+            if check_data and read_record_data(fd, offset, rec, header, path) is None:
                 bad.append((rec.block, "record damaged: its content fails its checksum"))
             records += 1
             if rec.block not in seen:

@@ -13,15 +13,12 @@ import errno
 import hashlib
 import logging
 import os
-import threading
 import time
 import uuid as uuidlib
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
-
-import zstandard
 
 from diskimg import __version__, devices
 from diskimg.disk import identity
@@ -51,6 +48,7 @@ from diskimg.errors import (
     is_permission_error,
 )
 from diskimg.image.imagefile import ImageReader, ImageWriter
+from diskimg.transforms import writing_chain
 from diskimg.ops.pipeline import (
     IN_FLIGHT_BYTES,
     BufferPool,
@@ -458,20 +456,6 @@ class ReadAhead:
             self.done = 0
 
 
-class _Compressor:
-    """Per-thread zstd contexts (a ZstdCompressor must not be shared between threads)."""
-
-    def __init__(self, level: int) -> None:
-        self.level = level
-        self._local = threading.local()
-
-    def __call__(self, data: bytes) -> bytes:
-        c = getattr(self._local, "c", None)
-        if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
-        return c.compress(data)
-
-
 def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOptions(),
                  progress: Progress | None = None) -> ImageResult:
     """Image `source_path` into `image_path`.  Raises SourceError, UsageError, UnsafeTarget,
@@ -514,14 +498,15 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         kind = "incremental" if opts.incremental else "differential"
         parent = parent_ref(ref)
         chain = tuple(ref.header.chain or (ref.uuid,)) + (new_uuid,)
+    transforms = writing_chain(opts.level)
     header = fmt.Header(
         uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=ident,
         created=utc_now(), tool_version=__version__, parent=parent, chain=chain,
         compression={"codec": "zstd", "level": opts.level},
         extra={"all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
+        transforms=transforms.table,
     )
-    compress = _Compressor(opts.level)
     ref_entries = ref.iter_entries() if ref is not None else None
     used_map = None
     if opts.all_blocks:
@@ -636,11 +621,10 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         if sha == fmt.zero_digest(len(data)):
             pool.put(data.obj)
             return block, fmt.ZERO, sha, None, 0, nread
-        stored = compress(data)
-        if len(stored) >= len(data):   # incompressible: stored as read, given back when written
-            return block, fmt.DATA, sha, data, fmt.CODEC_RAW, nread
-        pool.put(data.obj)
-        return block, fmt.DATA, sha, stored, fmt.CODEC_ZSTD, nread
+        stored, codec = transforms.encode(block, data)
+        if stored is not data:   # else stored as read (raw): the buffer is given back when written
+            pool.put(data.obj)
+        return block, fmt.DATA, sha, stored, codec, nread
 
     depth = depth_for(bs, opts.threads)
     ahead = max(2, depth - opts.threads)   # read-ahead beyond what the workers hold
