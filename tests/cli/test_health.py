@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from diskimg.health import smart as health
+from diskimg import health
 from diskimg.cli.main import main
 
 # sample -> (verdict, what, value fragment); see docs/HEALTH.md for why
