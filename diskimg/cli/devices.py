@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from diskimg.cli import render
-from diskimg.cli.lazy import devices, health
+from diskimg.cli.lazy import devices, health, render
 from diskimg.cli.options import common
 from diskimg.errors import EXIT_FAILED, EXIT_OK, EXIT_PROBLEM
 

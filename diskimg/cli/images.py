@@ -12,8 +12,17 @@ import sys
 from typing import Callable
 
 from diskimg import defaults
-from diskimg.cli import render
-from diskimg.cli.lazy import blockdev, chain, health, imagefile, imaging, rescue, restore, verify
+from diskimg.cli.lazy import (
+    blockdev,
+    chain,
+    health,
+    imagefile,
+    imaging,
+    render,
+    rescue,
+    restore,
+    verify,
+)
 from diskimg.cli.options import chain_options, common, size_arg, threads
 from diskimg.errors import DiskimgError, UsageError
 from diskimg.units import human

@@ -1,7 +1,8 @@
-"""Library modules imported when a command first uses them, not when the CLI starts: ``--help``,
+"""Modules imported when a command first uses them, not when the CLI starts: ``--help``,
 ``--version`` and ``info`` do not pay for the imaging code, and only the commands that need them
-import zstandard, pyudev (``list``) or pySMART (``health``).  tests/cli/test_errors.py checks
-what each command imports."""
+import zstandard, pyudev (``list``) or pySMART (``health``).  The renderer too: building the
+parser needs none of it (its result classes take a few ms to define).
+tests/cli/test_errors.py checks what each command imports."""
 from __future__ import annotations
 
 import sys
@@ -30,3 +31,4 @@ rescue = LazyModule("diskimg.ops.rescue")
 restore = LazyModule("diskimg.ops.restore")
 verify = LazyModule("diskimg.ops.verify")
 chain = LazyModule("diskimg.image.chain")
+render = LazyModule("diskimg.cli.render")

@@ -16,7 +16,8 @@ import sys
 from typing import Callable
 
 from diskimg import __version__
-from diskimg.cli import devices, images, render
+from diskimg.cli import devices, images
+from diskimg.cli.lazy import render
 from diskimg.cli.options import common
 from diskimg.errors import (
     EXIT_FAILED,
