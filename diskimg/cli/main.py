@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Callable
 
-from diskimg import __version__
+from diskimg import __version__, errors
 from diskimg.cli import devices, images
 from diskimg.cli.lazy import render
 from diskimg.cli.options import common
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     want_json = "--json" in argv
     args: argparse.Namespace | None = None
+    errors.cleanup_begun = False
     try:
         parser = _build_parser()
         try:
@@ -130,14 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args)
         return render.show(args.func(args), as_json=want_json, debug=args.debug)
     except KeyboardInterrupt:
+        errors.begin_cleanup()    # a Ctrl-C that Python dropped is not raised again from here
         return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)
     except DiskimgError as e:
+        errors.begin_cleanup()
         return _report_error(args, str(e), e.exit_code, json_out=want_json, err=e)
     except BrokenPipeError:  # output piped into head and friends: not an error worth a message
+        errors.begin_cleanup()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except OSError as e:
+        errors.begin_cleanup()
         where = f"{e.filename}: " if e.filename else ""
         if is_permission_error(e):
             return _report_error(args, f"{where}permission denied ({e.strerror or e})",
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return _report_error(args, f"{where}{e.strerror or e}", EXIT_FAILED,
                              json_out=want_json, err=e)
     except Exception as e:  # a bug: still one line, the traceback with --debug
+        errors.begin_cleanup()
         return _report_error(args, f"internal error: {type(e).__name__}: {e} (run with --debug "
                                    f"for the traceback, and please report it)", EXIT_FAILED,
                              json_out=want_json)

@@ -96,7 +96,8 @@ FLAG_UNREADABLE = 0x1  # the block has unreadable sectors, stored as zeros (resc
 
 U63 = (1 << 63) - 1           # largest size or offset accepted (a signed 64-bit file offset)
 MAX_ENTRIES_PER_SEGMENT = 1 << 20   # a reader's limit: one segment decompresses to <= 48 MiB
-_SOURCE_STRINGS = ("path", "model", "serial", "wwn", "backing_file")
+_SOURCE_STRINGS = ("path", "model", "serial", "wwn", "backing_file", "ptable_id", "fs_uuid",
+                   "fs_type")
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -343,8 +344,13 @@ class Header:
         _int(compression, "level", -(1 << 31), (1 << 31) - 1, required=False,
              where="compression.")
         extra = _opt(d, "extra", dict, {})
-        if "rescue" in extra and not isinstance(extra["rescue"], bool):
-            raise MetadataInvalid("extra.rescue", extra["rescue"], "true or false")
+        for key in ("rescue", "all_blocks"):
+            if key in extra and not isinstance(extra[key], bool):
+                raise MetadataInvalid(f"extra.{key}", extra[key], "true or false")
+        mounted_rw = extra.get("source_mounted_rw", [])
+        if not isinstance(mounted_rw, list) or not all(isinstance(m, str) for m in mounted_rw):
+            raise MetadataInvalid("extra.source_mounted_rw", mounted_rw,
+                                  "a list of mountpoints (strings)")
         return cls(
             uuid=_str(d, "uuid", nonempty=True), kind=kind, size=_int(d, "size", 0, U63), block_size=block_size,
             source=source, created=_str(d, "created"), tool_version=_str(d, "tool_version"),

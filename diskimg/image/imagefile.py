@@ -453,9 +453,16 @@ def scan_records(fd: int, start: int, end: int) -> Iterator[tuple[int, fmt.Recor
         pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
 
 
-def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader) -> bytes | None:
-    """The content of a record found by scan_records, or None when it fails its SHA-256."""
-    payload = os.pread(fd, rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
+def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader, path: str
+                     ) -> bytes | None:
+    """The content of a record found by scan_records, or None when it fails its SHA-256.
+    Raises OperationFailed (naming `path`, the image open on `fd`) when it cannot be read."""
+    try:
+        payload = os.pread(fd, rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
+    except OSError as err:
+        raise OperationFailed(f"{path}: read error at byte {offset + fmt.RECORD_HEADER_SIZE} "
+                              f"(record of block {rec.block}): {err.strerror}",
+                              path=path) from err
     try:
         data = (_decompressor().decompress(payload, max_output_size=rec.raw_len)
                 if rec.codec == fmt.CODEC_ZSTD else payload)
@@ -464,11 +471,6 @@ def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader) -> bytes | Non
     if len(data) != rec.raw_len or hashlib.sha256(data).digest() != rec.sha256:
         return None
     return data
-
-
-def _mounted_rw(extra: dict) -> list[str]:
-    value = extra.get("source_mounted_rw") if isinstance(extra, dict) else None
-    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 @dataclass(frozen=True)
@@ -509,7 +511,7 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
         for offset, rec in scan_records(fd, start, size):
             if rec.block >= header.blocks or rec.raw_len != header.block_length(rec.block):
                 break   # not a record of this image: what follows is not records either
-            if check_data and read_record_data(fd, offset, rec) is None:
+            if check_data and read_record_data(fd, offset, rec, path) is None:
                 bad.append((rec.block, "record damaged: its content fails its checksum"))
             records += 1
             if rec.block not in seen:
@@ -527,7 +529,17 @@ def describe_truncated(path: str) -> dict:
     """What `diskimg info` reports of an image cut short: its header and what survived of its
     records (their headers are checked, not their content: `verify` does that)."""
     s = survey_truncated(path)
-    h = s.header
+    return {
+        **_header_fields(s.header),
+        "image_bytes": s.file_size,
+        "format_version": fmt.FORMAT_VERSION,
+        "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
+                     "up_to_byte": s.end, "last_block": s.last_block},
+    }
+
+
+def _header_fields(h: fmt.Header) -> dict:
+    """What info reports of any image's header, complete or cut short."""
     return {
         "uuid": h.uuid,
         "kind": h.kind,
@@ -537,14 +549,10 @@ def describe_truncated(path: str) -> dict:
         "size": h.size,
         "block_size": h.block_size,
         "blocks": h.blocks,
-        "image_bytes": s.file_size,
         "source": h.source,
         "created": h.created,
         "tool_version": h.tool_version,
         "compression": h.compression,
-        "format_version": fmt.FORMAT_VERSION,
-        "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
-                     "up_to_byte": s.end, "last_block": s.last_block},
     }
 
 
@@ -553,35 +561,23 @@ def describe(reader: ImageReader) -> dict:
     h, f = reader.header, reader.footer
     stats = f.get("stats", {})
     counts = block_counts(h.blocks, stats, h.parent is not None)
-    extra = h.extra or {}
-    rescue = extra.get("rescue") is True
+    rescue = h.extra.get("rescue", False)
     # a rescue reads every block; images before all_blocks was recorded: unknown (None)
-    all_blocks = True if rescue else extra.get("all_blocks")
+    all_blocks = True if rescue else h.extra.get("all_blocks")
     return {
-        "uuid": h.uuid,
-        "kind": h.kind,
-        "parent": h.parent["uuid"] if h.parent else None,
-        "parent_name": h.parent["name"] if h.parent else None,
-        "chain": list(h.chain) or [h.uuid],
-        "size": h.size,
-        "block_size": h.block_size,
-        "blocks": h.blocks,
+        **_header_fields(h),
         **counts,
         "stored_bytes": stats.get("stored_bytes", 0),
         "image_bytes": reader.file_size,
-        "source": h.source,
-        "created": h.created,
         "completed": f.get("completed"),
-        "tool_version": h.tool_version,
-        "compression": h.compression,
         "compression_level": (h.compression or {}).get("level"),
         "rescue": rescue,
-        "all_blocks": all_blocks if isinstance(all_blocks, bool) else None,
+        "all_blocks": all_blocks,
         "format_version": fmt.FORMAT_VERSION,
         "index_sha256": reader.index_sha256,
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)
-        "source_mounted_rw": _mounted_rw(h.extra),
+        "source_mounted_rw": list(h.extra.get("source_mounted_rw", [])),
     }
 
 

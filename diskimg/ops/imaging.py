@@ -42,10 +42,13 @@ from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (t
 from diskimg.errors import (
     ChainError,
     DiskimgError,
+    OperationFailed,
+    PermissionDenied,
     ReadError,
     SourceError,
     UnsafeTarget,
     UsageError,
+    is_permission_error,
 )
 from diskimg.image.imagefile import ImageReader, ImageWriter
 from diskimg.ops.pipeline import (
@@ -139,6 +142,7 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
                              f"file; an image is written to a file")
         if not force:
             raise UsageError(f"{image}: already exists; use --force to overwrite it")
+        _check_replaceable(image)
     partial = image + ".partial"
     if not rescue and os.path.exists(partial) and _is_rescue_partial(partial):
         raise UsageError(f"{partial}: holds an interrupted rescue; resume it with --rescue, or "
@@ -152,6 +156,33 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
         if src_path in holders:
             raise UnsafeTarget(image, f"lies on the source device {source.path}; write the "
                                       f"image to another disk")
+
+
+def _check_replaceable(image: str) -> None:
+    """What --force may replace: a diskimg image (its header magic) that no loop device reads.
+    A disk's file (`image /dev/sdb /var/vm.img --force`), or any other file, is never
+    replaced, even one under a loop device that is not in use."""
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        if is_permission_error(err):
+            raise PermissionDenied(image, "read the existing file") from err
+        raise OperationFailed(f"{image}: cannot read the existing file: {err.strerror}",
+                              path=image) from err
+    try:
+        magic = os.pread(fd, len(fmt.HEADER_MAGIC), 0)
+    except OSError as err:
+        raise OperationFailed(f"{image}: cannot read the existing file: {err.strerror}",
+                              path=image) from err
+    finally:
+        os.close(fd)
+    if magic != fmt.HEADER_MAGIC:
+        raise UnsafeTarget(image, "is not a diskimg image; --force replaces only images")
+    loops = identity.loops_backed_by(image)
+    if loops:
+        raise UnsafeTarget(image, f"backs the loop device {', '.join(loops)}; --force never "
+                                  f"replaces a loop device's file (detach it first: losetup -d "
+                                  f"{loops[0]})")
 
 
 def check_no_children(image: str, search: tuple[str, ...] = ()) -> None:

@@ -170,7 +170,7 @@ class _Session:
         if off == NO_RECORD:
             return bytearray(self.header.block_length(block))
         rec = fmt.unpack_record(os.pread(self.rfd, fmt.RECORD_HEADER_SIZE, off))
-        data = read_record_data(self.rfd, off, rec) if rec else None
+        data = read_record_data(self.rfd, off, rec, self.writer.partial) if rec else None
         if data is None:
             raise OperationFailed(f"{self.writer.partial}: record of block {block} at byte "
                                   f"{off} fails its checks")
@@ -420,7 +420,7 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
         end = start
         for off, rec in scan_records(fd, start, os.fstat(fd).st_size):
             if rec.block >= header.blocks or (off >= synced and
-                                               read_record_data(fd, off, rec) is None):
+                                               read_record_data(fd, off, rec, partial) is None):
                 break
             offsets[rec.block] = off
             end = off + fmt.RECORD_HEADER_SIZE + rec.stored_len
