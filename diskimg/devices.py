@@ -399,12 +399,6 @@ class PartitionInfo:
     uuid: str | None = None
     read_only: bool | None = None
 
-    def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["mountpoints"] = list(self.mountpoints)
-        d["ro"] = self.read_only
-        return d
-
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -430,13 +424,6 @@ class DeviceInfo:
     fstype: str | None = None          # a filesystem or swap on the whole disk (no partitions)
     label: str | None = None
     uuid: str | None = None
-
-    def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["partitions"] = [p.to_dict() for p in self.partitions]
-        d["mountpoints"] = list(self.mountpoints)
-        d["ro"] = self.read_only   # lsblk's name for it
-        return d
 
 
 def natural_key(name: str) -> tuple:

@@ -47,15 +47,6 @@ class VerifyError:
     affects_restore: bool = True
     overridden_by: str | None = None
 
-    def to_json(self) -> dict:
-        d = {"block": self.block, "offset": self.offset, "image": self.image,
-             "path": self.path, "reason": self.reason, "affects_restore": self.affects_restore}
-        if self.last_block is not None:
-            d["last_block"] = self.last_block
-        if self.overridden_by is not None:
-            d["overridden_by"] = self.overridden_by
-        return d
-
 
 @dataclass(frozen=True)
 class VerifyResult:

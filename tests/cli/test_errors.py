@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import PYTHON, REPO, MiB, cli
 
-from diskimg.health import smart as health
+from diskimg import health
 from diskimg.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PERMISSION, EXIT_USAGE
 
 DISKIMG = str(REPO / ".venv" / "bin" / "diskimg")

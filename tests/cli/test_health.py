@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from diskimg.health import smart as health
+from diskimg import health
 from diskimg.cli.main import main
 
 # sample -> (verdict, what, value fragment); see docs/HEALTH.md for why
@@ -286,3 +286,21 @@ def test_selftest_on_device_without_smart(smart_sample, capsys):
     sample = smart_sample("P07")
     assert main(["selftest", sample.node(), "--smartctl", sample.smartctl]) == 3
     assert "no SMART" in capsys.readouterr().err
+
+
+def test_selftest_handle_polls_and_aborts(smart_sample):
+    """The SelfTestRun handle, polled by hand: each poll asks smartctl once and reports the
+    percentage done, then the finished test's log entry; abort sends smartctl -X."""
+    sample = smart_sample("selftest-ok")
+    started, run = health.start_selftest(sample.node(), "short", sample.smartctl)
+    assert started.started and run.device == sample.node() and run.type == "short"
+    polls = []
+    while not polls or not polls[-1].done:
+        polls.append(run.poll())
+        assert len(polls) <= 5, polls
+    assert [(s.progress_percent, s.done) for s in polls] == [(10, False), (60, False),
+                                                             (100, True)]
+    assert polls[-1].result.status == "Completed without error"
+    assert polls[-1].result.type == "Short offline"
+    run.abort()
+    assert "-d sat -X /dev/sda" in sample.calls()

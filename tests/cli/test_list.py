@@ -47,7 +47,7 @@ def test_natural_device_order():
 
 
 def test_list_columns_align_with_a_long_backing_file():
-    from diskimg.cli.main import _list_table
+    from diskimg.cli.render import list_table as _list_table
     from diskimg.devices import DeviceInfo, PartitionInfo
 
     def loop(name, backing, label=None):

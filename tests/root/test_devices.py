@@ -179,5 +179,5 @@ def test_health_on_loop_device_is_unknown(loops, capsys):
     assert main(["health", dev, "--json"]) == 3
     report = json.loads(capsys.readouterr().out)
     assert report["verdict"] == "UNKNOWN" and report["smart_overall"] is None
-    from diskimg.health import smart as health
+    from diskimg import health
     assert health.precheck(dev) is None

@@ -71,7 +71,7 @@ def test_fixture_is_unchanged(vdir, image):
 def test_verify(vdir, image, copy, capsys):
     d = copy(vdir)
     result = verify_image(str(d / image["file"]), threads=1)
-    assert result.ok, [e.to_json() for e in result.errors]
+    assert result.ok, result.errors
     assert [uuid for uuid, _ in result.chain] == image["chain"]
     capsys.readouterr()
     assert main(["verify", str(d / image["file"]), "--json", "--no-progress"]) == 0

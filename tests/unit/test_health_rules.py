@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from diskimg.health.smart import (FAIL, INFO, PASS, UNKNOWN, WARN, SelfTest, SmartAttr, SmartFacts,
+from diskimg.health.rules import (FAIL, INFO, PASS, UNKNOWN, WARN, SelfTest, SmartAttr, SmartFacts,
                             decode_counter, decode_temperature, evaluate)
 
 

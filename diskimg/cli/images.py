@@ -1,0 +1,241 @@
+"""The commands on images: ``image``, ``restore``, ``verify``, ``info``.
+
+Each command has an ``_add_<cmd>`` that builds its parser and a ``_cmd_<cmd>`` that turns the
+parsed arguments into one library call and returns an outcome for ``render.show``; nothing here
+prints a result.  What is said while a command runs (the health verdict before imaging, the
+overwrite question before a restore) goes through ``render`` too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from diskimg import defaults
+from diskimg.cli.lazy import (
+    blockdev,
+    chain,
+    health,
+    imagefile,
+    imaging,
+    render,
+    rescue,
+    restore,
+    verify,
+)
+from diskimg.cli.options import chain_options, common, size_arg, threads
+from diskimg.errors import DiskimgError, UsageError
+from diskimg.units import human
+
+# --------------------------------------------------------------------------------------------
+# image
+
+
+def _add_image(sub) -> None:
+    p = sub.add_parser("image", parents=[common()], help="image a block device or file",
+                       description="Read SOURCE block by block into the image file IMAGE.")
+    p.add_argument("source", metavar="SOURCE", help="block device or regular file to image")
+    p.add_argument("image", metavar="IMAGE", help="image file to write")
+    p.add_argument("--block-size", type=size_arg, default=None, metavar="SIZE",
+                   help=f"power of two, 64K to 16M (default: {human(defaults.DEFAULT_BLOCK_SIZE)}; "
+                        f"a changed-block image uses its parent's)")
+    p.add_argument("--level", type=int, default=defaults.DEFAULT_LEVEL, metavar="N",
+                   help="zstd compression level, 1-22 (default: %(default)s)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--incremental", metavar="PARENT",
+                      help="store only the blocks changed since the image PARENT")
+    kind.add_argument("--differential", metavar="PARENT",
+                      help="store the blocks changed since the full image at the root of "
+                           "PARENT's chain")
+    p.add_argument("--rescue", action="store_true",
+                   help="keep going past unreadable sectors, ddrescue-style; resumable")
+    p.add_argument("--retries", type=int, default=1, metavar="N",
+                   help="with --rescue: times to retry each bad sector (default: %(default)s)")
+    p.add_argument("--mapfile", metavar="FILE",
+                   help="with --rescue: GNU ddrescue mapfile to keep (default: IMAGE.map)")
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --rescue: read with O_DIRECT (default: on for block devices)")
+    p.add_argument("--all-blocks", action="store_true",
+                   help="read and store every block, free space included (an exact copy for "
+                        "forensics); default: skip the free space of ext2/3/4 and FAT")
+    chain_options(p)
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing IMAGE (never one that other images depend on, "
+                        "nor the source); accept a source that differs from the parent's disk "
+                        "(serial, WWN, partition table or filesystem UUID); image a source "
+                        "mounted read-write")
+    p.set_defaults(func=_cmd_image)
+
+
+def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
+    opts = imaging.ImageOptions(
+        block_size=args.block_size, level=args.level, threads=threads(args), force=args.force,
+        incremental=args.incremental, differential=args.differential,
+        search=tuple(args.search), all_blocks=args.all_blocks)
+    if opts.block_size is not None:
+        imaging.check_block_size(opts.block_size)
+    if args.rescue and args.all_blocks:
+        raise UsageError("--rescue reads every block already; --all-blocks goes without it")
+    if not 1 <= opts.level <= 22:
+        raise UsageError(f"--level {opts.level}: must be between 1 and 22")
+    _health_precheck(args.source, rescue=args.rescue)
+    size = _source_size_for_progress(args.source)
+    with render.progress_bar(size, "rescuing" if args.rescue else "imaging",
+                             args.no_progress or args.json) as bar:
+        if args.rescue:
+            rescued = rescue.rescue_image(
+                args.source, args.image, opts,
+                rescue.RescueOptions(retries=args.retries, mapfile=args.mapfile,
+                                     direct=args.direct, command=" ".join(sys.argv)),
+                progress=render.rescue_progress(bar))
+            return render.ImageDone(args.source, rescued.image, rescued)
+        if args.mapfile or args.direct is not None or args.retries != 1:
+            raise UsageError("--retries, --mapfile and --direct go with --rescue")
+        return render.ImageDone(
+            args.source, imaging.create_image(args.source, args.image, opts,
+                                              progress=bar.update))
+
+
+def _health_precheck(source: str, rescue: bool) -> None:
+    """One verdict line on stderr before imaging a device that has SMART."""
+    report = health.precheck(source)
+    if report is None:
+        return
+    for line in render.precheck_lines(source, report, report.verdict == health.FAIL, rescue):
+        render.note(line)
+
+
+def _source_size_for_progress(path: str) -> int:
+    try:
+        src = blockdev.open_source(path)
+    except DiskimgError:
+        return 0  # create_image reports the problem
+    try:
+        return src.size
+    finally:
+        src.close()
+
+
+# --------------------------------------------------------------------------------------------
+# restore
+
+def _add_restore(sub) -> None:
+    p = sub.add_parser("restore", parents=[common()], help="restore an image to a device or file",
+                       description="Write IMAGE (resolving its chain) to TARGET block by block, "
+                                   "verifying every block before it is written.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("target", metavar="TARGET", help="block device or file (created if missing)")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="overwrite an existing TARGET without asking")
+    p.add_argument("--only-changed", action="store_true",
+                   help="read TARGET and write only the blocks that differ from the image")
+    p.add_argument("--salvage", action="store_true",
+                   help="restore past damaged or lost blocks (and what survives of a truncated "
+                        "image): write them as zeros and list them (exit 1)")
+    p.add_argument("--verify", action="store_true",
+                   help="read everything back from TARGET (bypassing the page cache) and "
+                        "compare it with the image; name every block that differs (exit 1)")
+    p.add_argument("--keep-partial", action="store_true",
+                   help="keep a TARGET file this restore created when the restore fails "
+                        "(default: remove it)")
+    chain_options(p)
+    p.set_defaults(func=_cmd_restore)
+
+
+def _confirm(args: argparse.Namespace) -> Callable:
+    """Ask before overwriting an existing target (a restore.Overwrite question)."""
+    def ask(question) -> bool:
+        if args.yes:
+            return True
+        lines = render.overwrite_question(question)
+        if not sys.stdin.isatty():
+            render.note(f"{lines[0]}; refusing without --yes (no terminal to ask on)")
+            for line in lines[1:]:
+                render.note(line)
+            return False
+        for line in lines:
+            render.note(line)
+        try:
+            answer = input("Type 'yes' to overwrite: ")
+        except EOFError:
+            return False
+        return answer.strip().lower() == "yes"
+    return ask
+
+
+def _cmd_restore(args: argparse.Namespace) -> render.RestoreDone:
+    with render.LazyBar(_image_size(args.image), "restoring",
+                        args.no_progress or args.json) as bar:
+        result = restore.restore_image(
+            args.image, args.target, search=args.search, only_changed=args.only_changed,
+            confirm=_confirm(args), threads=threads(args), progress=bar.update,
+            salvage=args.salvage, verify=args.verify, keep_partial=args.keep_partial)
+    return render.RestoreDone(args.image, args.target, args.only_changed, result)
+
+
+def _image_size(path: str) -> int:
+    """The device size of an image for the progress bar (0 when it cannot be read; the
+    restore itself then reports why)."""
+    try:
+        with imagefile.ImageReader(path) as r:
+            return r.header.size
+    except DiskimgError:
+        return 0
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", parents=[common()], help="check an image and its chain",
+                       description="Check every block of IMAGE and of each image it depends on; "
+                                   "name every damaged block.")
+    p.add_argument("image", metavar="IMAGE")
+    chain_options(p)
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> render.VerifyDone:
+    total = 0 if args.no_progress or args.json else _chain_bytes(args.image, args.search)
+    with render.progress_bar(total, "verifying", args.no_progress or args.json) as bar:
+        result = verify.verify_image(args.image, search=args.search, threads=threads(args),
+                                     progress=bar.update)
+    return render.VerifyDone(args.image, result)
+
+
+def _chain_bytes(image: str, search: list[str]) -> int:
+    """What verify's progress counts: the device size once per image of the chain (0 when the
+    chain cannot be opened; verify itself then reports why)."""
+    if not sys.stderr.isatty():
+        return 0
+    try:
+        with chain.open_chain(image, search) as opened:
+            return sum(i.header.size for i in opened.images)
+    except (DiskimgError, OSError):
+        return 0
+
+
+# --------------------------------------------------------------------------------------------
+# info
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", parents=[common()], help="describe an image",
+                       description="Print what IMAGE holds: kind, chain, sizes, source.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> render.InfoDone | render.InfoTruncated:
+    try:
+        reader = imagefile.ImageReader(args.image)
+    except imagefile.TruncatedImage as err:
+        if err.in_header:
+            raise
+        # what survived of an image cut short: its header and its whole records; exit 1
+        return render.InfoTruncated(args.image, imagefile.describe_truncated(args.image), err)
+    with reader:
+        return render.InfoDone(args.image, imagefile.describe(reader))
+
+
+ADDERS = [_add_image, _add_restore, _add_verify, _add_info]
