@@ -13,31 +13,12 @@ The library API, without the command line::
     diskimg.restore_image("/backup/sdb-mon.dimg", "/dev/sdc", confirm=lambda question: True)
 
 Every error is a ``diskimg.DiskimgError`` whose ``exit_code`` says what kind of failure it is.
-The names below are imported when first used (PEP 562), so that ``import diskimg`` stays cheap:
-the command line's start-up depends on it.
+The names below are imported when first used (PEP 562), so that ``import diskimg`` imports
+nothing: the command line's start-up, and where a Ctrl-C can land before its handler, depend on it.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
-
-from diskimg.errors import (  # noqa: F401  (re-exported: the errors are the API too)
-    ChainError,
-    CorruptImage,
-    DiskimgError,
-    IncompleteImage,
-    Interrupted,
-    MissingParent,
-    NotAnImage,
-    OperationFailed,
-    PermissionDenied,
-    ReadError,
-    RestoreFailed,
-    SmartUnavailable,
-    SourceError,
-    UnsafeTarget,
-    UsageError,
-)
 
 __version__ = "0.1.0"
 
@@ -55,19 +36,19 @@ _LAZY = {
     "open_chain": ("diskimg.image.chain", "open_chain"),
     "ImageReader": ("diskimg.image.imagefile", "ImageReader"),
     "list_devices": ("diskimg.devices", "list_devices"),
-    "check_health": ("diskimg.health.smart", "check"),
-    "HealthReport": ("diskimg.health.smart", "HealthReport"),
+    "check_health": ("diskimg.health", "check"),
+    "HealthReport": ("diskimg.health", "HealthReport"),
 }
-
-__all__ = sorted(list(_LAZY) + [
+# the errors are the API too
+_LAZY.update({name: ("diskimg.errors", name) for name in (
     "ChainError", "CorruptImage", "DiskimgError", "IncompleteImage", "Interrupted",
     "MissingParent", "NotAnImage", "OperationFailed", "PermissionDenied", "ReadError",
-    "RestoreFailed", "SmartUnavailable", "SourceError", "UnsafeTarget", "UsageError",
-    "__version__",
-])
+    "RestoreFailed", "SmartUnavailable", "SourceError", "UnsafeTarget", "UsageError")})
+
+__all__ = sorted([*_LAZY, "__version__"])
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     try:
         module, attr = _LAZY[name]
     except KeyError:
