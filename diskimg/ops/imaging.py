@@ -25,7 +25,7 @@ import zstandard
 
 from diskimg import __version__, devices
 from diskimg.disk import identity
-from diskimg.disk import usedblocks
+from diskimg.disk import used as usedblocks
 from diskimg import format as fmt
 from diskimg.disk.blockdev import (
     Source,
