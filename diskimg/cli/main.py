@@ -166,6 +166,32 @@ def _progress_bar(total: int, desc: str, disabled: bool, unit: str = "B") -> Ite
         yield bar
 
 
+class _Bar:
+    """The progress an operation reports (diskimg.ops.progress.Progress) as a bar on stderr,
+    opened when the operation starts and says how much there is to do: nothing it asks or says
+    before (restore's overwrite question) is mixed up with the bar, and no one opens the source
+    or the image a second time just to size it."""
+
+    def __init__(self, desc: str, disabled: bool) -> None:
+        self.desc, self.disabled = desc, disabled
+        self._stack = ExitStack()
+        self.bar = None
+
+    def start(self, total: int, unit: str = "B") -> None:
+        if self.bar is None:
+            self.bar = self._stack.enter_context(
+                _progress_bar(total, self.desc, self.disabled, unit))
+
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
 # --------------------------------------------------------------------------------------------
 # image
 
@@ -214,24 +240,28 @@ def _cmd_image(args: argparse.Namespace) -> int:
         imaging.check_block_size(opts.block_size)
     if args.rescue and args.all_blocks:
         raise UsageError("--rescue reads every block already; --all-blocks goes without it")
+    if args.rescue and (args.incremental or args.differential):
+        raise UsageError("--rescue makes full images only (image the new disk incrementally "
+                         "afterwards)")
     if not 1 <= opts.level <= 22:
         raise UsageError(f"--level {opts.level}: must be between 1 and 22")
     _health_precheck(args.source, rescue=args.rescue)
-    size = _source_size_for_progress(args.source)
     unreadable: tuple[tuple[int, int], ...] = ()
-    with _progress_bar(size, "rescuing" if args.rescue else "imaging",
-                       args.no_progress or args.json) as bar:
-        if args.rescue:
+    if args.rescue:
+        with _RescueBar("rescuing", args.no_progress or args.json) as bar:
             rescued = rescue.rescue_image(
-                args.source, args.image, opts,
-                rescue.RescueOptions(retries=args.retries, mapfile=args.mapfile,
-                                     direct=args.direct, command=" ".join(sys.argv)),
-                progress=_rescue_progress(bar))
-            result, unreadable = rescued.image, rescued.unreadable
-        else:
-            if args.mapfile or args.direct is not None or args.retries != 1:
-                raise UsageError("--retries, --mapfile and --direct go with --rescue")
-            result = imaging.create_image(args.source, args.image, opts, progress=bar.update)
+                args.source, args.image,
+                rescue.RescueOptions(
+                    block_size=opts.block_size or defaults.DEFAULT_BLOCK_SIZE, level=opts.level,
+                    force=opts.force, search=opts.search, retries=args.retries,
+                    mapfile=args.mapfile, direct=args.direct, command=" ".join(sys.argv)),
+                progress=bar)
+        result, unreadable = rescued.image, rescued.unreadable
+    else:
+        if args.mapfile or args.direct is not None or args.retries != 1:
+            raise UsageError("--retries, --mapfile and --direct go with --rescue")
+        with _Bar("imaging", args.no_progress or args.json) as bar:
+            result = imaging.create_image(args.source, args.image, opts, progress=bar)
     code = EXIT_PROBLEM if unreadable else EXIT_OK
     if args.json:
         out = dataclasses.asdict(result)
@@ -281,14 +311,16 @@ def _block_lines(c: dict, has_parent: bool) -> list[str]:
     return lines
 
 
-def _rescue_progress(bar) -> Callable:
-    """Show rescued, bad and remaining bytes and the pass on the bar."""
-    def show(st: rescue.RescueStatus) -> None:
-        bar.n = st.rescued + st.bad
-        bar.set_postfix_str(f"pass {st.pass_no} {st.pass_name}, bad {human(st.bad)}, "
-                            f"failed areas {human(st.pending)}, untried {human(st.remaining)}",
-                            refresh=True)
-    return show
+class _RescueBar(_Bar):
+    """Shows rescued, bad and remaining bytes and the pass on the bar."""
+
+    def status(self, st: rescue.RescueStatus) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = st.rescued + st.bad
+        self.bar.set_postfix_str(f"pass {st.pass_no} {st.pass_name}, bad {human(st.bad)}, "
+                                 f"failed areas {human(st.pending)}, "
+                                 f"untried {human(st.remaining)}", refresh=True)
 
 
 def _health_precheck(source: str, rescue: bool) -> None:
@@ -303,17 +335,6 @@ def _health_precheck(source: str, rescue: bool) -> None:
         advice = "" if rescue else "; consider --rescue to keep going past unreadable sectors"
         print(f"diskimg: warning: {source} is failing: reading it may hit bad sectors{advice}",
               file=sys.stderr)
-
-
-def _source_size_for_progress(path: str) -> int:
-    try:
-        src = blockdev.open_source(path)
-    except DiskimgError:
-        return 0  # create_image reports the problem
-    try:
-        return src.size
-    finally:
-        src.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,33 +408,11 @@ def _confirm(args: argparse.Namespace) -> Callable[[restore.Overwrite], bool]:
     return ask
 
 
-class _LazyBar:
-    """A progress bar opened at the first progress report, so that nothing the restore asks or
-    says before it starts writing (the overwrite question) is mixed up with the bar."""
-
-    def __init__(self, total: int, desc: str, disabled: bool) -> None:
-        self._args = (total, desc, disabled)
-        self._stack = ExitStack()
-        self._bar = None
-
-    def update(self, n: int = 1) -> None:
-        if self._bar is None:
-            self._bar = self._stack.enter_context(_progress_bar(*self._args))
-        self._bar.update(n)
-
-    def __enter__(self) -> _LazyBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-
 def _cmd_restore(args: argparse.Namespace) -> int:
-    with _ChainSize(args.image) as total, \
-            _LazyBar(total, "restoring", args.no_progress or args.json) as bar:
+    with _Bar("restoring", args.no_progress or args.json) as bar:
         result = restore.restore_image(
             args.image, args.target, search=args.search, only_changed=args.only_changed,
-            confirm=_confirm(args), threads=_threads(args), progress=bar.update,
+            confirm=_confirm(args), threads=_threads(args), progress=bar,
             salvage=args.salvage, verify=args.verify, keep_partial=args.keep_partial)
     problem = bool(result.unreadable or result.salvaged or result.verify_errors)
     if args.json:
@@ -464,24 +463,6 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if problem else EXIT_OK
 
 
-class _ChainSize:
-    """The device size of an image for the progress bar (0 when it cannot be read; the
-    restore itself then reports why)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> int:
-        try:
-            with imagefile.ImageReader(self.path) as r:
-                return r.header.size
-        except DiskimgError:
-            return 0
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 # --------------------------------------------------------------------------------------------
 # verify
 
@@ -495,10 +476,9 @@ def _add_verify(sub) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    total = 0 if args.no_progress or args.json else _chain_bytes(args.image, args.search)
-    with _progress_bar(total, "verifying", args.no_progress or args.json) as bar:
+    with _Bar("verifying", args.no_progress or args.json) as bar:
         result = verify.verify_image(args.image, search=args.search, threads=_threads(args),
-                                     progress=bar.update)
+                                     progress=bar)
     if args.json:
         _print_json({"ok": result.ok, "image": result.image,
                      "chain": [{"uuid": u, "path": p} for u, p in result.chain],
@@ -524,19 +504,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
           + ("" if matter == len(result.errors) else
              f"; {matter or 'none'} of them affect{'s' if matter == 1 else ''} restoring it"))
     return EXIT_PROBLEM
-
-
-def _chain_bytes(image: str, search: list[str]) -> int:
-    """What verify's progress counts: the device size once per image of the chain (0 when the
-    chain cannot be opened; verify itself then reports why)."""
-    if not sys.stderr.isatty():
-        return 0
-    from diskimg.image.chain import open_chain
-    try:
-        with open_chain(image, search) as chain:
-            return sum(i.header.size for i in chain.images)
-    except (DiskimgError, OSError):
-        return 0
 
 
 # --------------------------------------------------------------------------------------------
