@@ -11,11 +11,12 @@ overlaps, no two ranges touching) the others assume where they say so.  All work
 """
 from __future__ import annotations
 
-from typing import Iterable
+from bisect import bisect_right
+from typing import Iterable, Sequence
 
 Range = tuple[int, int]
 
-__all__ = ["Range", "intersect", "merge", "subtract", "total"]
+__all__ = ["Range", "clip", "intersect", "merge", "subtract", "total"]
 
 
 def merge(ranges: Iterable[Range], *, min_gap: int = 0, limit: int | None = None,
@@ -61,6 +62,23 @@ def intersect(a: Iterable[Range], b: list[Range]) -> list[Range]:
             if hi > lo:
                 out.append((lo, hi - lo))
             k += 1
+    return out
+
+
+def clip(ranges: Sequence[Range], offset: int, length: int) -> list[Range]:
+    """The parts of `ranges` (sorted, free of overlaps) inside the window
+    ``[offset, offset + length)``; found by bisection, so a small window of a long list costs
+    what it holds, not what precedes it."""
+    end = offset + length
+    i = bisect_right(ranges, offset, key=lambda r: r[0]) - 1
+    if i < 0 or ranges[i][0] + ranges[i][1] <= offset:
+        i += 1
+    out: list[Range] = []
+    while i < len(ranges) and ranges[i][0] < end:
+        lo, hi = max(ranges[i][0], offset), min(ranges[i][0] + ranges[i][1], end)
+        if hi > lo:
+            out.append((lo, hi - lo))
+        i += 1
     return out
 
 

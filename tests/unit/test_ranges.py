@@ -57,3 +57,9 @@ def test_examples():
     assert intersect([(0, 10), (20, 10)], [(5, 20)]) == [(5, 5), (20, 5)]
     assert subtract([(0, 30)], [(5, 5), (20, 20)]) == [(0, 5), (10, 10)]
     assert merge([(100, 10), (0, 10), (10, 5), (50, 0)]) == [(0, 15), (100, 10)]
+
+
+@given(disjoint, st.integers(0, 350), st.integers(0, 80))
+def test_clip_is_intersect_with_one_window(r, offset, length):
+    from diskimg.ranges import clip
+    assert clip(r, offset, length) == intersect(r, [(offset, length)] if length else [])

@@ -31,10 +31,10 @@ that raises Unrecognised, ``scan(out) -> (used bytes, filesystem bytes)``).
 """
 from __future__ import annotations
 
-import bisect
 import logging
 from dataclasses import dataclass
 
+from diskimg import ranges
 from diskimg.disk.used.ext import ExtFs
 from diskimg.disk.used.fat import FatFs
 from diskimg.disk.used.partitions import (
@@ -87,41 +87,19 @@ class UsedMap:
 
     @property
     def used_bytes(self) -> int:
-        return sum(length for _, length in self.ranges)
-
-    def _first_at_or_after(self, offset: int) -> int:
-        """Index of the first range that ends after ``offset``."""
-        i = bisect.bisect_right(self.ranges, offset, key=lambda r: r[0]) - 1
-        if i < 0:
-            return 0
-        start, length = self.ranges[i]
-        return i if start + length > offset else i + 1
+        return ranges.total(self.ranges)
 
     def is_used(self, offset: int, length: int) -> bool:
         """True when any byte of ``[offset, offset + length)`` must be read."""
-        if length <= 0:
-            return False
-        i = self._first_at_or_after(offset)
-        return i < len(self.ranges) and self.ranges[i][0] < offset + length
+        return length > 0 and bool(ranges.clip(self.ranges, offset, length))
 
     def used_in(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The used sub-ranges of the window ``[offset, offset + length)``, clipped to it."""
-        out: list[tuple[int, int]] = []
-        end = offset + length
-        i = self._first_at_or_after(offset)
-        while i < len(self.ranges):
-            start, rlen = self.ranges[i]
-            if start >= end:
-                break
-            lo, hi = max(start, offset), min(start + rlen, end)
-            if hi > lo:
-                out.append((lo, hi - lo))
-            i += 1
-        return out
+        return ranges.clip(self.ranges, offset, length)
 
     def used_bytes_in(self, offset: int, length: int) -> int:
         """How many bytes of ``[offset, offset + length)`` are used (for "43% used" lines)."""
-        return sum(n for _, n in self.used_in(offset, length))
+        return ranges.total(self.used_in(offset, length))
 
 
 
