@@ -496,8 +496,8 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     try:
         if progress:
             progress.start(source.size, "B")
-        results = ordered_map(stages.process, stages.read_all(stages.plan(), opts.threads),
-                              opts.threads,
+        jobs = stages.read_all(stages.plan(), opts.threads)
+        results = ordered_map(stages.process, jobs, opts.threads,
                               depth=depth_for(bs, opts.threads), inline=_is_run)
         with closing(results):  # stops the readers before the source is closed
             for job in results:
