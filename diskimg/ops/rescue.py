@@ -38,10 +38,10 @@ import zstandard
 
 from diskimg import __version__, devices, ranges
 from diskimg import format as fmt
+from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL
 from diskimg.disk.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
 from diskimg.image.imagefile import ImageWriter, read_record_data, scan_records
-from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL
 from diskimg.ops.imaging import (
     ImageResult,
     check_block_size,

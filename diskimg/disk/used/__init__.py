@@ -275,7 +275,7 @@ def _scan_whole(rd: SourceReader, ss: int, out: RangeCollector, regions: list[Re
             continue
         if mbr_parts or mbr_error:
             raise Unrecognised("both a filesystem and an MBR partition table at the start; "
-                                "cannot tell which is current")
+                               "cannot tell which is current")
         _scan_content(rd, 0, size, "whole device", out, regions)
         return
     if mbr_error is not None:

@@ -93,7 +93,7 @@ class ExtFs:
         bad_in = self.incompat & ~_INCOMPAT_OK
         if self.incompat & _INCOMPAT_RECOVER:
             raise Unrecognised("the journal needs recovery (needs_recovery): mounted or not "
-                                "cleanly unmounted")
+                               "cleanly unmounted")
         if self.incompat & _INCOMPAT_JOURNAL_DEV:
             raise Unrecognised("an external journal device")
         if bad_in:
@@ -104,7 +104,7 @@ class ExtFs:
         state = u16(sb, 0x3A)
         if not state & 1:
             raise Unrecognised("not cleanly unmounted (state has no VALID flag): mounted, or "
-                                "needs fsck")
+                               "needs fsck")
         if state & 2:
             raise Unrecognised("marked as having errors (state ERROR_FS): run fsck first")
         self.csum = bool(self.ro_compat & _RO_METADATA_CSUM)
@@ -153,7 +153,7 @@ class ExtFs:
             raise Unrecognised("superblock geometry is inconsistent")
         if self.blocks * bs > length:
             raise Unrecognised(f"filesystem ({self.blocks * bs} bytes) is larger than its "
-                                f"container ({length} bytes): truncated?")
+                               f"container ({length} bytes): truncated?")
         self.groups = -(-(self.blocks - self.first_data) // self.bpg)
         self.itable_blocks = -(-(self.ipg * inode_size) // bs)
         self.desc_per_block = bs // self.desc_size
@@ -261,7 +261,7 @@ class ExtFs:
                                  (it, self.itable_blocks, "inode table")):
                 if blk < self.first_data or blk + n > self.blocks:
                     raise Unrecognised(f"group {g}: {what} at block {blk} is outside the "
-                                        "filesystem")
+                                       "filesystem")
                 meta.add(base + blk * bs, n * bs)
             head = start if g else self.sb_block
             meta.add(base + head * bs, self._base_meta_blocks(g) * bs)
@@ -282,7 +282,7 @@ class ExtFs:
                     got &= 0xFFFF
                 if got != want:
                     raise Unrecognised(f"group {g}: block bitmap checksum {got:#x} should be "
-                                        f"{want:#x}")
+                                       f"{want:#x}")
             nbytes = (nclusters + 7) // 8
             bitmap = raw[:nbytes]
             if nclusters % 8:
@@ -291,14 +291,14 @@ class ExtFs:
             counted_free = nclusters - popcount(bitmap)
             if counted_free != free:
                 raise Unrecognised(f"group {g}: bitmap has {counted_free} free clusters, its "
-                                    f"descriptor says {free}")
+                                   f"descriptor says {free}")
             cbase = base + (start if not big else g * self.cpg * self.ratio) * bs
             for first, count in bit_runs(bitmap):
                 out.add(cbase + first * cs, count * cs)
         sb_free = self.free_blocks // self.ratio if big else self.free_blocks
         if sb_free != free_total:
             raise Unrecognised(f"superblock says {sb_free} free clusters, the group "
-                                f"descriptors add up to {free_total}")
+                               f"descriptors add up to {free_total}")
         for s, n in meta.merged(base + self.blocks * bs):
             out.add(s, n)
         total_clusters = -(-(self.blocks - self.first_data) // self.ratio)

@@ -62,7 +62,7 @@ class FatFs:
             raise Unrecognised("the FAT is too small for the cluster count")
         if total * bps > length:
             raise Unrecognised(f"filesystem ({total * bps} bytes) is larger than its container "
-                                f"({length} bytes): truncated?")
+                               f"({length} bytes): truncated?")
         self.fatsz = fatsz
         self.total = total
         self.fat_offsets = [base + (self.reserved + i * fatsz) * bps for i in range(self.nfats)]
@@ -88,7 +88,7 @@ class FatFs:
     def _check_head(self, fat: bytes) -> None:
         if fat[0] != self.media:
             raise Unrecognised(f"FAT[0] {fat[0]:#x} does not match the media byte "
-                                f"{self.media:#x}")
+                               f"{self.media:#x}")
         if self.bits == 16 and not u16(fat, 2) & 0x8000:
             raise Unrecognised("FAT[1] clean-shutdown bit is clear: not cleanly unmounted")
         if self.bits == 32 and not u32(fat, 4) & 0x08000000:

@@ -75,7 +75,7 @@ def _parse_ebr_chain(rd: SourceReader, ext_lba: int, ext_len: int, ss: int) -> l
             start = ebr + rel
             if rel == 0 or start + n > ext_lba + ext_len:
                 raise Unrecognised(f"logical partition {number} lies outside its extended "
-                                    "partition")
+                                   "partition")
             parts.append(Partition(number, start * ss, n * ss))
             number += 1
         ntype, nrel, nn = entries[1]

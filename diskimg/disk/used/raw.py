@@ -32,7 +32,7 @@ class SourceReader:
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise Unrecognised(f"structure at byte {offset} (+{length}) lies outside the source "
-                                f"({self.size} bytes)")
+                               f"({self.size} bytes)")
         parts = []
         done = 0
         while done < length:
