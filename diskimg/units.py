@@ -4,10 +4,14 @@ from __future__ import annotations
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def human(n: float) -> str:
+def human(n: float, *, exact: bool = False) -> str:
+    """1536 -> "1.5 KiB".  With `exact`, a whole number of units drops its ".0" ("4 KiB", as
+    the used-block scanner describes sizes that are exact multiples)."""
     for unit in _UNITS:
         if abs(n) < 1024 or unit == _UNITS[-1]:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            if unit == "B" or (exact and n == int(n)):
+                return f"{n:.0f} {unit}"
+            return f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 

@@ -13,8 +13,6 @@ from typing import Callable
 
 from diskimg import defaults
 from diskimg.cli.lazy import (
-    blockdev,
-    chain,
     health,
     imagefile,
     imaging,
@@ -24,7 +22,7 @@ from diskimg.cli.lazy import (
     verify,
 )
 from diskimg.cli.options import chain_options, common, size_arg, threads
-from diskimg.errors import DiskimgError, UsageError
+from diskimg.errors import UsageError
 from diskimg.units import human
 
 # --------------------------------------------------------------------------------------------
@@ -78,22 +76,25 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
         raise UsageError("--rescue reads every block already; --all-blocks goes without it")
     if not 1 <= opts.level <= 22:
         raise UsageError(f"--level {opts.level}: must be between 1 and 22")
+    if args.rescue and (args.incremental or args.differential):
+        raise UsageError("--rescue makes full images only (image the new disk incrementally "
+                         "afterwards)")
     _health_precheck(args.source, rescue=args.rescue)
-    size = _source_size_for_progress(args.source)
-    with render.progress_bar(size, "rescuing" if args.rescue else "imaging",
-                             args.no_progress or args.json) as bar:
-        if args.rescue:
+    if args.rescue:
+        with render.RescueBar("rescuing", args.no_progress or args.json) as bar:
             rescued = rescue.rescue_image(
-                args.source, args.image, opts,
-                rescue.RescueOptions(retries=args.retries, mapfile=args.mapfile,
-                                     direct=args.direct, command=" ".join(sys.argv)),
-                progress=render.rescue_progress(bar))
-            return render.ImageDone(args.source, rescued.image, rescued)
-        if args.mapfile or args.direct is not None or args.retries != 1:
-            raise UsageError("--retries, --mapfile and --direct go with --rescue")
+                args.source, args.image,
+                rescue.RescueOptions(
+                    block_size=opts.block_size or defaults.DEFAULT_BLOCK_SIZE, level=opts.level,
+                    force=opts.force, search=opts.search, retries=args.retries,
+                    mapfile=args.mapfile, direct=args.direct, command=" ".join(sys.argv)),
+                progress=bar)
+        return render.ImageDone(args.source, rescued.image, rescued)
+    if args.mapfile or args.direct is not None or args.retries != 1:
+        raise UsageError("--retries, --mapfile and --direct go with --rescue")
+    with render.Bar("imaging", args.no_progress or args.json) as bar:
         return render.ImageDone(
-            args.source, imaging.create_image(args.source, args.image, opts,
-                                              progress=bar.update))
+            args.source, imaging.create_image(args.source, args.image, opts, progress=bar))
 
 
 def _health_precheck(source: str, rescue: bool) -> None:
@@ -103,17 +104,6 @@ def _health_precheck(source: str, rescue: bool) -> None:
         return
     for line in render.precheck_lines(source, report, report.verdict == health.FAIL, rescue):
         render.note(line)
-
-
-def _source_size_for_progress(path: str) -> int:
-    try:
-        src = blockdev.open_source(path)
-    except DiskimgError:
-        return 0  # create_image reports the problem
-    try:
-        return src.size
-    finally:
-        src.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,23 +154,12 @@ def _confirm(args: argparse.Namespace) -> Callable:
 
 
 def _cmd_restore(args: argparse.Namespace) -> render.RestoreDone:
-    with render.LazyBar(_image_size(args.image), "restoring",
-                        args.no_progress or args.json) as bar:
+    with render.Bar("restoring", args.no_progress or args.json) as bar:
         result = restore.restore_image(
             args.image, args.target, search=args.search, only_changed=args.only_changed,
-            confirm=_confirm(args), threads=threads(args), progress=bar.update,
+            confirm=_confirm(args), threads=threads(args), progress=bar,
             salvage=args.salvage, verify=args.verify, keep_partial=args.keep_partial)
     return render.RestoreDone(args.image, args.target, args.only_changed, result)
-
-
-def _image_size(path: str) -> int:
-    """The device size of an image for the progress bar (0 when it cannot be read; the
-    restore itself then reports why)."""
-    try:
-        with imagefile.ImageReader(path) as r:
-            return r.header.size
-    except DiskimgError:
-        return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,23 +175,10 @@ def _add_verify(sub) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> render.VerifyDone:
-    total = 0 if args.no_progress or args.json else _chain_bytes(args.image, args.search)
-    with render.progress_bar(total, "verifying", args.no_progress or args.json) as bar:
+    with render.Bar("verifying", args.no_progress or args.json) as bar:
         result = verify.verify_image(args.image, search=args.search, threads=threads(args),
-                                     progress=bar.update)
+                                     progress=bar)
     return render.VerifyDone(args.image, result)
-
-
-def _chain_bytes(image: str, search: list[str]) -> int:
-    """What verify's progress counts: the device size once per image of the chain (0 when the
-    chain cannot be opened; verify itself then reports why)."""
-    if not sys.stderr.isatty():
-        return 0
-    try:
-        with chain.open_chain(image, search) as opened:
-            return sum(i.header.size for i in opened.images)
-    except (DiskimgError, OSError):
-        return 0
 
 
 # --------------------------------------------------------------------------------------------

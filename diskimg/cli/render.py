@@ -173,35 +173,42 @@ def progress_bar(total: int, desc: str, disabled: bool, unit: str = "B") -> Iter
         yield bar
 
 
-class LazyBar:
-    """A progress bar opened at the first progress report, so that nothing the restore asks or
-    says before it starts writing (the overwrite question) is mixed up with the bar."""
+class Bar:
+    """The progress an operation reports (diskimg.ops.progress.Progress) as a bar on stderr,
+    opened when the operation starts and says how much there is to do: nothing it asks or says
+    before (restore's overwrite question) is mixed up with the bar, and no one opens the source
+    or the image a second time just to size it."""
 
-    def __init__(self, total: int, desc: str, disabled: bool) -> None:
-        self._args = (total, desc, disabled)
+    def __init__(self, desc: str, disabled: bool) -> None:
+        self.desc, self.disabled = desc, disabled
         self._stack = ExitStack()
-        self._bar = None
+        self.bar = None
 
-    def update(self, n: int = 1) -> None:
-        if self._bar is None:
-            self._bar = self._stack.enter_context(progress_bar(*self._args))
-        self._bar.update(n)
+    def start(self, total: int, unit: str = "B") -> None:
+        if self.bar is None:
+            self.bar = self._stack.enter_context(
+                progress_bar(total, self.desc, self.disabled, unit))
 
-    def __enter__(self) -> LazyBar:
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+
+    def __enter__(self) -> Bar:
         return self
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
 
-def rescue_progress(bar) -> Callable:
-    """Show rescued, bad and remaining bytes and the pass on the bar."""
-    def show_status(st) -> None:     # a rescue.RescueStatus
-        bar.n = st.rescued + st.bad
-        bar.set_postfix_str(f"pass {st.pass_no} {st.pass_name}, bad {human(st.bad)}, "
-                            f"failed areas {human(st.pending)}, untried {human(st.remaining)}",
-                            refresh=True)
-    return show_status
+class RescueBar(Bar):
+    """Shows rescued, bad and remaining bytes and the pass on the bar."""
+
+    def status(self, st) -> None:     # a rescue.RescueStatus
+        if self.bar is None:
+            return
+        self.bar.n = st.rescued + st.bad
+        self.bar.set_postfix_str(f"pass {st.pass_no} {st.pass_name}, bad {human(st.bad)}, "
+                                 f"failed areas {human(st.pending)}, "
+                                 f"untried {human(st.remaining)}", refresh=True)
 
 
 def selftest_progress(bar) -> Callable[[int], None]:

@@ -6,6 +6,12 @@ through the page cache by one reader thread.  Hashing and compression run in --t
 (pipeline.ordered_map); records are appended in block order.  For an incremental or
 differential image each block's SHA-256 is compared with the reference image's index, so only
 changed blocks are stored and the parent's data is never read.
+
+The per-block work is a pipeline of named stages (`_BlockStages`: plan -> read -> hash_compare
+-> encode -> write) over typed jobs: a `BlockJob` per block to read, filled in stage by stage,
+and a `Run` for each stretch of zero or unused blocks, which needs no reading and becomes one
+index entry.  The checks before any of that (where the image may go, whether the source is
+mounted, which reference image) come first, in create_image.
 """
 from __future__ import annotations
 
@@ -18,11 +24,11 @@ import uuid as uuidlib
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
-from diskimg import __version__, devices
+from diskimg import __version__, devices, ranges
 from diskimg.disk import identity
-from diskimg.disk import usedblocks
+from diskimg.disk.used import content_ids, scan as scan_used
 from diskimg import format as fmt
 from diskimg.disk.blockdev import (
     Source,
@@ -48,7 +54,7 @@ from diskimg.errors import (
     is_permission_error,
 )
 from diskimg.image.imagefile import ImageReader, ImageWriter
-from diskimg.transforms import writing_chain
+from diskimg.transforms import TransformChain, writing_chain
 from diskimg.ops.pipeline import (
     IN_FLIGHT_BYTES,
     BufferPool,
@@ -57,14 +63,12 @@ from diskimg.ops.pipeline import (
     ordered_map,
     prefetch,
 )
+from diskimg.ops.progress import Progress
 
 log = logging.getLogger(__name__)
 
 READERS = 4   # O_DIRECT reads in flight from a device: one per core would leave the disk idle
 READ_AHEAD_WINDOW = 8 << 20   # how far past a failed read its bad sector may lie
-
-Progress = Callable[[int], None]
-
 
 @dataclass(frozen=True)
 class ImageOptions:
@@ -255,10 +259,9 @@ def check_source_mounted(source: Source, force: bool) -> list[str]:
 
 def source_identity(source: Source) -> dict:
     """What the header records of the source: model, serial, WWN (devices.identify), and what
-    tells disks apart without a serial: partition-table id, filesystem UUID (usedblocks)."""
+    tells disks apart without a serial: partition-table id, filesystem UUID (disk.used)."""
     ident = devices.identify(source.path)
-    ident.update(usedblocks.content_ids(source.fd, source.size,
-                                        sector_size=source.logical_sector))
+    ident.update(content_ids(source.fd, source.size, sector_size=source.logical_sector))
     return ident
 
 
@@ -334,23 +337,6 @@ class Read:
 
     block: int
     parts: tuple[tuple[int, int], ...] | None
-
-
-def _intersect(a: Iterable[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Intersection of two sorted lists of (offset, length) ranges."""
-    out = []
-    j = 0
-    for off, length in a:
-        end = off + length
-        while j < len(b) and b[j][0] + b[j][1] <= off:
-            j += 1
-        k = j
-        while k < len(b) and b[k][0] < end:
-            lo, hi = max(off, b[k][0]), min(end, b[k][0] + b[k][1])
-            if hi > lo:
-                out.append((lo, hi - lo))
-            k += 1
-    return out
 
 
 def plan_blocks(size: int, bs: int, read: list[tuple[int, int]],
@@ -507,156 +493,37 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
         transforms=transforms.table,
     )
-    ref_entries = ref.iter_entries() if ref is not None else None
     used_map = None
     if opts.all_blocks:
         used = [(0, source.size)]
     else:
-        used_map = usedblocks.scan(source.fd, source.size, sector_size=source.logical_sector)
+        used_map = scan_used(source.fd, source.size, sector_size=source.logical_sector)
         used = list(used_map.ranges)
     # what is not a hole of a sparse file (a device has none)
     data_spans = ([(0, source.size)] if source.is_block
                   else list(data_ranges(source.fd, source.size)))
-    counts = {"read_bytes": 0, "unchanged_zero": 0}
+    to_read = ranges.intersect(data_spans, used)
 
-    def split_short(run: Run) -> Iterator[Run]:
-        """Runs share one entry; the short last block has another checksum, so alone."""
-        last = run.first + run.count - 1
-        if header.block_length(last) == bs or run.count == 1:
-            yield run
-        else:
-            yield Run(run.first, run.count - 1, run.kind)
-            yield Run(last, 1, run.kind)
-
-    to_read = _intersect(data_spans, used)
-    pool = BufferPool(bs)   # blocks are read into reused buffers, given back once stored
-    zeros = bytes(bs)
-    sector = source.logical_sector
-
-    def produce() -> Iterator[Run | tuple[Read, bytes | None]]:
-        """The plan, with each block's reference checksum (for a changed-block image)."""
-        for item in plan_blocks(source.size, bs, to_read, used):
-            if isinstance(item, Run):
-                for run in split_short(item):
-                    if ref_entries is not None:
-                        zsha = fmt.zero_digest(header.block_length(run.first))
-                        counts["unchanged_zero"] += sum(
-                            next(ref_entries)[1].sha256 == zsha for _ in range(run.count))
-                    yield run
-                continue
-            yield item, next(ref_entries)[1].sha256 if ref_entries is not None else None
-
-    def load(planned: Run | tuple[Read, bytes | None]):
-        """Read a planned block: (block, content, reference checksum, bytes read)."""
-        if isinstance(planned, Run):
-            return planned
-        item, ref_sha = planned
-        view, nread = _read_block(item)
-        return item.block, view, ref_sha, nread
-
-    def _read_block(item: Read) -> tuple[memoryview, int]:
-        """The block's content in a pool buffer, and the bytes read: its data ranges read in
-        one request, the free space around and between them zeros."""
-        start, length = item.block * bs, header.block_length(item.block)
-        parts = item.parts or ((0, length),)
-        lo, hi = parts[0][0], parts[-1][0] + parts[-1][1]
-        view = memoryview(pool.get())[:length]
-        try:
-            if direct_fd is None:
-                preadv_full(source.fd, view[lo:hi], start + lo, source.path)
-            else:   # whole sectors, into the page-aligned buffer at the same place
-                a, e = lo // sector * sector, min(-(-hi // sector) * sector, length)
-                try:
-                    preadv_full(direct_fd, view[a:e], start + a, source.path)
-                except OSError as err:
-                    if err.errno != errno.EINVAL:
-                        raise
-                    preadv_full(source.fd, view[lo:hi], start + lo, source.path)
-        except OSError as err:
-            # a buffered read-ahead may have failed this read for a bad sector further on
-            where, length = start + lo, hi - lo
-            if source.is_block:
-                bad = locate_bad_sector(source.path, where,
-                                        min(source.size, where + length + READ_AHEAD_WINDOW),
-                                        source.logical_sector)
-                if bad is not None:
-                    where, length = bad, source.logical_sector
-            raise ReadError(source.path, where, length, err,
-                            hint="use --rescue to image past unreadable sectors") from err
-        pos = 0
-        for off, n in (*parts, (length, 0)):   # zero what lies outside the data ranges
-            if off > pos:
-                view[pos:off] = zeros[:off - pos]
-            pos = off + n
-        return view, hi - lo
-
-    def loaded() -> Iterator:
-        """The blocks read, in order.  From a device: O_DIRECT requests from READERS threads,
-        the kernel's cache left alone.  From a file: one reader thread through the page cache,
-        telling the kernel ahead which ranges come next and letting go of those read."""
-        if direct_fd is not None:
-            # 1 MiB blocks: 4 readers; 16 MiB: 1 (memory is bounded by bytes, as in depth_for)
-            readers = max(1, min(READERS, IN_FLIGHT_BYTES // (2 * bs)))
-            if readers == 1:   # still off the main thread, which writes the image
-                return prefetch(map(load, produce()), depth=2)
-            return ordered_map(load, produce(), readers, depth=2 * readers,
-                               inline=lambda planned: isinstance(planned, Run))
-        readahead = ReadAhead(source.fd, to_read)
-
-        def read_in_order():
-            for planned in produce():
-                if not isinstance(planned, Run):
-                    readahead.advance(planned[0].block * bs)
-                yield load(planned)
-        return prefetch(read_in_order(), depth=ahead)
-
-    def work(item):
-        if isinstance(item, Run):
-            return item
-        block, data, ref_sha, nread = item
-        sha = hashlib.sha256(data).digest()
-        if sha == ref_sha:
-            pool.put(data.obj)
-            return block, fmt.PARENT, sha, None, 0, nread
-        if sha == fmt.zero_digest(len(data)):
-            pool.put(data.obj)
-            return block, fmt.ZERO, sha, None, 0, nread
-        stored, codec = transforms.encode(block, data)
-        if stored is not data:   # else stored as read (raw): the buffer is given back when written
-            pool.put(data.obj)
-        return block, fmt.DATA, sha, stored, codec, nread
-
-    depth = depth_for(bs, opts.threads)
-    ahead = max(2, depth - opts.threads)   # read-ahead beyond what the workers hold
     writer = ImageWriter(image_path, header)   # removes its partial file if it fails
     # a device is read with O_DIRECT: on the benchmark disk, reading through the page cache
     # cost 0.5-0.66 s of system time (read-ahead, copy, invalidation), O_DIRECT 0.07-0.14 s
     direct_fd = open_direct(source.path) if source.is_block else None
+    stages = _BlockStages(source, header, to_read, used, direct_fd, transforms,
+                          ref.iter_entries() if ref is not None else None)
     try:
-        results = ordered_map(work, loaded(), opts.threads, depth=depth,
-                              inline=lambda item: isinstance(item, Run))
+        if progress:
+            progress.start(source.size, "B")
+        jobs = stages.read_all(stages.plan(), opts.threads)
+        results = ordered_map(stages.process, jobs, opts.threads,
+                              depth=depth_for(bs, opts.threads), inline=_is_run)
         with closing(results):  # stops the readers before the source is closed
-            for res in results:
-                if isinstance(res, Run):
-                    length = header.block_length(res.first)
-                    writer.add_entry(res.first,
-                                     fmt.IndexEntry(res.kind, fmt.zero_digest(length)), res.count)
-                    if progress:
-                        progress(min((res.first + res.count) * bs, source.size) - res.first * bs)
-                    continue
-                block, kind_, sha, stored, codec, nread = res
-                counts["read_bytes"] += nread
-                if kind_ == fmt.DATA:
-                    writer.add_data(block, stored, codec, sha)
-                    if codec == fmt.CODEC_RAW:
-                        pool.put(stored.obj)
-                else:
-                    writer.add_entry(block, fmt.IndexEntry(kind_, sha))
+            for job in results:
+                stages.write(writer, job)
                 if progress:
-                    progress(header.block_length(block))
+                    progress.advance(_job_bytes(header, job))
         stats = writer.stats
         # unchanged: the parent references only, so that the four kinds add up to the blocks
-        unchanged, unchanged_zero = stats.parent_blocks, counts["unchanged_zero"]
+        unchanged, unchanged_zero = stats.parent_blocks, stages.unchanged_zero
         changed = header.blocks - unchanged - unchanged_zero if ref is not None else header.blocks
         meta = {
             "completed": utc_now(),
@@ -664,7 +531,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": stats.unused_blocks,
                 "unchanged_blocks": unchanged, "changed_blocks": changed,
-                "unchanged_zero_blocks": unchanged_zero, "read_bytes": counts["read_bytes"],
+                "unchanged_zero_blocks": unchanged_zero, "read_bytes": stages.read_bytes,
             },
             "used": None if used_map is None else {
                 "used_bytes": used_map.used_bytes,
@@ -684,7 +551,223 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         blocks=header.blocks, stored_blocks=stats.stored_blocks, zero_blocks=stats.zero_blocks,
         unused_blocks=stats.unused_blocks, unchanged_blocks=unchanged,
         changed_blocks=changed, stored_bytes=stats.stored_bytes,
-        image_bytes=os.path.getsize(image_path), read_bytes=counts["read_bytes"],
+        image_bytes=os.path.getsize(image_path), read_bytes=stages.read_bytes,
         seconds=time.monotonic() - started, parent=parent["uuid"] if parent else None,
         chain=chain, unchanged_zero_blocks=unchanged_zero,
     )
+
+
+def _is_run(job: Run | BlockJob) -> bool:
+    """Runs need no reading nor hashing: the pipeline passes them through on its own thread."""
+    return type(job) is Run
+
+
+def _job_bytes(header: fmt.Header, job: Run | BlockJob) -> int:
+    """The bytes of the device a job covers (what the progress counts)."""
+    if type(job) is Run:
+        start = job.first * header.block_size
+        return min(start + job.count * header.block_size, header.size) - start
+    return job.length
+
+
+@dataclass(slots=True)
+class BlockJob:
+    """One block on its way from the source to the image, filled in stage by stage.
+
+    plan: `block`, `length`, `parts` (the byte ranges inside the block that hold data; None for
+    the whole block) and `ref_sha` (the reference image's checksum of the block, for a
+    changed-block image).  read: `view` (the content, in a pool buffer) and `read_bytes`.
+    hash/compare: `sha256` and `kind` (DATA, or PARENT/ZERO when nothing is to be stored).
+    encode: `stored` and `codec` (what the record holds and how to decode it).
+    """
+
+    block: int
+    length: int
+    parts: tuple[tuple[int, int], ...] | None
+    ref_sha: bytes | None
+    view: memoryview | None = None
+    read_bytes: int = 0
+    sha256: bytes = b""
+    kind: int = fmt.DATA
+    stored: bytes | memoryview | None = None
+    codec: int = fmt.CODEC_RAW
+
+
+class _BlockStages:
+    """The stages of imaging one source, over a stream of `Run`s and `BlockJob`s in block order:
+
+        plan -> read -> hash_compare -> encode -> write
+                (readers) (--threads workers)       (this thread, in order)
+
+    `read_all` runs `read` on reader threads, `process` (hash_compare, then encode) runs in the
+    ordered_map workers, `write` on the calling thread.  Runs of zero or unused blocks go
+    through as they are: nothing to read, one index entry.  Blocks are read into reused
+    buffers (BufferPool), given back as soon as nothing refers to them any more: after hashing
+    when the block is not stored, after encoding when the stored bytes are a copy, after
+    writing when the block is stored as read.
+    """
+
+    def __init__(self, source: Source, header: fmt.Header, to_read: list[tuple[int, int]],
+                 used: list[tuple[int, int]], direct_fd: int | None, transforms: TransformChain,
+                 ref_entries: Iterator | None) -> None:
+        self.source = source
+        self.header = header
+        self.to_read = to_read     # the byte ranges to read: used, and not a hole
+        self.used = used           # the used byte ranges (the rest: UNUSED runs)
+        self.bs = header.block_size
+        self.direct_fd = direct_fd
+        self.transforms = transforms
+        self.ref_entries = ref_entries
+        self.pool = BufferPool(self.bs)
+        self.zeros = bytes(self.bs)
+        self.read_bytes = 0        # counted by write, on one thread
+        self.unchanged_zero = 0    # zero/unused runs that were zeros in the reference too
+
+    # -- plan ----------------------------------------------------------------------------------
+
+    def plan(self) -> Iterator[Run | BlockJob]:
+        """Every block in order: runs that need no reading (a short last block alone, as its
+        checksum differs) and a job for each block to read, with its reference checksum."""
+        header, ref_entries = self.header, self.ref_entries
+        for item in plan_blocks(self.source.size, self.bs, self.to_read, self.used):
+            if type(item) is Run:
+                for run in _split_short(header, item):
+                    if ref_entries is not None:
+                        zsha = fmt.zero_digest(header.block_length(run.first))
+                        self.unchanged_zero += sum(
+                            next(ref_entries)[1].sha256 == zsha for _ in range(run.count))
+                    yield run
+                continue
+            yield BlockJob(item.block, header.block_length(item.block), item.parts,
+                           next(ref_entries)[1].sha256 if ref_entries is not None else None)
+
+    # -- read ----------------------------------------------------------------------------------
+
+    def read_all(self, jobs: Iterator[Run | BlockJob], threads: int) -> Iterator[Run | BlockJob]:
+        """The jobs with their blocks read, in order.  From a device: O_DIRECT requests from
+        READERS threads, the kernel's cache left alone.  From a file: one reader thread through
+        the page cache, telling the kernel ahead which ranges come next and letting go of
+        those read."""
+        bs = self.bs
+        if self.direct_fd is not None:
+            # 1 MiB blocks: 4 readers; 16 MiB: 1 (memory is bounded by bytes, as in depth_for)
+            readers = max(1, min(READERS, IN_FLIGHT_BYTES // (2 * bs)))
+            if readers == 1:   # still off the main thread, which writes the image
+                return prefetch(map(self.read, jobs), depth=2)
+            return ordered_map(self.read, jobs, readers, depth=2 * readers, inline=_is_run)
+        readahead = ReadAhead(self.source.fd, self.to_read)
+        read = self.read
+
+        def read_in_order() -> Iterator[Run | BlockJob]:
+            for job in jobs:
+                if type(job) is BlockJob:
+                    readahead.advance(job.block * bs)
+                    read(job)
+                yield job
+        # read-ahead beyond what the workers hold
+        return prefetch(read_in_order(), depth=max(2, depth_for(bs, threads) - threads))
+
+    def read(self, job: Run | BlockJob) -> Run | BlockJob:
+        """Read a job's block into a pool buffer: its data ranges in one request, the free
+        space around and between them zeros.  A read error names the bad sector when it can."""
+        if type(job) is Run:
+            return job
+        source, sector = self.source, self.source.logical_sector
+        start, length = job.block * self.bs, job.length
+        parts = job.parts or ((0, length),)
+        lo, hi = parts[0][0], parts[-1][0] + parts[-1][1]
+        view = memoryview(self.pool.get())[:length]
+        try:
+            if self.direct_fd is None:
+                preadv_full(source.fd, view[lo:hi], start + lo, source.path)
+            else:   # whole sectors, into the page-aligned buffer at the same place
+                a, e = lo // sector * sector, min(-(-hi // sector) * sector, length)
+                try:
+                    preadv_full(self.direct_fd, view[a:e], start + a, source.path)
+                except OSError as err:
+                    if err.errno != errno.EINVAL:
+                        raise
+                    preadv_full(source.fd, view[lo:hi], start + lo, source.path)
+        except OSError as err:
+            # a buffered read-ahead may have failed this read for a bad sector further on
+            where, length = start + lo, hi - lo
+            if source.is_block:
+                bad = locate_bad_sector(source.path, where,
+                                        min(source.size, where + length + READ_AHEAD_WINDOW),
+                                        source.logical_sector)
+                if bad is not None:
+                    where, length = bad, source.logical_sector
+            raise ReadError(source.path, where, length, err,
+                            hint="use --rescue to image past unreadable sectors") from err
+        pos = 0
+        zeros = self.zeros
+        for off, n in (*parts, (length, 0)):   # zero what lies outside the data ranges
+            if off > pos:
+                view[pos:off] = zeros[:off - pos]
+            pos = off + n
+        job.view, job.read_bytes = view, hi - lo
+        return job
+
+    # -- hash, compare, encode (the workers) ---------------------------------------------------
+
+    def process(self, job: Run | BlockJob) -> Run | BlockJob:
+        """hash_compare, then encode what is to be stored."""
+        if type(job) is Run:
+            return job
+        if self.hash_compare(job):
+            self.encode(job)
+        return job
+
+    def hash_compare(self, job: BlockJob) -> bool:
+        """The block's SHA-256, compared with the reference's (unchanged: PARENT) and with the
+        all-zeros block's (ZERO).  True when the block is to be stored; otherwise its buffer
+        goes back to the pool at once."""
+        data = job.view
+        job.sha256 = sha = hashlib.sha256(data).digest()
+        if sha == job.ref_sha:
+            job.kind = fmt.PARENT
+        elif sha == fmt.zero_digest(len(data)):
+            job.kind = fmt.ZERO
+        else:
+            return True
+        self.pool.put(data.obj)
+        job.view = None
+        return False
+
+    def encode(self, job: BlockJob) -> None:
+        """What the record stores: the block through the transform chain (which leaves zstd
+        out when it does not pay off and then returns the buffer itself: the pool buffer stays
+        with the job until it is written)."""
+        data = job.view
+        job.stored, job.codec = self.transforms.encode(job.block, data)
+        if job.stored is not data:
+            self.pool.put(data.obj)
+            job.view = None
+
+    # -- write (the calling thread, in block order) --------------------------------------------
+
+    def write(self, writer: ImageWriter, job: Run | BlockJob) -> None:
+        """Append the job's record (or index entry) to the image."""
+        if type(job) is Run:
+            writer.add_entry(job.first, fmt.IndexEntry(
+                job.kind, fmt.zero_digest(self.header.block_length(job.first))), job.count)
+            return
+        self.read_bytes += job.read_bytes
+        if job.kind != fmt.DATA:
+            writer.add_entry(job.block, fmt.IndexEntry(job.kind, job.sha256))
+            return
+        writer.add_data(job.block, job.stored, job.codec, job.sha256)
+        if job.view is not None:   # stored as read: the buffer is free once written
+            self.pool.put(job.view.obj)
+            job.view = None
+        job.stored = None
+
+
+def _split_short(header: fmt.Header, run: Run) -> Iterator[Run]:
+    """Runs share one entry; the short last block has another checksum, so alone."""
+    last = run.first + run.count - 1
+    if header.block_length(last) == header.block_size or run.count == 1:
+        yield run
+    else:
+        yield Run(run.first, run.count - 1, run.kind)
+        yield Run(last, 1, run.kind)

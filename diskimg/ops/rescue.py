@@ -31,17 +31,16 @@ import signal
 import time
 import uuid as uuidlib
 from array import array
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
-from diskimg import __version__, devices
+from diskimg import __version__, devices, ranges
 from diskimg import format as fmt
+from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL
 from diskimg.disk.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
 from diskimg.image.imagefile import ImageWriter, read_record_data, scan_records
 from diskimg.ops.imaging import (
-    DEFAULT_BLOCK_SIZE,
-    ImageOptions,
     ImageResult,
     check_block_size,
     check_image_path,
@@ -71,6 +70,13 @@ PASS_NAMES = {1: "copying", 2: "copying skipped areas", 3: "trimming", 4: "scrap
 
 @dataclass(frozen=True)
 class RescueOptions:
+    """What a rescue uses, and nothing else: a rescue is always a full image of every block,
+    so imaging's reference-image, thread and --all-blocks options have no place here."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    level: int = DEFAULT_LEVEL
+    force: bool = False               # replace a finished image; a source mounted read-write
+    search: tuple[str, ...] = ()      # where images made against the one replaced may lie
     retries: int = 1
     mapfile: str | None = None        # default: IMAGE.map
     direct: bool | None = None        # O_DIRECT; default: on for block devices
@@ -87,6 +93,15 @@ class RescueStatus:
     pending: int       # non-trimmed and non-scraped bytes (failed areas not yet narrowed)
     remaining: int     # bytes not tried yet
     size: int
+
+
+class RescueProgress(Protocol):
+    """A rescue's progress: started with the source's size, then its status now and then (the
+    bytes done are rescued + bad; passes go back over the failed areas, so it is no count)."""
+
+    def start(self, total: int, unit: str = "B") -> None: ...
+
+    def status(self, st: RescueStatus) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,7 @@ class _Session:
 
     def __init__(self, source: Source, writer: ImageWriter, rmap: RescueMap, offsets: array,
                  sector: int, align: int, level: int, ropts: RescueOptions, mapfile: str,
-                 progress: Callable[[RescueStatus], None] | None) -> None:
+                 progress: RescueProgress | None) -> None:
         self.src = source
         self.writer = writer
         self.header = writer.header
@@ -323,7 +338,7 @@ class _Session:
             self.save_map()
         if self.progress and now - self.last_report >= 0.2:
             self.last_report = now
-            self.progress(self.status())
+            self.progress.status(self.status())
 
     def save_map(self) -> None:
         self.writer.sync()   # the map must never claim data the image does not durably hold
@@ -338,15 +353,8 @@ class _Session:
 
     def unreadable(self) -> tuple[tuple[int, int], ...]:
         """Merged byte ranges that are not finished."""
-        out: list[tuple[int, int]] = []
-        for pos, size, st in self.map.intervals():
-            if st == FINISHED:
-                continue
-            if out and out[-1][0] + out[-1][1] == pos:
-                out[-1] = (out[-1][0], out[-1][1] + size)
-            else:
-                out.append((pos, size))
-        return tuple(out)
+        return tuple(ranges.merge(((pos, size) for pos, size, st in self.map.intervals()
+                                   if st != FINISHED), presorted=True))
 
     def write_index(self) -> None:
         """The index: the latest record of each block, zero blocks as flags."""
@@ -430,7 +438,7 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
     return ImageWriter(image, header, resume_at=end), rmap, offsets
 
 
-def _new(image: str, source: Source, opts: ImageOptions, identity: dict,
+def _new(image: str, source: Source, opts: RescueOptions, identity: dict,
          mounted_rw: list[str]) -> tuple[ImageWriter, RescueMap, array]:
     new_uuid = str(uuidlib.uuid4())
     header = fmt.Header(
@@ -444,29 +452,24 @@ def _new(image: str, source: Source, opts: ImageOptions, identity: dict,
             array("q", [NO_RECORD]) * header.blocks)
 
 
-def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
-                 ropts: RescueOptions = RescueOptions(),
-                 progress: Callable[[RescueStatus], None] | None = None) -> RescueResult:
-    """Image a failing source past its read errors.  Resumes when IMAGE.partial and the map
-    of an interrupted run exist (unless opts.force).  Raises Interrupted (keeping the partial
-    image and the map) and the errors of imaging.create_image."""
-    if opts.incremental or opts.differential:
-        raise UsageError("--rescue makes full images only (image the new disk incrementally "
-                         "afterwards)")
-    if opts.block_size is None:
-        opts = replace(opts, block_size=DEFAULT_BLOCK_SIZE)
+def rescue_image(source_path: str, image_path: str, opts: RescueOptions = RescueOptions(),
+                 progress: RescueProgress | None = None) -> RescueResult:
+    """Image a failing source past its read errors into a full image.  Resumes when
+    IMAGE.partial and the map of an interrupted run exist (always: not even opts.force throws
+    an interrupted rescue away).  Raises Interrupted (keeping the partial image and the map)
+    and the errors of imaging.create_image."""
     check_block_size(opts.block_size)
-    if ropts.retries < 0:
-        raise UsageError(f"--retries {ropts.retries}: must be 0 or more")
+    if opts.retries < 0:
+        raise UsageError(f"--retries {opts.retries}: must be 0 or more")
     started = time.monotonic()
     probe = open_source(source_path)
-    direct = ropts.direct if ropts.direct is not None else probe.is_block
+    direct = opts.direct if opts.direct is not None else probe.is_block
     probe.close()
     source = open_source(source_path, direct=direct)
     try:
         if not direct:  # no read-ahead: it would turn one bad sector into a bad 128 KiB
             os.posix_fadvise(source.fd, 0, 0, os.POSIX_FADV_RANDOM)
-        mapfile = ropts.mapfile or image_path + ".map"
+        mapfile = opts.mapfile or image_path + ".map"
         check_image_path(image_path, source, opts.force, extra=(mapfile,), rescue=True)
         check_no_children(image_path, opts.search)
         # a failing disk may well be mounted: the same rule as any source
@@ -484,16 +487,18 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
         else:
             sector = 4096 if direct else 512
         align = max(sector, 512) if direct else 1
-        s = _Session(source, writer, rmap, offsets, sector, align, opts.level, ropts, mapfile,
+        s = _Session(source, writer, rmap, offsets, sector, align, opts.level, opts, mapfile,
                      progress)
         try:
+            if progress:
+                progress.start(source.size, "B")
             s.save_map()   # at once: a map left by an earlier run must not outlive this start
             s.copy_pass(1, skipping=True)
             s.copy_pass(2, skipping=False)
             s.sector_pass(3, NON_TRIMMED)
             s.sector_pass(4, NON_SCRAPED)
-            if ropts.retries:
-                s.sector_pass(5, BAD, tries=ropts.retries)
+            if opts.retries:
+                s.sector_pass(5, BAD, tries=opts.retries)
             rmap.current_pass = 6
             s.write_index()
             unreadable = s.unreadable()
@@ -518,14 +523,14 @@ def rescue_image(source_path: str, image_path: str, opts: ImageOptions,
                 "read_bytes": s.read_bytes,
                 "unreadable_blocks": stats.unreadable_blocks,
             },
-            "rescue": {"retries": ropts.retries, "direct": direct, "sector": sector,
+            "rescue": {"retries": opts.retries, "direct": direct, "sector": sector,
                        "mapfile": os.path.abspath(mapfile), "resumed": resumed},
             "unreadable": [list(r) for r in unreadable],
         }
         writer.finish(meta)
         try:
             # the map left behind still names its image (now IMAGE, no longer .partial)
-            rmap.save(mapfile, ropts.command, s.started,
+            rmap.save(mapfile, opts.command, s.started,
                       notes=_image_notes(writer, complete=True))
         except OSError as err:  # the image is complete; only the final map is missing
             log.warning("%s: could not write the final mapfile: %s", mapfile, err.strerror)

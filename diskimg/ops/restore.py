@@ -53,6 +53,7 @@ from diskimg.errors import (
 )
 from diskimg.image.imagefile import TruncatedImage, read_record_data, scan_records
 from diskimg.ops.pipeline import BufferPool, default_threads, depth_for, ordered_map
+from diskimg.ops.progress import Progress
 from diskimg.units import human
 
 log = logging.getLogger(__name__)
@@ -325,7 +326,7 @@ class _Progress:
 def restore_image(image: str, target: str, *, search: Iterable[str] = (),
                   only_changed: bool = False, confirm: Confirm | None = None,
                   threads: int | None = None,
-                  progress: Callable[[int], None] | None = None,
+                  progress: Progress | None = None,
                   salvage: bool = False, verify: bool = False,
                   keep_partial: bool = False) -> RestoreResult:
     """Restore `image` (and the chain it depends on) onto `target`.
@@ -368,6 +369,8 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
                 log.warning("%s does not exist yet: --only-changed restores every block", target)
             tgt = open_target(target, header.size, exists, is_block,
                               read_back=only_changed and exists)
+            if progress:
+                progress.start(header.size, "B")
             counts, salvaged = _restore_blocks(chain, tgt, only_changed and exists, salvage,
                                                threads or default_threads(), progress, state)
             try:
@@ -499,7 +502,7 @@ def _reason(err: DiskimgError) -> str:
 
 
 def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threads: int,
-                    progress: Callable[[int], None] | None,
+                    progress: Progress | None,
                     state: _Progress) -> tuple[dict, list[Salvaged]]:
     leaf = chain.leaf
     header = leaf.header
@@ -637,7 +640,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
                 c["written_bytes"] += length
                 state.written += count
             if progress:
-                progress(length)
+                progress.advance(length)
         flush_zeros()
     except DiskimgError:
         # the blocks before the failure are good: make the zero run before it real too, so

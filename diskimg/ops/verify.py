@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from diskimg import format as fmt
 from diskimg.image.chain import Chain, open_chain
@@ -30,6 +30,7 @@ from diskimg.image.imagefile import (
     survey_truncated,
 )
 from diskimg.ops.pipeline import default_threads, depth_for, ordered_map
+from diskimg.ops.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class VerifyResult:
 
 
 def verify_image(path: str, search: Iterable[str] = (), threads: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> VerifyResult:
+                 progress: Progress | None = None) -> VerifyResult:
     """Verify `path` and its chain.  Raises NotAnImage/IncompleteImage (exit 2) and ChainError
     (exit 2, missing parent); damage is reported in the result, not raised."""
     started = time.monotonic()
@@ -84,6 +85,8 @@ def verify_image(path: str, search: Iterable[str] = (), threads: int | None = No
     errors: list[VerifyError] = []
     checked = nbytes = 0
     with chain:
+        if progress:   # every image's blocks are checked: the device size once per image
+            progress.start(sum(img.header.size for img in chain.images), "B")
         for level, img in enumerate(chain.images):
             e, c, n = _verify_one(img, threads, progress)
             if level < len(chain.images) - 1:
@@ -204,7 +207,7 @@ def _runs(img: ImageReader, errors: list[VerifyError]
 
 
 def _verify_one(img: ImageReader, threads: int,
-                progress: Callable[[int], None] | None) -> tuple[list[VerifyError], int, int]:
+                progress: Progress | None) -> tuple[list[VerifyError], int, int]:
     errors: list[VerifyError] = []
     h = img.header
     scratch = threading.local()   # one buffer per worker, reused for every block it checks
@@ -247,7 +250,7 @@ def _verify_one(img: ImageReader, threads: int,
         if block_error:
             errors.append(block_error)
         if progress:
-            progress(run_bytes)
+            progress.advance(run_bytes)
     digest_ok = not errors or all(e.block is not None and e.last_block is None for e in errors)
     if digest_ok and img.index_digest() != img.index_sha256:
         errors.append(VerifyError(img.uuid, img.path, None, None,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from diskimg.disk.blockdev import open_target, stat_target
-from diskimg.disk.usedblocks import scan
+from diskimg.disk.used import scan
 from helpers import (MiB, SECTOR, blanked_copy, cli, cmp_same, compressible, device_size,
                      fill_tree,
                      fsck_clean, mkfs, run, sha256_of, tree_sha256)

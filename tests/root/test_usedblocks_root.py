@@ -2,7 +2,7 @@
 
 A filesystem is made on a loop device, mounted, filled with real files (a copy of /usr/include,
 random files), some of them deleted so freed blocks hold stale data, and unmounted.  Then a copy
-is written in which every byte outside :func:`diskimg.disk.usedblocks.scan`'s ranges is zero, and
+is written in which every byte outside :func:`diskimg.disk.used.scan`'s ranges is zero, and
 another in which it is 0xAA garbage.  Both must pass ``fsck -n`` and, mounted, give back every
 file byte for byte.  The used byte count is compared with partclone's and dumpe2fs's.
 """
@@ -21,7 +21,7 @@ import pytest
 
 from helpers import blanked_copy, dumpe2fs_counts, dumpe2fs_used, run
 
-from diskimg.disk.usedblocks import UsedMap, scan
+from diskimg.disk.used import UsedMap, scan
 
 pytestmark = pytest.mark.root
 

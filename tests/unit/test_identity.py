@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from diskimg.disk import identity
-from diskimg.disk.usedblocks import content_ids
+from diskimg.disk.used import content_ids
 
 
 @pytest.fixture

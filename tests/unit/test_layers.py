@@ -20,13 +20,14 @@ REPO = Path(__file__).resolve().parents[2]
 PKG = REPO / "diskimg"
 
 # Each unit (a subpackage, or a top-level module) and the units it may import besides itself.
-BASE = {"diskimg", "errors", "units", "defaults"}
+BASE = {"diskimg", "errors", "units", "defaults", "ranges"}
 LOW = BASE | {"format", "transforms", "store", "disk"}
 ALLOWED: dict[str, set[str]] = {
     "diskimg": BASE,          # the package itself: its public API is re-exported lazily
     "errors": set(),
     "units": set(),
     "defaults": set(),
+    "ranges": set(),
     "transforms": BASE,
     "store": BASE,
     "disk": BASE,

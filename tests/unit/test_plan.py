@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diskimg import format as fmt
-from diskimg.ops.imaging import Read, Run, _intersect, plan_blocks
+from diskimg.ops.imaging import Read, Run, plan_blocks
+from diskimg.ranges import intersect as _intersect
 
 
 def ranges_strategy(size):

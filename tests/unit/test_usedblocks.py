@@ -1,4 +1,4 @@
-"""diskimg.disk.usedblocks on real filesystems made by mke2fs/mkfs.vfat/mkfs.xfs in regular files.
+"""diskimg.disk.used on real filesystems made by mke2fs/mkfs.vfat/mkfs.xfs in regular files.
 
 Every filesystem test proves the map safe the strong way: a copy with every byte outside the
 used ranges zeroed (and one filled with 0xAA) must pass ``fsck -n`` and give back every file
@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from helpers import blanked_copy, dumpe2fs_counts, dumpe2fs_used, run
 
-from diskimg.disk.usedblocks import Region, UsedMap, _bit_runs, scan
+from diskimg.disk.used import Region, UsedMap, scan
+from diskimg.disk.used.raw import bit_runs as _bit_runs
 
 MiB = 1 << 20
 
@@ -304,7 +305,7 @@ def test_xfs_is_read_fully(tmp_path, caplog):
     with open(img, "wb") as f:
         f.truncate(300 * MiB)
     run("mkfs.xfs", "-q", "-f", str(img))
-    with caplog.at_level(logging.INFO, logger="diskimg.disk.usedblocks"):
+    with caplog.at_level(logging.INFO, logger="diskimg.disk.used"):
         m = scan_file(img)
     assert m.ranges == ((0, 300 * MiB),)
     assert [(r.kind, r.analysed) for r in m.regions] == [("xfs", False)]
@@ -605,8 +606,8 @@ class TestPartitionTablesFallBack:
 
 
 def test_min_gap_merges_small_holes():
-    from diskimg.disk.usedblocks import _Ranges
-    r = _Ranges()
+    from diskimg.disk.used.raw import RangeCollector
+    r = RangeCollector()
     for s in (0, 100, 40, 1000, 110):
         r.add(s, 10)
     assert r.merged(2000) == ((0, 10), (40, 10), (100, 20), (1000, 10))
