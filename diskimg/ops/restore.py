@@ -1,7 +1,7 @@
 """Restoring an image or a chain to a block device or file, block by block, verifying each block.
 
-Every block is read from the nearest image of the chain that holds it and checked against the
-SHA-256 in the requested image's index before it is written; the first bad block stops the
+Every block is read through the block view (image/view.py) from the nearest image of the chain
+that holds it and checked against the SHA-256 in the requested image's index before it is written; the first bad block stops the
 restore (nothing unverified is ever written), and the error says what was left on the target:
 blocks are written in order, so the target holds the image's contents up to the block before the
 failure and its old contents after it.  A file the restore created is removed on failure unless

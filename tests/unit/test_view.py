@@ -165,25 +165,33 @@ def test_concurrent_readers_with_their_own_buffers(images):
     state = images.states[2]
     chain, view = _view(images.paths[2], cache_bytes=3 * BS)
     failures: list[str] = []
-
-    def worker(seed: int) -> None:
-        rnd = random.Random(seed)
-        out = mmap.mmap(-1, BS)
-        for _ in range(200):
-            n = rnd.randrange(view.blocks)
-            if bytes(view.read_block(n, out)) != state[n * BS:(n + 1) * BS]:
-                failures.append(f"read_block({n})")
-            off, length = rnd.randrange(SIZE), rnd.randrange(1, 2 * BS)
-            if view.read(off, length) != state[off:off + length]:
-                failures.append(f"read({off}, {length})")
-
+    data_reads: list[int] = []      # reads of data blocks: each is decoded or served cached
     with chain:
+        zero = [view.locate(n).zero for n in range(view.blocks)]
+
+        def worker(seed: int) -> None:
+            rnd = random.Random(seed)
+            out = mmap.mmap(-1, BS)
+            reads = 0
+            for _ in range(200):
+                n = rnd.randrange(view.blocks)
+                if bytes(view.read_block(n, out)) != state[n * BS:(n + 1) * BS]:
+                    failures.append(f"read_block({n})")
+                off, length = rnd.randrange(SIZE), rnd.randrange(1, 2 * BS)
+                if view.read(off, length) != state[off:off + length]:
+                    failures.append(f"read({off}, {length})")
+                blocks = range(off // BS, (min(off + length, SIZE) - 1) // BS + 1)
+                reads += (not zero[n]) + sum(not zero[b] for b in blocks)
+            data_reads.append(reads)
+
         threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     assert failures == []
+    stats = view.stats     # every thread's counts, none lost
+    assert stats.decoded + stats.cache_hits == sum(data_reads) and stats.cache_hits > 0
 
 
 def _restore_error(image: Path, target: Path) -> BaseException:
