@@ -1,10 +1,10 @@
 """Restoring an image or a chain to a block device or file, block by block, verifying each block.
 
 Every block is read through the block view (image/view.py) from the nearest image of the chain
-that holds it and checked against the SHA-256 in the requested image's index before it is written; the first bad block stops the
-restore (nothing unverified is ever written), and the error says what was left on the target:
-blocks are written in order, so the target holds the image's contents up to the block before the
-failure and its old contents after it.  A file the restore created is removed on failure unless
+that holds it and checked against the SHA-256 in the requested image's index before it is
+written; the first bad block stops the restore (nothing unverified is ever written), and the
+error says what was left on the target: blocks are written in order, so the target holds the
+image's contents up to the block before the failure and its old contents after it.  A file the restore created is removed on failure unless
 `keep_partial`.  With `salvage`, bad, unreadable or lost blocks (a truncated image's tail) are
 written as zeros and listed instead.  With `only_changed` each target block is read and hashed
 first and only the blocks that differ are written.  With `verify` everything written is read
