@@ -1,17 +1,18 @@
 """Restoring an image or a chain to a block device or file, block by block, verifying each block.
 
-Every block is read through the block view (image/view.py) from the nearest image of the chain
-that holds it and checked against the SHA-256 in the requested image's index before it is
-written; the first bad block stops the restore (nothing unverified is ever written), and the
-error says what was left on the target: blocks are written in order, so the target holds the
-image's contents up to the block before the failure and its old contents after it.  A file the restore created is removed on failure unless
+Every block is read from the nearest image of the chain that holds it and checked against the
+SHA-256 in the requested image's index before it is written; the first bad block stops the
+restore (nothing unverified is ever written), and the error says what was left on the target:
+blocks are written in order, so the target holds the image's contents up to the block before the
+failure and its old contents after it.  A file the restore created is removed on failure unless
 `keep_partial`.  With `salvage`, bad, unreadable or lost blocks (a truncated image's tail) are
 written as zeros and listed instead.  With `only_changed` each target block is read and hashed
 first and only the blocks that differ are written.  With `verify` everything written is read
 back from the device (O_DIRECT, not the page cache) and compared with the image's SHA-256.
 Safety checks come before any write: a target that is mounted, holds mounted partitions or swap,
 is read-only, or is smaller than the image is refused, and an existing target is overwritten
-only when `confirm`, shown what is on it now, says so.
+only when `confirm`, shown what is on it now, says so.  Blocks are read through the block view
+(image/view.py), the read path mount and export share.
 """
 from __future__ import annotations
 
