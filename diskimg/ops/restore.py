@@ -11,7 +11,8 @@ first and only the blocks that differ are written.  With `verify` everything wri
 back from the device (O_DIRECT, not the page cache) and compared with the image's SHA-256.
 Safety checks come before any write: a target that is mounted, holds mounted partitions or swap,
 is read-only, or is smaller than the image is refused, and an existing target is overwritten
-only when `confirm`, shown what is on it now, says so.
+only when `confirm`, shown what is on it now, says so.  Blocks are read through the block view
+(image/view.py), the read path mount and export share.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from diskimg.errors import (
     UsageError,
 )
 from diskimg.image.imagefile import TruncatedImage, read_record_data, scan_records
+from diskimg.image.view import BlockView
 from diskimg.ops.pipeline import BufferPool, default_threads, depth_for, ordered_map
 from diskimg.ops.progress import Progress
 from diskimg.units import human
@@ -511,6 +513,9 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
              read_target_blocks=0, written_bytes=0)
     salvaged: list[Salvaged] = []
     pool = BufferPool(bs)   # blocks are decompressed into reused, page-aligned buffers
+    # every block of a chain is read through the view (a truncated image's records are not:
+    # it has no index to resolve through, see _TruncatedImage)
+    view = None if isinstance(chain, _TruncatedChain) else BlockView(chain, cache_bytes=0)
 
     def work(item: tuple[int, int, int, object]
              ) -> tuple[int, int, memoryview | None, bool, str | None]:
@@ -524,12 +529,8 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
         length = header.block_length(block)
         try:
             if kind == _ENTRY:
-                img, held = chain.resolve(block, what)
-                if held.sha256 != what.sha256:
-                    raise CorruptImage(f"{img.path}: block {block} has checksum "
-                                       f"{held.sha256.hex()} but {leaf.path} expects "
-                                       f"{what.sha256.hex()}: chain inconsistent")
-                expected = what.sha256
+                src = view.locate(block, what)   # through the chain, consistency checked
+                expected = src.sha256
             else:
                 expected = what[1].sha256
         except CorruptImage as err:
@@ -556,17 +557,15 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
                     raise leaf_block_error(block, "record damaged (data does not match its "
                                                   "SHA-256)")
                 return block, 1, memoryview(data), False, None
-            if held.kind == fmt.DATA:
-                return block, 1, img.read_block(block, held, out=buf), False, None
+            if not src.zero:
+                return block, 1, view.read_located(src, buf), False, None
             pool.put(buf)
-            if not header.zero_run_ok(block, block, what.sha256):
-                raise img.block_error(block, "index entry damaged: zero block with a "
-                                             "non-zero checksum")
+            view.check_zero(src)     # zeros are written as a zero run, not from a buffer
             return block, 1, None, False, None
         except (CorruptImage, OperationFailed) as err:   # a damaged or unreadable image
             if not salvage:
                 raise
-            if kind == _ENTRY and held.kind == fmt.DATA:
+            if kind == _ENTRY and not src.zero:
                 pool.put(buf)
             return block, 1, None, False, _reason(err)
 

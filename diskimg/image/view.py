@@ -1,0 +1,231 @@
+"""The block view: one random-access read path over a resolved chain.
+
+A `BlockView` reads the state of a chain's leaf image (the device as it was when the leaf was
+taken), whatever image of the chain holds each block.  Restore reads every block through it,
+and mount, export and NBD will: so the rules of what a block holds live here once.
+
+- A block is *located* first: the leaf's index entry, followed through PARENT entries to the
+  nearest image that holds the block (`Chain.resolve`), and that image's entry must carry the
+  SHA-256 the leaf expects (else "chain inconsistent": docs/FORMAT.md, section 10).  Restore
+  locates before it reads, because `--only-changed` compares the target with the expected
+  checksum and skips the read when they agree, and because it writes zero blocks as zero runs
+  (holes) rather than as buffers of zeros.
+- A DATA block is then decoded by the holding image's `read_block`, which checks it against
+  the entry's SHA-256; a zero or unused block reads as zeros without touching any image file
+  (its entry's checksum must be that of zeros).  Unreadable ranges of a rescued image are
+  stored as zeros in their records, so they read as zeros like everything else.
+
+`read_block(n, out)` decodes straight into the caller's buffer (restore's page-aligned pool):
+no copy and no lock around the decode; the per-thread zstd contexts make it safe to call from
+several threads at once with different buffers.  `read(offset, length)` serves any byte range
+for readers that ask for small pieces (a filesystem mount asks for 4 KiB at a time): the blocks
+it decodes go into a small LRU cache bounded by bytes, so that reading a block piece by piece
+decodes it once.  The cache's lock is held for dictionary operations only, never while
+decoding; two threads missing the same block at once may both decode it (harmless: the
+content is the same).
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from diskimg import format as fmt
+from diskimg.errors import CorruptImage
+from diskimg.image.chain import Chain
+from diskimg.image.imagefile import ImageReader
+
+# A few blocks of the default size (1 MiB), and always at least one block whatever the size.
+DEFAULT_CACHE_BYTES = 8 << 20
+
+# what a block is decoded into: writable, at least a block long
+Buffer = mmap.mmap | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class BlockSource:
+    """Where block `block` of the leaf's state is: `image` holds it with `entry` (DATA, ZERO or
+    UNUSED, never PARENT), whose SHA-256 is the one the leaf's index expects (`locate` checks
+    it).  Made once per block on restore's path: a slotted dataclass costs a sixth of a frozen
+    one to make, so it is not frozen; nothing changes it."""
+
+    block: int
+    image: ImageReader
+    entry: fmt.IndexEntry
+
+    @property
+    def sha256(self) -> bytes:
+        """What the block's content hashes to."""
+        return self.entry.sha256
+
+    @property
+    def zero(self) -> bool:
+        """The block reads as zeros (a zero or unused entry): no image data to read."""
+        return self.entry.kind != fmt.DATA
+
+
+@dataclass(frozen=True)
+class ViewStats:
+    """What a view has done so far: blocks decoded (decompressed and checked) and reads served
+    from its cache."""
+
+    decoded: int = 0
+    cache_hits: int = 0
+
+
+class _Counts:
+    """One thread's counts: each thread counts in its own, so that counting takes no lock on
+    the per-block path and loses nothing to concurrent increments; `BlockView.stats` adds
+    them up."""
+
+    __slots__ = ("decoded", "cache_hits")
+
+    def __init__(self) -> None:
+        self.decoded = 0
+        self.cache_hits = 0
+
+
+class BlockView:
+    """Random access to the state of `chain`'s leaf.  The chain stays the caller's to close.
+
+    `cache_bytes` bounds the cache of decoded blocks that `read` fills (at least one block is
+    kept; 0 disables the cache)."""
+
+    def __init__(self, chain: Chain, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.chain = chain
+        self.leaf = chain.leaf
+        self.header = self.leaf.header
+        self.size: int = self.header.size
+        self.block_size: int = self.header.block_size
+        self.blocks: int = self.header.blocks
+        self._local = threading.local()
+        self._counts: list[_Counts] = []      # every thread's, for `stats`
+        self._capacity = 0 if cache_bytes <= 0 else max(1, cache_bytes // self.block_size)
+        self._cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._zeros = memoryview(bytes(self.block_size))
+
+    @property
+    def stats(self) -> ViewStats:
+        """The counts so far, of every thread that read through this view."""
+        with self._lock:
+            counts = list(self._counts)
+        return ViewStats(sum(c.decoded for c in counts), sum(c.cache_hits for c in counts))
+
+    def _mine(self) -> _Counts:
+        counts = getattr(self._local, "counts", None)
+        if counts is None:
+            counts = self._local.counts = _Counts()
+            with self._lock:
+                self._counts.append(counts)
+        return counts
+
+    # -- locating ----------------------------------------------------------------------------
+
+    def locate(self, block: int, entry: fmt.IndexEntry | None = None) -> BlockSource:
+        """Where `block` is held.  `entry` is the leaf's index entry for it when the caller has
+        it already (restore walks the index in runs); otherwise it is read from the leaf.
+        Raises BlockError for a damaged entry (unknown kind, PARENT in the root image),
+        format.SegmentError for a damaged index segment, and CorruptImage "chain inconsistent"
+        when the holding image's entry does not carry the leaf's SHA-256."""
+        if entry is None:
+            if not 0 <= block < self.blocks:
+                raise IndexError(f"block {block} outside the image ({self.blocks} blocks)")
+            entry = self.leaf.entry(block)
+        if entry.kind == fmt.DATA:     # held by the leaf itself: most blocks, no chain walk
+            return BlockSource(block, self.leaf, entry)
+        img, held = self.chain.resolve(block, entry)
+        if held.sha256 != entry.sha256:
+            raise CorruptImage(f"{img.path}: block {block} has checksum {held.sha256.hex()} but "
+                               f"{self.leaf.path} expects {entry.sha256.hex()}: chain "
+                               f"inconsistent")
+        return BlockSource(block, img, held)
+
+    def check_zero(self, src: BlockSource) -> None:
+        """Raise BlockError unless the zero or unused block `src` carries the checksum of
+        zeros (a damaged entry must not pass for a block of zeros)."""
+        if not self.header.zero_run_ok(src.block, src.block, src.sha256):
+            raise src.image.block_error(src.block, "index entry damaged: zero block with a "
+                                                   "non-zero checksum")
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read_located(self, src: BlockSource, out: Buffer) -> memoryview:
+        """The verified content of the located block `src`, in `out` (a writable buffer at least
+        a block long, e.g. a page-aligned mmap reused by the caller); returns a view of its
+        first block-length bytes.  Raises BlockError for damage, OperationFailed when the
+        image cannot be read."""
+        block = src.block
+        if src.zero:
+            self.check_zero(src)
+            length = self.header.block_length(block)
+            view = memoryview(out)[:length]
+            view[:] = self._zeros[:length]
+            return view
+        if self._cache:       # filled by `read` only: empty (and no lock taken) for restore
+            with self._lock:
+                cached = self._cache.get(block)
+                if cached is not None:
+                    self._cache.move_to_end(block)
+            if cached is not None:
+                self._mine().cache_hits += 1
+                view = memoryview(out)[:len(cached)]
+                view[:] = cached
+                return view
+        view = src.image.read_block(block, src.entry, out=out)
+        self._mine().decoded += 1
+        return view
+
+    def read_block(self, block: int, out: Buffer,
+                   entry: fmt.IndexEntry | None = None) -> memoryview:
+        """The verified content of block `block` of the leaf's state, decoded into `out`: see
+        `locate` (with `entry`) and `read_located`."""
+        return self.read_located(self.locate(block, entry), out)
+
+    def _decoded(self, src: BlockSource) -> bytearray:
+        """The content of the DATA block `src`, from the cache or decoded into it.  Cached
+        buffers are never written again, so a reader holding one while it is evicted is safe."""
+        block = src.block
+        with self._lock:
+            cached = self._cache.get(block)
+            if cached is not None:
+                self._cache.move_to_end(block)
+        if cached is not None:
+            self._mine().cache_hits += 1
+            return cached
+        buf = bytearray(self.header.block_length(block))
+        src.image.read_block(block, src.entry, out=buf)
+        self._mine().decoded += 1
+        if self._capacity:
+            with self._lock:
+                self._cache[block] = buf
+                self._cache.move_to_end(block)
+                while len(self._cache) > self._capacity:
+                    self._cache.popitem(last=False)
+        return buf
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes of the leaf's state from `offset`, at most `length` of them (fewer at the
+        end of the device, none from its end on), across as many blocks as the range spans.
+        Raises ValueError for a negative offset or length, and what `locate` and
+        `read_located` raise for a damaged block."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"cannot read {length} bytes at offset {offset}")
+        end = min(offset + length, self.size)
+        bs = self.block_size
+        parts: list[memoryview | bytearray] = []
+        pos = offset
+        while pos < end:
+            block, within = divmod(pos, bs)
+            take = min(bs - within, end - pos)
+            src = self.locate(block)
+            if src.zero:
+                self.check_zero(src)
+                parts.append(self._zeros[:take])
+            else:
+                data = self._decoded(src)
+                parts.append(data if within == 0 and take == len(data)
+                             else memoryview(data)[within:within + take])
+            pos += take
+        return b"".join(parts)
