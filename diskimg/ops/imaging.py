@@ -47,7 +47,8 @@ from diskimg.errors import (
     UnsafeTarget,
     UsageError,
 )
-from diskimg.image.imagefile import ImageReader, ImageWriter
+from diskimg.image.imagefile import ImageReader, ImageWriter, peek_header
+from diskimg.store import open_directory, open_store
 from diskimg.ops.pipeline import (
     IN_FLIGHT_BYTES,
     BufferPool,
@@ -164,38 +165,26 @@ def check_no_children(image: str, search: tuple[str, ...] = ()) -> None:
 def _check_no_children(image: str, search: tuple[str, ...]) -> None:
     """Refuse to replace `image` when an image next to it (or in a search directory) was
     made against it: replacing it would break that image and every one after it."""
-    try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        uuid = fmt.read_header(fd, image)[0].uuid
-    except (DiskimgError, OSError):
+    store, name = open_store(image)
+    header = peek_header(store, name)
+    if header is None:
         return      # not an image (or a damaged one): nothing can depend on it
-    finally:
-        os.close(fd)
+    uuid = header.uuid
     me = identity.identify(image)
-    dirs = dict.fromkeys([os.path.dirname(os.path.abspath(image))]
-                         + [os.path.abspath(d) for d in search])
-    for d in dirs:
+    locations = dict.fromkeys([store.location] + [open_directory(d).location for d in search])
+    for location in locations:
+        there = open_directory(location)
         try:
-            names = sorted(os.listdir(d))
-        except OSError:
+            names = there.list()
+        except DiskimgError:
             continue
         for name in names:
-            path = os.path.join(d, name)
-            if not os.path.isfile(path) or identity.same(identity.identify(path), me):
+            path = there.path(name)
+            local = there.local_path(name)
+            if local is not None and identity.same(identity.identify(local), me):
                 continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                parent = fmt.read_header(fd, path)[0].parent
-            except (DiskimgError, OSError):
-                continue
-            finally:
-                os.close(fd)
+            child = peek_header(there, name)
+            parent = child.parent if child is not None else None
             if isinstance(parent, dict) and parent.get("uuid") == uuid:
                 raise UnsafeTarget(image, f"is the parent of {path}; --force never replaces "
                                           f"an image other images depend on (give the new "
@@ -234,16 +223,9 @@ def source_identity(source: Source) -> dict:
 
 
 def _is_rescue_partial(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return fmt.read_header(fd, path)[0].extra.get("rescue") is True
-    except (DiskimgError, OSError):
-        return False
-    finally:
-        os.close(fd)
+    store, name = open_store(path)
+    header = peek_header(store, name)
+    return header is not None and header.extra.get("rescue") is True
 
 
 def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path: str

@@ -51,6 +51,7 @@ from diskimg.errors import (
     UsageError,
 )
 from diskimg.image.imagefile import TruncatedImage, read_record_data, scan_records
+from diskimg.store import open_store
 from diskimg.ops.pipeline import BufferPool, default_threads, depth_for, ordered_map
 from diskimg.units import human
 
@@ -249,22 +250,23 @@ class _TruncatedImage:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        store, name = open_store(path)
+        self.reader = store.open(name)
         try:
-            self.header, start = fmt.read_header(self.fd, path)
-            end = os.fstat(self.fd).st_size
+            self.header, start = fmt.read_header(self.reader, path)
+            end = self.reader.size
             self.records: dict[int, tuple[int, fmt.RecordHeader]] = {}
             pos = start
             while pos < end:
                 last = pos
-                for off, rec in scan_records(self.fd, pos, end):
+                for off, rec in scan_records(self.reader, pos, end):
                     if (0 <= rec.block < self.header.blocks
                             and rec.raw_len == self.header.block_length(rec.block)):
                         self.records[rec.block] = (off, rec)   # a later copy wins (a rescue retry)
                     last = off + fmt.RECORD_HEADER_SIZE + rec.stored_len
                 pos = self._next_magic(last + (last == pos), end)
         except BaseException:
-            os.close(self.fd)
+            self.reader.close()
             raise
         self.footer: dict = {}
         self.uuid = self.header.uuid
@@ -275,7 +277,7 @@ class _TruncatedImage:
         """The offset of the next record magic from `pos` (end when there is none)."""
         chunk = 1 << 20
         while pos < end:
-            buf = os.pread(self.fd, chunk + len(fmt.RECORD_MAGIC) - 1, pos)
+            buf = self.reader.pread(chunk + len(fmt.RECORD_MAGIC) - 1, pos)
             i = buf.find(fmt.RECORD_MAGIC)
             if i >= 0:
                 return pos + i
@@ -285,9 +287,7 @@ class _TruncatedImage:
         return end
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.reader.close()
 
 
 @dataclass
@@ -559,7 +559,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             if kind == _RECORD:
                 pool.put(buf)
                 off, rec = what
-                data = read_record_data(leaf.fd, off, rec)
+                data = read_record_data(leaf.reader, off, rec)
                 if data is None:
                     raise leaf_block_error(block, "record damaged (data does not match its "
                                                   "SHA-256)")
