@@ -241,7 +241,9 @@ def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path:
     try:
         target = identity.identify(image_path)
         for img in chain.images:
-            why = identity.overlap(target, identity.identify(img.path))
+            if img.local_path is None:   # not a local file: the new image cannot be it
+                continue
+            why = identity.overlap(target, identity.identify(img.local_path))
             if why:
                 what = ("the parent image itself" if img is chain.images[-1] and opts.incremental
                         else f"image {img.uuid} of {ref_path}'s chain")

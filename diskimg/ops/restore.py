@@ -251,6 +251,7 @@ class _TruncatedImage:
     def __init__(self, path: str) -> None:
         self.path = path
         store, name = open_store(path)
+        self.local_path = store.local_path(name)
         self.reader = store.open(name)
         try:
             self.header, start = fmt.read_header(self.reader, path)
@@ -362,7 +363,9 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
             bs = header.block_size
             tid = identity.identify(target)
             for img in chain.images:
-                iid = identity.identify(img.path)
+                if img.local_path is None:   # not a local file: the target cannot be it
+                    continue
+                iid = identity.identify(img.local_path)
                 if identity.same(tid, iid):
                     raise UnsafeTarget(target, f"is image {img.uuid} of the chain being restored")
                 why = identity.overlap(tid, iid)
