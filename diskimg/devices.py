@@ -36,7 +36,7 @@ UDEV_DB = Path("/run/udev/data")
 
 __all__ = [
     "DeviceInfo", "Mount", "PartitionInfo", "holding_devices", "identify", "list_devices",
-    "mounted_read_write", "mounts", "natural_key", "usage",
+    "mounted_read_write", "mounts", "natural_key", "probe_fs", "usage",
 ]
 
 
@@ -456,8 +456,8 @@ def _unescape_blkid(value: str) -> str:
     return re.sub(r"\\(.)", r"\1", value)
 
 
-def _probe_fs(path: str) -> dict[str, str]:
-    """TYPE, LABEL and UUID of what is on a device, from ``blkid -p`` (the superblocks
+def probe_fs(path: str) -> dict[str, str]:
+    """TYPE, LABEL, UUID and PTTYPE of what is on a device or file, from ``blkid -p`` (the superblocks
     themselves, not blkid's cache); {} when nothing is recognised or blkid is missing or
     cannot read the device (not root)."""
     blkid = _blkid()
@@ -472,7 +472,7 @@ def _probe_fs(path: str) -> dict[str, str]:
     result = {}
     for line in proc.stdout.splitlines():
         key, sep, value = line.partition("=")
-        if sep and key in ("TYPE", "LABEL", "UUID"):
+        if sep and key in ("TYPE", "LABEL", "UUID", "PTTYPE"):
             result[key] = _unescape_blkid(value)
     return result
 
@@ -485,7 +485,7 @@ def _fs_identity(d: Path, props: dict[str, str]) -> tuple[str | None, str | None
                 props.get("ID_FS_UUID") or None)
     if (_int(_read(d / "size")) or 0) == 0:
         return None, None, None
-    found = _probe_fs(_devpath(d))
+    found = probe_fs(_devpath(d))
     return found.get("TYPE"), found.get("LABEL"), found.get("UUID")
 
 

@@ -14,6 +14,20 @@ EXIT_FAILED = 3       # the operation failed: I/O error, disk full, SMART unread
 EXIT_PERMISSION = 4   # permission denied: a source, image, parent, target, log file or directory
 EXIT_INTERRUPTED = 130
 
+
+# Set once a command has begun to clean up after a failure or a Ctrl-C (restore removing its
+# partial file, the CLI printing the error).  diskimg.__main__ reads it: from then on a Ctrl-C
+# that Python dropped is not raised again, so that it cannot cut the cleanup short or replace
+# the message.  cli.main clears it when a command starts.
+cleanup_begun = False
+
+
+def begin_cleanup() -> None:
+    """Mark that the command is cleaning up (see `cleanup_begun`)."""
+    global cleanup_begun
+    cleanup_begun = True
+
+
 # errno values that mean "not allowed" (EACCES: mode bits; EPERM: immutable files, capabilities)
 PERMISSION_ERRNOS = (13, 1)
 
@@ -199,14 +213,21 @@ class RestoreFailed(DiskimgError):
         return f"{self.target} partially written: {done}, {torn}{rest}"
 
     def to_dict(self) -> dict:
-        """The `partial` object of a JSON error report."""
+        """What the target holds, for a JSON error report (the CLI merges these keys into its
+        `error` object): `target`; `restored_blocks`, the ranges [first, last] that hold the
+        image's contents; `written_blocks`, how many of them this restore wrote; `block_size`;
+        `torn_block`, the block whose write failed (may be partly written) or None;
+        `target_unchanged`, true only when the target was not changed at all (nothing written,
+        no torn block, and no new file left behind); `created`, the restore created the file;
+        `removed`, it removed that file again."""
         return {
             "target": self.target,
             "restored_blocks": [[0, self.restored_through]] if self.restored_through >= 0 else [],
             "written_blocks": self.written_blocks,
             "block_size": self.block_size,
             "torn_block": self.torn_block,
-            "unchanged": not self.created and not self.removed,
+            "target_unchanged": (self.written_blocks == 0 and self.torn_block is None
+                                 and (not self.created or self.removed)),
             "created": self.created,
             "removed": self.removed,
         }

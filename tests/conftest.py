@@ -38,11 +38,12 @@ def _probe_only_loop_devices(monkeypatch):
     """`diskimg list` probes every disk's superblocks with blkid; in tests it may only read the
     loop devices tests create, never the machine's own disks."""
     from diskimg import devices
-    real = devices._probe_fs
+    real = devices.probe_fs
 
     def probe(path: str) -> dict[str, str]:
-        return real(path) if os.path.basename(path).startswith("loop") else {}
-    monkeypatch.setattr(devices, "_probe_fs", probe)
+        ok = os.path.basename(path).startswith("loop") or os.path.isfile(path)
+        return real(path) if ok else {}
+    monkeypatch.setattr(devices, "probe_fs", probe)
 
 
 class LoopDevices:

@@ -15,7 +15,7 @@ import sys
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
-from diskimg import __version__, defaults
+from diskimg import __version__, defaults, errors
 from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -706,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     want_json = "--json" in argv
     args: argparse.Namespace | None = None
+    errors.cleanup_begun = False
     try:
         parser = _build_parser()
         try:
@@ -725,14 +726,18 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args)
         return args.func(args)
     except KeyboardInterrupt:
+        errors.begin_cleanup()    # a Ctrl-C that Python dropped is not raised again from here
         return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)
     except DiskimgError as e:
+        errors.begin_cleanup()
         return _report_error(args, str(e), e.exit_code, json_out=want_json, err=e)
     except BrokenPipeError:  # output piped into head and friends: not an error worth a message
+        errors.begin_cleanup()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except OSError as e:
+        errors.begin_cleanup()
         where = f"{e.filename}: " if e.filename else ""
         if is_permission_error(e):
             return _report_error(args, f"{where}permission denied ({e.strerror or e})",
@@ -740,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         return _report_error(args, f"{where}{e.strerror or e}", EXIT_FAILED,
                              json_out=want_json, err=e)
     except Exception as e:  # a bug: still one line, the traceback with --debug
+        errors.begin_cleanup()
         return _report_error(args, f"internal error: {type(e).__name__}: {e} (run with --debug "
                                    f"for the traceback, and please report it)", EXIT_FAILED,
                              json_out=want_json)

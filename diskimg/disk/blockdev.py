@@ -279,6 +279,28 @@ def stat_target(path: str) -> tuple[bool, bool, int]:
     raise UnsafeTarget(path, f"is {file_kind(st.st_mode)}, not a block device or regular file")
 
 
+def check_writable_device(path: str) -> None:
+    """Refuse a read-only block device (losetup -r, blockdev --setro, a write-protected card):
+    it may open for writing and fail only at the first write, so it is asked (BLKROGET) before
+    anything starts."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        if is_permission_error(err):
+            raise PermissionDenied(path, "open the target") from err
+        raise OperationFailed(f"{path}: cannot open: {err.strerror}", path=path) from err
+    try:
+        read_only = _ioctl_int(fd, BLKROGET, "i")
+    except OSError as err:
+        log.debug("%s: BLKROGET: %s", path, err)
+        return
+    finally:
+        os.close(fd)
+    if read_only:
+        raise UnsafeTarget(path, "is a read-only device (blockdev --setro, losetup -r or a "
+                                 "write-protect switch); nothing was written")
+
+
 def open_target(path: str, size: int, exists: bool, is_block: bool,
                 read_back: bool = False) -> Target:
     """Open a restore target for writing.  Block devices are opened O_EXCL, which the kernel

@@ -256,8 +256,10 @@ def loops_backed_by(path: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # the identity of a source disk
 
-# strongest first: the first key both sides have decides
+# strongest first
 SOURCE_KEYS = ("serial", "wwn", "ptable_id", "fs_uuid", "backing_file")
+_DISK_KEYS = ("serial", "wwn")              # which disk
+_CONTENT_KEYS = ("ptable_id", "fs_uuid")    # what is on it: tells its partitions apart
 
 
 def _show(key: str, value: str) -> str:
@@ -274,15 +276,34 @@ def _show(key: str, value: str) -> str:
 
 def source_mismatch(ours: dict | None, theirs: dict | None, source: str, image: str
                     ) -> str | None:
-    """Why the source described by `ours` is not the disk `image` (whose header recorded
-    `theirs`) was made from, judged by the strongest identity both have; None when they
-    agree or have nothing in common to compare (old images record only serial and WWN)."""
+    """Why the source described by `ours` is not the disk (or partition) `image` (whose header
+    recorded `theirs`) was made from; None when they agree or have nothing in common to
+    compare (old images record only serial and WWN).
+
+    Serial and WWN say which disk; they are the same for every partition of it (udev gives
+    sda1 and sda2 the disk's serial).  So the partition-table id and the filesystem UUID are
+    compared too whenever both sides have them: on the same disk a different one is another
+    partition, or a filesystem made again.  The loop backing file, the weakest (a file can be
+    moved or copied), decides only when nothing else is shared."""
     ours, theirs = ours or {}, theirs or {}
-    for key in SOURCE_KEYS:
+    compared = False
+    for key in _DISK_KEYS + _CONTENT_KEYS:
         a, b = ours.get(key), theirs.get(key)
         if not a or not b:
             continue
-        if a == b:
-            return None
-        return f"{source}: {_show(key, a)} differs from {image}'s source {_show(key, b)}"
+        if a != b:
+            why = f"{source}: {_show(key, a)} differs from {image}'s source {_show(key, b)}"
+            same_disk = [k for k in _DISK_KEYS if ours.get(k) and ours.get(k) == theirs.get(k)]
+            if same_disk and key in _CONTENT_KEYS:
+                why += (f" (the same disk by its {same_disk[0]}: another partition, or the "
+                        f"{'partition table' if key == 'ptable_id' else 'filesystem'} was "
+                        f"made again)")
+            return why
+        compared = True
+    if compared:
+        return None
+    a, b = ours.get("backing_file"), theirs.get("backing_file")
+    if a and b and a != b:
+        return f"{source}: {_show('backing_file', a)} differs from {image}'s source " \
+               f"{_show('backing_file', b)}"
     return None

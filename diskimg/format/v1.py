@@ -6,7 +6,9 @@ devices, chains or pipelines.  docs/FORMAT.md is the specification; keep the two
 Layout of an image file::
 
     header    magic "DISKIMG\\0", version, JSON metadata, CRC-32C
-    records   one per stored block: a 60-byte record header (CRC-32C) + zstd or raw data
+    records   one per stored block: a 60-byte record header (CRC-32C) + the block's content
+              as its transform chain stored it (zstd, or raw); the header's `transforms`
+              table says which chain each record's one-byte id names
     index     segments of 48-byte entries, one entry per block of the device, zstd-compressed,
               each segment CRC-32C'd
     footer    JSON: statistics, the index segment table, the index digest, unreadable ranges
@@ -27,9 +29,18 @@ from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import crcmod.predefined
-import zstandard
 
+from diskimg.defaults import DEFAULT_LEVEL
 from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage
+from diskimg.transforms import (
+    FIXED_IDS,
+    IMPLICIT_TABLE,
+    KNOWN_TRANSFORMS,
+    MAX_CHAIN_ID,
+    UnknownTransform,
+    max_stored_length,
+)
+from diskimg.transforms import zstd
 
 crc32c = crcmod.predefined.mkCrcFun("crc-32c")
 
@@ -37,14 +48,15 @@ FORMAT_VERSION = 1
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 ENTRIES_PER_SEGMENT = 16384
+INDEX_LEVEL = 3          # zstd level of index segments (small, written once: level 3 is cheap)
 
 # header: magic, version u16, flags u16, json length u32 | json | crc32c u32
 HEADER_MAGIC = b"DISKIMG\x00"
 _HEADER_FIXED = struct.Struct("<8sHHI")
 MAX_HEADER_JSON = 1 << 20
 
-# record header: magic, block u64, stored length u32, raw length u32, codec u8, flags u8,
-# reserved u16, sha256 32s | crc32c u32 over the preceding 56 bytes
+# record header: magic, block u64, stored length u32, raw length u32, codec u8 (the
+# transform-chain id), flags u8, reserved u16, sha256 32s | crc32c u32 over the preceding 56 bytes
 RECORD_MAGIC = b"DIBK"
 _RECORD = struct.Struct("<4sQIIBBH32s")
 RECORD_HEADER_SIZE = _RECORD.size + 4  # 60
@@ -78,9 +90,10 @@ KIND_NAMES = {ZERO: "zero", DATA: "data", PARENT: "parent", UNUSED: "unused"}
 
 KINDS_OF_IMAGE = ("full", "incremental", "differential")
 
-# codecs of a record
-CODEC_RAW = 0
-CODEC_ZSTD = 1
+# a record's `codec` is its transform-chain id (diskimg.transforms): these two mean the same in
+# every image (the implicit table of images without a `transforms` key)
+CODEC_RAW = FIXED_IDS[()]          # 0: no transform, the content itself
+CODEC_ZSTD = FIXED_IDS[("zstd",)]  # 1: one zstd frame
 
 # entry and record flags
 FLAG_UNREADABLE = 0x1  # the block has unreadable sectors, stored as zeros (rescue mode)
@@ -95,7 +108,8 @@ FLAG_UNREADABLE = 0x1  # the block has unreadable sectors, stored as zeros (resc
 
 U63 = (1 << 63) - 1           # largest size or offset accepted (a signed 64-bit file offset)
 MAX_ENTRIES_PER_SEGMENT = 1 << 20   # a reader's limit: one segment decompresses to <= 48 MiB
-_SOURCE_STRINGS = ("path", "model", "serial", "wwn", "backing_file")
+_SOURCE_STRINGS = ("path", "model", "serial", "wwn", "backing_file", "ptable_id", "fs_uuid",
+                   "fs_type")
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -233,6 +247,32 @@ def _parent(d: dict) -> dict | None:
     return ref
 
 
+def _transforms(d: dict) -> dict[int, tuple[str, ...]]:
+    """The transform-chain table (section 4.4): the implicit one when the header has none."""
+    if "transforms" not in d:
+        return dict(IMPLICIT_TABLE)
+    table = {}
+    for key, names in _obj(d["transforms"], "transforms").items():
+        if not (key.isascii() and key.isdigit() and str(int(key)) == key
+                and int(key) <= MAX_CHAIN_ID):
+            raise MetadataInvalid("transforms key", key, f"a chain id from 0 to {MAX_CHAIN_ID}")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise MetadataInvalid(f"transforms.{key}", names, "a list of transform names")
+        for name in names:
+            if name not in KNOWN_TRANSFORMS:
+                raise UnknownTransform(name)
+        cid = int(key)
+        fixed = IMPLICIT_TABLE.get(cid)
+        if fixed is not None and tuple(names) != fixed:
+            # readers older than the table read ids 0 and 1 so: they may not mean anything else
+            raise MetadataInvalid(f"transforms.{key}", names,
+                                  f"{list(fixed)} (what chain id {cid} means in every image)")
+        if len(set(names)) != len(names):
+            raise MetadataInvalid(f"transforms.{key}", names, "transform names without repeats")
+        table[cid] = tuple(names)
+    return table
+
+
 _ZERO_DIGESTS: dict[int, bytes] = {}
 
 
@@ -242,13 +282,6 @@ def zero_digest(length: int) -> bytes:
     if d is None:
         d = _ZERO_DIGESTS[length] = hashlib.sha256(bytes(length)).digest()
     return d
-
-
-def max_stored_length(length: int) -> int:
-    """The largest stored length a record of a `length`-byte block can have: raw is `length`,
-    and one zstd frame of it is at most a few bytes per 128 KiB more (ZSTD_compressBound);
-    this bound is generous."""
-    return length + (length >> 7) + 1024
 
 
 def check_block_size(size: int) -> None:
@@ -290,8 +323,10 @@ class Header:
     tool_version: str
     parent: dict | None = None     # uuid, name, index_sha256, kind
     chain: tuple[str, ...] = ()    # uuids from the root full image to this one
-    compression: dict = field(default_factory=lambda: {"codec": "zstd", "level": 3})
+    compression: dict = field(default_factory=lambda: {"codec": "zstd", "level": DEFAULT_LEVEL})
     extra: dict = field(default_factory=dict)
+    # chain id -> transform names, in the order applied when writing (section 4.4)
+    transforms: dict[int, tuple[str, ...]] = field(default_factory=lambda: dict(IMPLICIT_TABLE))
 
     @property
     def blocks(self) -> int:
@@ -312,12 +347,15 @@ class Header:
             "block_size": self.block_size, "source": self.source, "created": self.created,
             "tool_version": self.tool_version, "parent": self.parent, "chain": list(self.chain),
             "compression": self.compression, "extra": self.extra,
+            "transforms": {str(cid): list(names)
+                           for cid, names in sorted(self.transforms.items())},
         }
 
     @classmethod
     def from_json(cls, d: object) -> Header:
         """The header described by parsed header JSON, every field checked against section 4 of
-        docs/FORMAT.md; raises MetadataInvalid (a ValueError) naming the first bad field."""
+        docs/FORMAT.md; raises MetadataInvalid (a ValueError) naming the first bad field, or
+        UnknownTransform (a ValueError) for a transform this diskimg does not know."""
         d = _obj(d, "the header JSON")
         kind = _str(d, "kind")
         if kind not in KINDS_OF_IMAGE:
@@ -342,12 +380,19 @@ class Header:
         _int(compression, "level", -(1 << 31), (1 << 31) - 1, required=False,
              where="compression.")
         extra = _opt(d, "extra", dict, {})
-        if "rescue" in extra and not isinstance(extra["rescue"], bool):
-            raise MetadataInvalid("extra.rescue", extra["rescue"], "true or false")
+        for key in ("rescue", "all_blocks"):
+            if key in extra and not isinstance(extra[key], bool):
+                raise MetadataInvalid(f"extra.{key}", extra[key], "true or false")
+        mounted_rw = extra.get("source_mounted_rw", [])
+        if not isinstance(mounted_rw, list) or not all(isinstance(m, str) for m in mounted_rw):
+            raise MetadataInvalid("extra.source_mounted_rw", mounted_rw,
+                                  "a list of mountpoints (strings)")
+        transforms = _transforms(d)
         return cls(
             uuid=_str(d, "uuid", nonempty=True), kind=kind, size=_int(d, "size", 0, U63), block_size=block_size,
             source=source, created=_str(d, "created"), tool_version=_str(d, "tool_version"),
             parent=parent, chain=tuple(chain), compression=compression, extra=extra,
+            transforms=transforms,
         )
 
     def pack(self) -> bytes:
@@ -383,8 +428,8 @@ def unpack_record(buf: bytes) -> RecordHeader | None:
     return RecordHeader(block, stored_len, raw_len, codec, flags, sha)
 
 
-def pack_segment(first_block: int, entries: bytes, level: int = 3) -> bytes:
-    payload = zstandard.ZstdCompressor(level=level).compress(entries)
+def pack_segment(first_block: int, entries: bytes, level: int = INDEX_LEVEL) -> bytes:
+    payload = zstd.compress(entries, level)
     head = _SEGMENT.pack(SEGMENT_MAGIC, first_block, len(entries) // ENTRY_SIZE, len(payload),
                          crc32c(payload))
     return head + struct.pack("<I", crc32c(head)) + payload
@@ -506,6 +551,8 @@ def read_header(image: Readable, path: str) -> tuple[Header, int]:
         raise MetadataError(path, "header", "CRC-32C mismatch; the image cannot be trusted")
     try:
         header = Header.from_json(_load_json(body[:jlen]))
+    except UnknownTransform as err:
+        raise NotAnImage(path, str(err)) from err
     except ValueError as err:
         raise MetadataError(path, "header", str(err)) from err
     return header, _HEADER_FIXED.size + jlen + 4
@@ -581,8 +628,8 @@ def check_segment(buf: bytes, path: str, length: int, first: int, count: int) ->
     if crc32c(payload) != s_crc:
         raise SegmentError(path, first, count, "damaged (CRC-32C mismatch)")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=count * ENTRY_SIZE)
-    except zstandard.ZstdError as err:
+        raw = zstd.decompress(payload, count * ENTRY_SIZE)
+    except zstd.Error as err:
         raise SegmentError(path, first, count, f"does not decompress: {err}") from err
     if len(raw) != count * ENTRY_SIZE:
         raise SegmentError(path, first, count, "has the wrong number of entries")

@@ -12,44 +12,18 @@ import hashlib
 import logging
 import mmap
 import stat
-import threading
 from dataclasses import dataclass
 from typing import Iterator
-
-import zstandard
 
 from diskimg import format as fmt
 from diskimg.disk.blockdev import file_kind as _kind
 from diskimg.errors import CorruptImage, DiskimgError, IncompleteImage, NotAnImage
 from diskimg.errors import PermissionDenied, UsageError
 from diskimg.store import Store, StoreReader, StoreSink, open_store
+from diskimg.image.records import decode_verified
+from diskimg.transforms import DecodeError, reading_chain
 
 log = logging.getLogger(__name__)
-
-_local = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    """This thread's decompression context: a context must not be shared between threads, and
-    making one per block costs more than decompressing the block."""
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    return dctx
-
-
-def decompress_into(payload: bytes | memoryview, out: memoryview) -> int:
-    """Decompress one zstd frame into `out`; the number of bytes it holds, or len(out) + 1 when
-    it holds more than `out` takes.  Damaged data decompresses short or raises ZstdError.
-    Decompressing into a buffer that is reused costs half of allocating a new one per block."""
-    got = 0
-    with _decompressor().stream_reader(payload) as reader:
-        while got < len(out):
-            n = reader.readinto(out[got:])
-            if n == 0:
-                return got
-            got += n
-        return got + 1 if reader.read(1) else got
 
 
 class BlockError(CorruptImage):
@@ -141,6 +115,7 @@ class ImageReader:
                 self.header, self.data_start = fmt.read_header(self.reader, self.path)
                 self.footer = fmt.read_footer(self.reader, self.path, self.file_size,
                                               self.header, self.data_start)
+                self.transforms = reading_chain(self.header.transforms)
             except IncompleteImage as err:
                 if self.path.endswith(".partial"):
                     raise
@@ -228,11 +203,11 @@ class ImageReader:
 
     def check_data_entry(self, block: int, entry: fmt.IndexEntry) -> None:
         """Raise BlockError unless a DATA entry's record can lie where the entry says: inside
-        the records area, with a known codec and a stored length no zstd frame of the block
-        exceeds (so that a crafted entry never makes a reader seek past 2^63 or read
-        gigabytes)."""
+        the records area, with a codec (transform-chain id) the header's table names and a
+        stored length no zstd frame of the block exceeds (so that a crafted entry never makes a
+        reader seek past 2^63 or read gigabytes)."""
         length = self.header.block_length(block)
-        if entry.codec not in (fmt.CODEC_RAW, fmt.CODEC_ZSTD):
+        if entry.codec not in self.transforms:
             raise self.block_error(block, f"index entry damaged: unknown codec {entry.codec}")
         if entry.stored_len > fmt.max_stored_length(length):
             raise self.block_error(block, f"index entry damaged: stored length "
@@ -266,25 +241,10 @@ class ImageReader:
         payload = memoryview(buf)[fmt.RECORD_HEADER_SIZE:]
         into = out if out is not None else bytearray(length)
         view = memoryview(into)[:length]
-        if rec.codec == fmt.CODEC_ZSTD:
-            try:
-                got = decompress_into(payload, view)
-            except zstandard.ZstdError as err:
-                raise self.block_error(block, f"data does not decompress ({err})") from err
-            if got != length:
-                what = "more" if got > length else f"{got}"
-                raise self.block_error(block, f"data does not decompress: {what} bytes, "
-                                              f"{length} expected")
-        elif rec.codec == fmt.CODEC_RAW:
-            if len(payload) != length:
-                raise self.block_error(block, f"data is {len(payload)} bytes, {length} expected")
-            view[:] = payload
-        else:
-            raise self.block_error(block, f"unknown codec {rec.codec}")
-        actual = hashlib.sha256(view).digest()
-        if actual != entry.sha256:
-            raise self.block_error(block, f"checksum mismatch: calculated {actual.hex()}, "
-                                          f"should be {entry.sha256.hex()}")
+        try:
+            decode_verified(self.transforms, block, payload, rec.codec, entry.sha256, view)
+        except DecodeError as err:
+            raise self.block_error(block, err.reason) from err
         return view if out is not None else into
 
 
@@ -435,22 +395,19 @@ def scan_records(image: StoreReader, start: int, end: int
         pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
 
 
-def read_record_data(image: StoreReader, offset: int, rec: fmt.RecordHeader) -> bytes | None:
-    """The content of a record found by scan_records, or None when it fails its SHA-256."""
+def read_record_data(image: StoreReader, offset: int, rec: fmt.RecordHeader,
+                     header: fmt.Header) -> bytearray | None:
+    """The content of a record found by scan_records in `image`, whose header is `header`, or
+    None when it does not decode or fails its checksum.  Raises OperationFailed (naming the
+    image) when it cannot be read."""
     payload = image.pread(rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
+    data = bytearray(rec.raw_len)
     try:
-        data = (_decompressor().decompress(payload, max_output_size=rec.raw_len)
-                if rec.codec == fmt.CODEC_ZSTD else payload)
-    except zstandard.ZstdError:
-        return None
-    if len(data) != rec.raw_len or hashlib.sha256(data).digest() != rec.sha256:
+        decode_verified(reading_chain(header.transforms), rec.block, payload, rec.codec,
+                        rec.sha256, memoryview(data))
+    except DecodeError:
         return None
     return data
-
-
-def _mounted_rw(extra: dict) -> list[str]:
-    value = extra.get("source_mounted_rw") if isinstance(extra, dict) else None
-    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 @dataclass(frozen=True)
@@ -489,7 +446,7 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
         for offset, rec in scan_records(image, start, size):
             if rec.block >= header.blocks or rec.raw_len != header.block_length(rec.block):
                 break   # not a record of this image: what follows is not records either
-            if check_data and read_record_data(image, offset, rec) is None:
+            if check_data and read_record_data(image, offset, rec, header) is None:
                 bad.append((rec.block, "record damaged: its content fails its checksum"))
             records += 1
             if rec.block not in seen:
@@ -507,7 +464,17 @@ def describe_truncated(path: str) -> dict:
     """What `diskimg info` reports of an image cut short: its header and what survived of its
     records (their headers are checked, not their content: `verify` does that)."""
     s = survey_truncated(path)
-    h = s.header
+    return {
+        **_header_fields(s.header),
+        "image_bytes": s.file_size,
+        "format_version": fmt.FORMAT_VERSION,
+        "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
+                     "up_to_byte": s.end, "last_block": s.last_block},
+    }
+
+
+def _header_fields(h: fmt.Header) -> dict:
+    """What info reports of any image's header, complete or cut short."""
     return {
         "uuid": h.uuid,
         "kind": h.kind,
@@ -517,14 +484,10 @@ def describe_truncated(path: str) -> dict:
         "size": h.size,
         "block_size": h.block_size,
         "blocks": h.blocks,
-        "image_bytes": s.file_size,
         "source": h.source,
         "created": h.created,
         "tool_version": h.tool_version,
         "compression": h.compression,
-        "format_version": fmt.FORMAT_VERSION,
-        "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
-                     "up_to_byte": s.end, "last_block": s.last_block},
     }
 
 
@@ -533,35 +496,23 @@ def describe(reader: ImageReader) -> dict:
     h, f = reader.header, reader.footer
     stats = f.get("stats", {})
     counts = block_counts(h.blocks, stats, h.parent is not None)
-    extra = h.extra or {}
-    rescue = extra.get("rescue") is True
+    rescue = h.extra.get("rescue", False)
     # a rescue reads every block; images before all_blocks was recorded: unknown (None)
-    all_blocks = True if rescue else extra.get("all_blocks")
+    all_blocks = True if rescue else h.extra.get("all_blocks")
     return {
-        "uuid": h.uuid,
-        "kind": h.kind,
-        "parent": h.parent["uuid"] if h.parent else None,
-        "parent_name": h.parent["name"] if h.parent else None,
-        "chain": list(h.chain) or [h.uuid],
-        "size": h.size,
-        "block_size": h.block_size,
-        "blocks": h.blocks,
+        **_header_fields(h),
         **counts,
         "stored_bytes": stats.get("stored_bytes", 0),
         "image_bytes": reader.file_size,
-        "source": h.source,
-        "created": h.created,
         "completed": f.get("completed"),
-        "tool_version": h.tool_version,
-        "compression": h.compression,
         "compression_level": (h.compression or {}).get("level"),
         "rescue": rescue,
-        "all_blocks": all_blocks if isinstance(all_blocks, bool) else None,
+        "all_blocks": all_blocks,
         "format_version": fmt.FORMAT_VERSION,
         "index_sha256": reader.index_sha256,
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)
-        "source_mounted_rw": _mounted_rw(h.extra),
+        "source_mounted_rw": list(h.extra.get("source_mounted_rw", [])),
     }
 
 

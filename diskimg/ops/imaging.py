@@ -13,15 +13,12 @@ import errno
 import hashlib
 import logging
 import os
-import threading
 import time
 import uuid as uuidlib
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
-
-import zstandard
 
 from diskimg import __version__, devices
 from diskimg.disk import identity
@@ -42,6 +39,9 @@ from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (t
 from diskimg.errors import (
     ChainError,
     DiskimgError,
+    NotAnImage,
+    OperationFailed,
+    PermissionDenied,
     ReadError,
     SourceError,
     UnsafeTarget,
@@ -49,6 +49,7 @@ from diskimg.errors import (
 )
 from diskimg.image.imagefile import ImageReader, ImageWriter, peek_header
 from diskimg.store import open_directory, open_store
+from diskimg.transforms import writing_chain
 from diskimg.ops.pipeline import (
     IN_FLIGHT_BYTES,
     BufferPool,
@@ -140,6 +141,7 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
                              f"file; an image is written to a file")
         if not force:
             raise UsageError(f"{image}: already exists; use --force to overwrite it")
+        _check_replaceable(image)
     partial = image + ".partial"
     if not rescue and os.path.exists(partial) and _is_rescue_partial(partial):
         raise UsageError(f"{partial}: holds an interrupted rescue; resume it with --rescue, or "
@@ -153,6 +155,29 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
         if src_path in holders:
             raise UnsafeTarget(image, f"lies on the source device {source.path}; write the "
                                       f"image to another disk")
+
+
+def _check_replaceable(image: str) -> None:
+    """What --force may replace: a diskimg image (its header magic) that no loop device reads.
+    A disk's file (`image /dev/sdb /var/vm.img --force`), or any other file, is never
+    replaced, even one under a loop device that is not in use."""
+    store, name = open_store(image)
+    try:
+        with store.open(name) as reader:
+            magic = reader.pread(len(fmt.HEADER_MAGIC), 0)
+    except PermissionDenied as err:
+        raise PermissionDenied(image, "read the existing file") from err
+    except (NotAnImage, OperationFailed) as err:
+        why = getattr(err.__cause__, "strerror", None) or str(err)
+        raise OperationFailed(f"{image}: cannot read the existing file: {why}",
+                              path=image) from err
+    if magic != fmt.HEADER_MAGIC:
+        raise UnsafeTarget(image, "is not a diskimg image; --force replaces only images")
+    loops = identity.loops_backed_by(image)
+    if loops:
+        raise UnsafeTarget(image, f"backs the loop device {', '.join(loops)}; --force never "
+                                  f"replaces a loop device's file (detach it first: losetup -d "
+                                  f"{loops[0]})")
 
 
 def check_no_children(image: str, search: tuple[str, ...] = ()) -> None:
@@ -411,20 +436,6 @@ class ReadAhead:
             self.done = 0
 
 
-class _Compressor:
-    """Per-thread zstd contexts (a ZstdCompressor must not be shared between threads)."""
-
-    def __init__(self, level: int) -> None:
-        self.level = level
-        self._local = threading.local()
-
-    def __call__(self, data: bytes) -> bytes:
-        c = getattr(self._local, "c", None)
-        if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
-        return c.compress(data)
-
-
 def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOptions(),
                  progress: Progress | None = None) -> ImageResult:
     """Image `source_path` into `image_path`.  Raises SourceError, UsageError, UnsafeTarget,
@@ -467,14 +478,15 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         kind = "incremental" if opts.incremental else "differential"
         parent = parent_ref(ref)
         chain = tuple(ref.header.chain or (ref.uuid,)) + (new_uuid,)
+    transforms = writing_chain(opts.level)
     header = fmt.Header(
         uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=ident,
         created=utc_now(), tool_version=__version__, parent=parent, chain=chain,
         compression={"codec": "zstd", "level": opts.level},
         extra={"all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
+        transforms=transforms.table,
     )
-    compress = _Compressor(opts.level)
     ref_entries = ref.iter_entries() if ref is not None else None
     used_map = None
     if opts.all_blocks:
@@ -589,11 +601,10 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         if sha == fmt.zero_digest(len(data)):
             pool.put(data.obj)
             return block, fmt.ZERO, sha, None, 0, nread
-        stored = compress(data)
-        if len(stored) >= len(data):   # incompressible: stored as read, given back when written
-            return block, fmt.DATA, sha, data, fmt.CODEC_RAW, nread
-        pool.put(data.obj)
-        return block, fmt.DATA, sha, stored, fmt.CODEC_ZSTD, nread
+        stored, codec = transforms.encode(block, data)
+        if stored is not data:   # else stored as read (raw): the buffer is given back when written
+            pool.put(data.obj)
+        return block, fmt.DATA, sha, stored, codec, nread
 
     depth = depth_for(bs, opts.threads)
     ahead = max(2, depth - opts.threads)   # read-ahead beyond what the workers hold

@@ -34,8 +34,6 @@ from array import array
 from dataclasses import dataclass, replace
 from typing import Callable
 
-import zstandard
-
 from diskimg import __version__, devices
 from diskimg import format as fmt
 from diskimg.disk.blockdev import Source, open_source
@@ -62,6 +60,7 @@ from diskimg.ops.mapfile import (
     MapfileError,
     RescueMap,
 )
+from diskimg.transforms import writing_chain
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class _Session:
         self.progress = progress
         self.bs = self.header.block_size
         self.buf = mmap.mmap(-1, self.bs)          # page-aligned, as O_DIRECT needs
-        self.cctx = zstandard.ZstdCompressor(level=level)
+        self.transforms = writing_chain(level)
         self.partial_reader = writer.open_partial()   # to read back the records stored so far
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
         self.last_save = time.monotonic()
@@ -171,7 +170,7 @@ class _Session:
         if off == NO_RECORD:
             return bytearray(self.header.block_length(block))
         rec = fmt.unpack_record(self.partial_reader.pread(fmt.RECORD_HEADER_SIZE, off))
-        data = read_record_data(self.partial_reader, off, rec) if rec else None
+        data = read_record_data(self.partial_reader, off, rec, self.header) if rec else None
         if data is None:
             raise OperationFailed(f"{self.writer.partial}: record of block {block} at byte "
                                   f"{off} fails its checks")
@@ -185,9 +184,7 @@ class _Session:
         sha = hashlib.sha256(data).digest()
         if complete and sha == fmt.zero_digest(length) and self.offsets[block] == NO_RECORD:
             return      # a zero block needs no record, unless it supersedes an earlier one
-        stored, codec = self.cctx.compress(data), fmt.CODEC_ZSTD
-        if len(stored) >= length:
-            stored, codec = data, fmt.CODEC_RAW
+        stored, codec = self.transforms.encode(block, data)
         entry = self.writer.write_record(block, stored, codec, sha,
                                          0 if complete else fmt.FLAG_UNREADABLE)
         self.offsets[block] = entry.offset
@@ -424,7 +421,7 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
         end = start
         for off, rec in scan_records(stored, start, stored.size):
             if rec.block >= header.blocks or (off >= synced and
-                                               read_record_data(stored, off, rec) is None):
+                                               read_record_data(stored, off, rec, header) is None):
                 break
             offsets[rec.block] = off
             end = off + fmt.RECORD_HEADER_SIZE + rec.stored_len
@@ -444,6 +441,7 @@ def _new(image: str, source: Source, opts: ImageOptions, identity: dict,
         source=identity, created=utc_now(), tool_version=__version__, parent=None,
         chain=(new_uuid,), compression={"codec": "zstd", "level": opts.level},
         extra={"rescue": True, **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
+        transforms=writing_chain(opts.level).table,
     )
     return (ImageWriter(image, header), RescueMap.new(source.size),
             array("q", [NO_RECORD]) * header.blocks)

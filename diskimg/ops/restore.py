@@ -28,11 +28,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from diskimg import devices
+from diskimg import devices, errors
 from diskimg.disk import identity
 from diskimg import format as fmt
 from diskimg.disk.blockdev import (
     Target,
+    check_writable_device,
     open_readback,
     missing_dir_error,
     open_target,
@@ -159,6 +160,7 @@ def check_target(target: str, size: int) -> tuple[bool, bool, int]:
         busy = devices.usage(target)
         if busy:
             raise UnsafeTarget(target, "is in use: " + "; ".join(busy))
+        check_writable_device(target)
     if exists:
         # a file under a loop device (or a loop device over a file another one reads):
         # writing it writes that loop device's disk
@@ -201,7 +203,7 @@ def describe_target(path: str, is_block: bool, size: int) -> TargetDescription:
                 fstype, label = d.get("fstype") or None, d.get("label") or None
                 if not fstype and not label:
                     # lsblk takes these from udev's database, absent on many rescue systems
-                    tags = _blkid(path if depth == 0 else f"/dev/{d.get('name')}")
+                    tags = devices.probe_fs(path if depth == 0 else f"/dev/{d.get('name')}")
                     fstype, label = tags.get("TYPE"), tags.get("LABEL")
                     if depth == 0:
                         pttype = pttype or tags.get("PTTYPE")
@@ -214,27 +216,13 @@ def describe_target(path: str, is_block: bool, size: int) -> TargetDescription:
                                      or None, serial=(dev.get("serial") or "").strip() or None,
                                      pttype=pttype, contents=tuple(contents))
     if not is_block:
-        tags = _blkid(path)
+        tags = devices.probe_fs(path)
         fstype, label = tags.get("TYPE"), tags.get("LABEL")
         contents = ((Content(os.path.basename(path), size, fstype, label),)
                     if fstype or label else ())
         return TargetDescription(path, False, size, pttype=tags.get("PTTYPE"),
                                  contents=contents)
     return TargetDescription(path, is_block, size)
-
-
-def _blkid(path: str) -> dict[str, str]:
-    """What `blkid -p` (low-level probing, no cache) says of a device or file: TYPE, LABEL,
-    PTTYPE...; empty when it finds nothing or is not installed."""
-    if not shutil.which("blkid"):
-        return {}
-    try:
-        proc = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
-                              text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as err:
-        log.debug("blkid %s failed: %s", path, err)
-        return {}
-    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
 
 
 def _int(v) -> int | None:
@@ -409,6 +397,7 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
     except BaseException as exc:
         if done:
             raise
+        errors.begin_cleanup()    # a Ctrl-C Python dropped may not cut _leave short
         if tgt is None:
             if isinstance(exc, KeyboardInterrupt):
                 raise RestoreInterrupted(target, -1, 0, bs) from exc
@@ -562,7 +551,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             if kind == _RECORD:
                 pool.put(buf)
                 off, rec = what
-                data = read_record_data(leaf.reader, off, rec)
+                data = read_record_data(leaf.reader, off, rec, header)
                 if data is None:
                     raise leaf_block_error(block, "record damaged (data does not match its "
                                                   "SHA-256)")
@@ -709,13 +698,19 @@ def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
             except OSError as err:
                 if direct and err.errno == errno.EINVAL:
                     os.close(fd)      # the filesystem refused this O_DIRECT read after all
-                    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    fd = -1
                     direct = False
-                    got = _read_at(fd, view[:length], offset)
+                    try:
+                        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        got = _read_at(fd, view[:length], offset)
+                    except OSError as err2:
+                        raise OperationFailed(f"{target}: read error at byte {offset} while "
+                                              f"verifying: {err2.strerror}",
+                                              path=target) from err2
                 else:
                     raise OperationFailed(f"{target}: read error at byte {offset} while "
-                                          f"verifying: {err.strerror}") from err
+                                          f"verifying: {err.strerror}", path=target) from err
             data = view[:min(got, length)]
             actual = hashlib.sha256(data).digest()
             data.release()
@@ -728,7 +723,8 @@ def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
     finally:
         view.release()
         buf.close()
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     return dict(verified_blocks=checked, verify_errors=tuple(errors),
                 verify_seconds=time.monotonic() - started, verify_direct=direct)
 

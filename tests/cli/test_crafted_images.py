@@ -118,6 +118,16 @@ HEADER_CASES = {
                                "compression.level is 'x'"),
     "extra null": (lambda h: h.update(extra=None), "extra is null"),
     "extra.rescue a string": (lambda h: h["extra"].update(rescue="yes"), "extra.rescue"),
+    "source.ptable_id a number": (lambda h: h["source"].update(ptable_id=5),
+                                  "source.ptable_id is 5"),
+    "source.fs_uuid a list": (lambda h: h["source"].update(fs_uuid=[]), "source.fs_uuid"),
+    "source.fs_type a number": (lambda h: h["source"].update(fs_type=1), "source.fs_type is 1"),
+    "extra.all_blocks a string": (lambda h: h["extra"].update(all_blocks="yes"),
+                                  "extra.all_blocks"),
+    "extra.source_mounted_rw a string": (lambda h: h["extra"].update(source_mounted_rw="/mnt"),
+                                         "extra.source_mounted_rw"),
+    "extra.source_mounted_rw of numbers": (lambda h: h["extra"].update(source_mounted_rw=[1]),
+                                           "extra.source_mounted_rw"),
 }
 
 

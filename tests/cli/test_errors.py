@@ -58,7 +58,7 @@ def _frames_outside_diskimg(err: str) -> bool:
     pkg = str(REPO / "diskimg") + "/"
     main_py = (REPO / "diskimg" / "__main__.py").read_text().splitlines()
     takes_over = next(i for i, line in enumerate(main_py, 1)
-                      if line.startswith("_signal.signal(_signal.SIGINT"))
+                      if "_signal.signal(_signal.SIGINT, _on_sigint)" in line)
     for path, line in re.findall(r'File "([^"]+)", line (\d+)', err):
         if path == pkg + "__init__.py":
             continue
@@ -114,6 +114,84 @@ def test_ctrl_c_storm_from_the_start(entry, tmp_path):
             assert err == "" or _frames_outside_diskimg(err), (proc.returncode, err)
             outcomes["before diskimg"] += 1
     assert outcomes["interrupted"] >= 10, outcomes
+
+
+def _drop_a_ctrl_c() -> None:
+    """What Python does with a Ctrl-C that lands in a __del__: it is passed to
+    sys.unraisablehook ("Exception ignored in ...") instead of being raised."""
+    class Dropped:
+        def __del__(self):
+            raise KeyboardInterrupt
+    Dropped()
+
+
+def test_importing_the_entry_point_changes_nothing():
+    """The SIGINT handler and the unraisable hook are main()'s, not a side effect of an
+    import."""
+    code = ("import signal, sys; hook = sys.unraisablehook; import diskimg.__main__; "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+            "sys.unraisablehook is hook)")
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
+
+
+def test_main_in_process_puts_everything_back(monkeypatch):
+    """Called from other Python code, main() leaves SIGINT, SIGALRM, the timer and the
+    unraisable hook as it found them; other unraisable exceptions reach the previous hook."""
+    import diskimg.__main__ as entry
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+    hook = sys.unraisablehook
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "argv", ["diskimg", "--version"])
+
+    class Noisy:
+        def __del__(self):
+            raise ValueError("not a Ctrl-C")
+    import diskimg.cli.main as cli_module
+    real = cli_module.main
+    monkeypatch.setattr(cli_module, "main", lambda: (Noisy(), real())[1])
+    assert entry.main() == 0
+    assert seen == [ValueError]
+    assert sys.unraisablehook is hook
+    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_ctrl_c_dropped_at_the_end_of_the_command_is_130(monkeypatch, capsys):
+    """A Ctrl-C that Python dropped in the command's last millisecond: main() returns 130 with
+    the one line, and no timer is left to raise it after main() returned."""
+    import diskimg.__main__ as entry
+    import diskimg.cli.main
+
+    def command() -> int:
+        _drop_a_ctrl_c()
+        return 0
+    monkeypatch.setattr(diskimg.cli.main, "main", command)
+    assert entry.main() == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "diskimg: error: interrupted\n"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    time.sleep(0.05)   # a timer left behind would raise KeyboardInterrupt here
+
+
+def test_ctrl_c_dropped_during_cleanup_is_not_raised_again(monkeypatch, capsys):
+    """Once the command cleans up after a failure (here: its error was being reported), a
+    dropped Ctrl-C is not raised again: the failure's exit code and message stand."""
+    import diskimg.__main__ as entry
+    import diskimg.cli.main
+    from diskimg import errors
+
+    def command() -> int:
+        errors.begin_cleanup()
+        _drop_a_ctrl_c()
+        time.sleep(0.01)      # long past the 1 ms timer, were it armed
+        print("diskimg: error: x: failed", file=sys.stderr)
+        return EXIT_FAILED
+    monkeypatch.setattr(diskimg.cli.main, "main", command)
+    assert entry.main() == EXIT_FAILED
+    assert capsys.readouterr().err == "diskimg: error: x: failed\n"
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
@@ -479,7 +557,7 @@ def test_entry_point_is_light():
     """The console script's module imports nothing but signal and sys before it takes
     Ctrl-C over."""
     text = (REPO / "diskimg" / "__main__.py").read_text()
-    before = text[:text.index("_signal.signal(_signal.SIGINT")]
+    before = text[:text.index("_signal.signal(_signal.SIGINT, _on_sigint)")]
     imports = re.findall(r"^(?:import|from) (\S+)", before, re.M)
     assert imports == ["_signal", "sys"]
     assert "diskimg.__main__:main" in (REPO / "pyproject.toml").read_text()

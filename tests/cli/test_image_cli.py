@@ -225,6 +225,24 @@ def test_existing_image_needs_force(tmp_path, src, image):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_force_replaces_only_images(tmp_path, src):
+    """--force replaces a diskimg image, never another file that happens to have the name
+    (a VM's disk file, a document): exit 2, the file untouched."""
+    other = tmp_path / "vm.img"
+    other.write_bytes(b"not an image, somebody's data" * 1000)
+    before = other.read_bytes()
+    res = cli("image", src[0], other, "--force", "--no-progress")
+    assert res.rc == 2
+    assert_one_error_line(res, str(other), "is not a diskimg image", "replaces only images")
+    assert other.read_bytes() == before
+    assert not list(tmp_path.glob("*.partial"))
+    # an empty file is not an image either
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    assert cli("image", src[0], empty, "--force", "--no-progress").rc == 2
+    assert empty.stat().st_size == 0
+
+
 @pytest.mark.parametrize("size, why", [
     ("96K", "power of two"), ("3K", "power of two"), ("32K", "between"), ("32M", "between"),
     ("1", "between"), ("0", "between"),
@@ -793,3 +811,16 @@ def test_incremental_with_another_block_size_than_its_parent(tmp_path, src, pare
     out = cli("restore", child, tmp_path / "out.raw")
     assert out.rc == 0, f"the incremental just made cannot be restored: {out.err}"
     assert (tmp_path / "out.raw").read_bytes() == bytes(changed)
+
+
+def test_info_of_a_truncated_image_reports_the_same_header(tmp_path, image):
+    """info of a complete image and of the same image cut short report the header alike."""
+    cut = tmp_path / "cut.img"
+    cut.write_bytes(image.read_bytes()[:-4096])
+    whole = cli("info", image, "--json").json
+    res = cli("info", cut, "--json")
+    assert res.rc == 1 and res.json["truncated"] is True
+    part = res.json
+    for key in ("uuid", "kind", "parent", "parent_name", "chain", "size", "block_size",
+                "blocks", "source", "created", "tool_version", "compression"):
+        assert part[key] == whole[key], key

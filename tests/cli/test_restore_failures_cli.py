@@ -134,7 +134,23 @@ def test_library_error_carries_typed_fields(tmp_path, image):
     assert err.exit_code == 1 and err.cause.exit_code == 1
     assert err.to_dict() == {"target": str(target), "restored_blocks": [[0, 2]],
                              "written_blocks": 3, "block_size": BS, "torn_block": None,
-                             "unchanged": True, "created": False, "removed": False}
+                             "target_unchanged": False, "created": False, "removed": False}
+
+
+def test_target_unchanged_only_when_nothing_was_written(tmp_path, image):
+    """`target_unchanged` means the target was not changed at all: false once blocks 0-2 were
+    written (above), true when the very first block is bad; the JSON error carries the keys
+    flat in `error`."""
+    damage(image, 0)
+    target = tmp_path / "target.raw"
+    target.write_bytes(PATTERN * SIZE)
+    res = cli("restore", image, target, "--yes", "--json")
+    assert res.rc == 1
+    error = res.json["error"]
+    assert error["target_unchanged"] is True and error["written_blocks"] == 0
+    assert error["restored_blocks"] == [] and error["target"] == str(target)
+    assert "partial" not in error and "unchanged" not in error
+    assert target.read_bytes() == PATTERN * SIZE
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,3 +391,15 @@ def test_question_comes_before_any_progress_bar(tmp_path, image):
     err = _stderr_on_terminal([PYTHON, "-m", "diskimg", "restore", str(image), str(target),
                                "--yes"])
     assert "restoring" in err and "100%" in err
+
+
+def test_describe_target_shows_a_label_with_a_space(tmp_path):
+    """blkid -o export escapes the space ("my\\ disk"): the question shows the label as it is."""
+    if not shutil.which("mkfs.ext4"):
+        pytest.skip("mkfs.ext4 not installed")
+    target = tmp_path / "fs.img"
+    with open(target, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "my disk", str(target)], check=True)
+    desc = describe_target(str(target), False, target.stat().st_size)
+    assert [(c.fstype, c.label) for c in desc.contents] == [("ext4", "my disk")]

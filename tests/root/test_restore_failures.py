@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from diskimg.errors import EXIT_PERMISSION
-from diskimg.ops.restore import describe_target
+from diskimg.errors import EXIT_PERMISSION, UnsafeTarget
+from diskimg.ops.restore import describe_target, restore_image
 from helpers import MiB, PYTHON, REPO, cli, cmp_same, compressible, read_at, run, sha256_of
 
 pytestmark = pytest.mark.root
@@ -47,10 +47,15 @@ def test_read_only_device_refused_before_writing(loops, tmp_path, image, how):
     else:
         dev = loops.attach(backing)
         run("blockdev", "--setro", dev)
+    asked = []
     try:
         res = cli("restore", image[0], dev, "--yes")
+        # refused before the overwrite question, not after the user said yes
+        with pytest.raises(UnsafeTarget, match="read-only"):
+            restore_image(str(image[0]), dev, confirm=lambda q: asked.append(q) or True)
     finally:
         run("blockdev", "--setrw", dev, check=False)   # the flag outlives the attachment
+    assert asked == []
     assert res.rc == 2, res.err
     assert "read-only" in _one_line(res) and dev in res.err
     assert backing.read_bytes() == b"\x5a" * SIZE
@@ -165,3 +170,38 @@ def test_ctrl_c_says_what_was_left(faulty, tmp_path):
     assert got[:(last + 1) * MiB] == data[:(last + 1) * MiB]
     assert got[(last + 2) * MiB:] == b"\x33" * (size - (last + 2) * MiB)
     assert os.path.exists(fd.dev)
+
+
+def test_salvage_of_a_truncated_image_with_an_unreadable_record(faulty, tmp_path):
+    """A truncated image on a disk with a bad sector inside one record's data: the read error
+    names the image and is salvaged like any damaged block (no bare "Input/output error")."""
+    from diskimg import format as fmt
+    from diskimg.image.imagefile import scan_records
+    src = tmp_path / "src.raw"
+    data = os.urandom(8 * BS)
+    src.write_bytes(data)
+    img = tmp_path / "cut.img"
+    assert cli("image", src, img, "--block-size", "64K", "--all-blocks").rc == 0
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        header, start = fmt.read_header(fd, str(img))
+        records = list(scan_records(fd, start, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+    bad_off, bad_rec = records[3]
+    last_off, _ = records[-1]
+    os.truncate(img, last_off)        # the last record and the index are lost
+    bad = (bad_off + fmt.RECORD_HEADER_SIZE + 1024, 512)
+    image_on_bad_disk = faulty(img, bad=[bad], partial="eio").fuse_file
+    target = tmp_path / "target.raw"
+    res = cli("restore", image_on_bad_disk, target, "--salvage", "--yes", "--json")
+    assert res.rc == 1, res.err
+    assert "Traceback" not in res.err
+    salvaged = {(s["block"], s["last_block"]): s["reason"] for s in res.json["salvaged"]}
+    assert bad_rec.block == 3
+    assert "read error" in salvaged[(3, 3)] and str(image_on_bad_disk) in salvaged[(3, 3)]
+    got = target.read_bytes()
+    for b in range(7):
+        want = bytes(BS) if b == 3 else data[b * BS:(b + 1) * BS]
+        assert got[b * BS:(b + 1) * BS] == want, b
+    assert got[7 * BS:] == bytes(BS)

@@ -167,6 +167,30 @@ def test_image_of_a_loop_device_into_its_backing_file(loops, tmp_path):
     assert stamp(backing) == before
 
 
+def test_force_never_replaces_the_file_of_another_loop_device(loops, tmp_path):
+    """`image SRC F --force` where F backs a loop device other than the source: refused,
+    whether F is a disk's file (not an image) or an image someone attached."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(compressible(random.Random(5), 2 * MiB))
+    vm = tmp_path / "vm.img"
+    vm.write_bytes(compressible(random.Random(6), 4 * MiB))
+    vm_dev = loops.attach(vm)
+    before = stamp(vm)
+    refused(cli("image", src, vm, "--force", "--no-progress"), vm, "not a diskimg image")
+    assert stamp(vm) == before
+    img = tmp_path / "old.dimg"
+    assert cli("image", src, img, "--no-progress").rc == 0
+    img_dev = loops.attach(img, "--read-only")
+    before = stamp(img)
+    refused(cli("image", src, img, "--force", "--no-progress"), img, img_dev, "losetup -d")
+    assert stamp(img) == before
+    assert vm_dev != img_dev
+    # once detached, --force replaces the image
+    run("losetup", "-d", img_dev)
+    loops.devices.remove(img_dev)
+    assert cli("image", src, img, "--force", "--no-progress").rc == 0
+
+
 def test_image_of_a_loop_partition_into_the_disks_backing_file(loops, tmp_path):
     dev, backing = partitioned(loops)
     before = stamp(backing)

@@ -55,10 +55,38 @@ SEGMENT = struct.Struct("<4sQIIII")              # magic, first, count, stored, 
 FOOTER_FIXED = struct.Struct("<4sI")
 TRAILER = struct.Struct("<8sQIHHII")
 HEADER_REQUIRED = ("uuid", "kind", "size", "block_size", "created", "tool_version")
+# section 4.4: the transforms this reader knows, the table of an image without one, and the ids
+# every table must leave as they are
+KNOWN_TRANSFORMS = {"zstd"}
+IMPLICIT_TRANSFORMS = {0: [], 1: ["zstd"]}
 
 
 def _u32(buf: bytes, pos: int) -> int:
     return struct.unpack_from("<I", buf, pos)[0]
+
+
+def transform_table(h: dict) -> dict[int, list[str]]:
+    """The header's chain id -> transform names table, checked as section 4.4 says."""
+    if "transforms" not in h:
+        return dict(IMPLICIT_TRANSFORMS)
+    raw = h["transforms"]
+    if not isinstance(raw, dict):
+        raise SpecError("header transforms is not an object")
+    table = {}
+    for key, names in raw.items():
+        if not (key.isascii() and key.isdigit()) or str(int(key)) != key or int(key) > 255:
+            raise SpecError(f"header transforms: bad chain id {key!r}")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+                or len(set(names)) != len(names):
+            raise SpecError(f"header transforms: chain {key} is not a list of distinct names")
+        unknown = [n for n in names if n not in KNOWN_TRANSFORMS]
+        if unknown:
+            raise SpecError(f"made by a newer program: transform {unknown[0]!r} unknown")
+        cid = int(key)
+        if cid in IMPLICIT_TRANSFORMS and names != IMPLICIT_TRANSFORMS[cid]:
+            raise SpecError(f"header transforms: chain id {cid} redefined")
+        table[cid] = names
+    return table
 
 
 def _unzstd(payload: bytes, expected: int, what: str) -> bytes:
@@ -111,6 +139,7 @@ class SpecReader:
         self.block_size: int = bs
         self.blocks = -(-self.size // bs)
         self.data_start = 20 + jlen
+        self.transforms = transform_table(h)
 
     # sections 7, 8, 9 (opening)
     def _read_trailer_and_footer(self) -> None:
@@ -176,26 +205,27 @@ class SpecReader:
 
     # section 9: one block of this image
     def read_data(self, n: int, entry: tuple) -> bytes:
-        kind, _codec, _flags, e_stored, e_off, e_sha = entry
+        kind, e_codec, _flags, e_stored, e_off, e_sha = entry
         assert kind == DATA
         length = self.length(n)
+        if e_codec not in self.transforms:
+            raise SpecError(f"block {n}: unknown codec {e_codec}")
         rec = self.buf[e_off:e_off + 60 + e_stored]
         if len(rec) < 60:
             raise SpecError(f"block {n}: record truncated")
         magic, block, stored, raw_len, codec, _rflags, _res, r_sha, r_crc = RECORD.unpack_from(rec)
         if magic != b"DIBK" or r_crc != crc32c(rec[:56]):
             raise SpecError(f"block {n}: record header damaged")
-        if block != n or stored != e_stored or raw_len != length:
+        if block != n or stored != e_stored or raw_len != length or codec != e_codec:
             raise SpecError(f"block {n}: record does not match the index")
         if len(rec) != 60 + stored:
             raise SpecError(f"block {n}: record truncated")
-        payload = rec[60:]
-        if codec == 0:
-            data = payload
-        elif codec == 1:
-            data = _unzstd(payload, length, f"block {n}")
-        else:
-            raise SpecError(f"block {n}: unknown codec {codec}")
+        data = rec[60:]
+        chain = self.transforms[codec]
+        for i in reversed(range(len(chain))):      # undo the transforms, the last one first
+            limit = length if i == 0 else length + length // 128 + 1024
+            if chain[i] == "zstd":
+                data = _unzstd(data, limit, f"block {n}")
         if len(data) != length:
             raise SpecError(f"block {n}: {len(data)} bytes, {length} expected")
         if hashlib.sha256(data).digest() != e_sha or r_sha != e_sha:
@@ -367,6 +397,86 @@ def test_replaced_parent_is_rejected(tmp_path):
     os.replace(tmp_path / "other.img", tmp_path / "full.img")   # same name, another image
     with pytest.raises(SpecError, match="not found"):
         read_chain(tmp_path / "inc.img")
+
+
+def test_transform_table(tmp_path):
+    """Section 4.4: new images name their chains; an image without a table has the implicit
+    one; a name the reader does not know refuses the whole image."""
+    data = base_contents()
+    (tmp_path / "src").write_bytes(data)
+    make_image(tmp_path / "src", tmp_path / "full.img")
+    img = SpecReader(tmp_path / "full.img")
+    assert img.header["transforms"] == {"0": [], "1": ["zstd"]}
+    assert img.transforms == {0: [], 1: ["zstd"]}
+    assert transform_table({}) == {0: [], 1: ["zstd"]}
+    for table, words in [({"1": []}, "redefined"), ({"01": []}, "bad chain id"),
+                         ({"2": ["zstd", "zstd"]}, "distinct"),
+                         ({"2": ["zstd", "aes-256-gcm"]}, "transform 'aes-256-gcm' unknown")]:
+        with pytest.raises(SpecError, match=words):
+            transform_table({"transforms": table})
+
+
+def _rewrite_header_json(buf: bytes, change) -> bytes:
+    """`buf` with its header JSON changed by `change(dict)` and every offset the longer or
+    shorter header moves (entries' record offsets, segment table, trailer) put right, as
+    sections 4 to 8 lay them out (and the index digest recomputed)."""
+    jlen = struct.unpack_from("<I", buf, 12)[0]
+    h = json.loads(buf[16:16 + jlen])
+    change(h)
+    body = json.dumps(h, sort_keys=True).encode()
+    fixed = HEADER_FIXED.pack(b"DISKIMG\0", 1, 0, len(body))
+    head = fixed + body + struct.pack("<I", crc32c(fixed + body))
+    shift = len(head) - (20 + jlen)
+    n = len(buf)
+    _, f_off, f_len, _, _, _, _ = TRAILER.unpack(buf[n - 32:])
+    footer = json.loads(buf[f_off + 8:f_off + f_len - 4])
+    out = bytearray(head + buf[20 + jlen:footer["index"]["segments"][0][0]])
+    table, digest = [], hashlib.sha256()
+    for off, length in footer["index"]["segments"]:
+        seg = buf[off:off + length]
+        _, first, count, _, _, _ = SEGMENT.unpack_from(seg)
+        raw = bytearray(_unzstd(seg[28:], count * 48, "segment"))
+        for i in range(count):
+            e = list(ENTRY.unpack_from(raw, i * 48))
+            if e[0] == DATA:
+                e[4] += shift
+            ENTRY.pack_into(raw, i * 48, *e)
+        digest.update(raw)
+        payload = zstandard.ZstdCompressor().compress(bytes(raw))
+        sh = SEGMENT.pack(b"DIIX", first, count, len(payload), crc32c(payload), 0)[:24]
+        table.append([len(out), 28 + len(payload)])
+        out += sh + struct.pack("<I", crc32c(sh)) + payload
+    footer["index"]["segments"] = table
+    footer["index"]["sha256"] = digest.hexdigest()
+    fbody = json.dumps(footer, sort_keys=True).encode()
+    ffixed = FOOTER_FIXED.pack(b"DIFT", len(fbody))
+    f_off = len(out)
+    out += ffixed + fbody + struct.pack("<I", crc32c(ffixed + fbody))
+    t = struct.pack("<8sQIHHI", b"DIMGEND\0", f_off, len(out) - f_off, 1, 0, 0)
+    return bytes(out + t + struct.pack("<I", crc32c(t)))
+
+
+def test_image_naming_an_unknown_transform_is_refused_whole(small_image, tmp_path):
+    path, data = small_image
+    buf = path.read_bytes()
+    same = tmp_path / "same.img"
+    same.write_bytes(_rewrite_header_json(buf, lambda h: None))
+    assert read_chain(same) == data                  # the rewriting itself is right
+    older = tmp_path / "older.img"                   # as written before the table existed
+    older.write_bytes(_rewrite_header_json(buf, lambda h: h.pop("transforms")))
+    assert read_chain(older) == data
+    newer = tmp_path / "newer.img"
+    newer.write_bytes(_rewrite_header_json(
+        buf, lambda h: h["transforms"].update({"2": ["zstd", "aes-256-gcm"]})))
+    with pytest.raises(SpecError, match="made by a newer program"):
+        read_chain(newer)
+    # and diskimg itself says so in one line, exit 2
+    from helpers import cli
+    for img, rc in ((same, 0), (older, 0), (newer, 2)):
+        res = cli("verify", img, "--no-progress")
+        assert res.rc == rc, (img, res.err)
+    assert cli("verify", newer, "--no-progress").err_lines == [
+        f"diskimg: error: {newer}: made by a newer diskimg: transform 'aes-256-gcm' unknown"]
 
 
 def test_compat_fixtures_read_by_the_spec_reader():

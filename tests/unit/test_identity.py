@@ -85,11 +85,11 @@ def test_a_file_backs_no_loop_device(f):
 # --------------------------------------------------------------------------------------------
 # the identity of a source disk
 
-def test_strongest_shared_identity_decides():
+def test_identities_compared():
     a = {"serial": "S1", "fs_uuid": "u1", "backing_file": "/x"}
-    # the serial is the strongest both have: equal, so other differences do not matter
-    assert identity.source_mismatch(a, {"serial": "S1", "fs_uuid": "u2"}, "/dev/sdb",
-                                    "p.dimg") is None
+    # the same serial, the same filesystem: the same disk (a moved backing file is no matter)
+    assert identity.source_mismatch(a, {"serial": "S1", "fs_uuid": "u1", "backing_file": "/y"},
+                                    "/dev/sdb", "p.dimg") is None
     why = identity.source_mismatch(a, {"serial": "S2", "fs_uuid": "u1"}, "/dev/sdb", "p.dimg")
     assert why == "/dev/sdb: serial S1 differs from p.dimg's source serial S2"
     # no serial on one side: the filesystem UUID is compared
@@ -102,6 +102,34 @@ def test_strongest_shared_identity_decides():
     why = identity.source_mismatch({"ptable_id": "mbr:0000abcd"}, {"ptable_id": "mbr:1"},
                                    "s", "p")
     assert "MBR disk signature 0000abcd" in why
+
+
+def test_a_matching_serial_does_not_hide_another_partition():
+    """udev gives sda1 and sda2 the disk's serial (and WWN): `image /dev/sda2 --incremental
+    sda1.dimg` is another partition, told apart by the filesystem UUID (or, for a whole disk
+    made again, the partition table)."""
+    sda1 = {"serial": "S1", "wwn": "0x5000", "fs_uuid": "u1"}
+    sda2 = {"serial": "S1", "wwn": "0x5000", "fs_uuid": "u2"}
+    why = identity.source_mismatch(sda2, sda1, "/dev/sda2", "sda1.dimg")
+    assert why == ("/dev/sda2: filesystem UUID u2 differs from sda1.dimg's source filesystem "
+                   "UUID u1 (the same disk by its serial: another partition, or the filesystem "
+                   "was made again)")
+    why = identity.source_mismatch({"serial": "S1", "ptable_id": "gpt:AA"},
+                                   {"serial": "S1", "ptable_id": "gpt:BB"}, "/dev/sda", "d.dimg")
+    assert "GPT disk GUID AA" in why and "GPT disk GUID BB" in why and "partition table" in why
+    # the same partition again: accepted; one side without a filesystem UUID: the serial decides
+    assert identity.source_mismatch(dict(sda1), sda1, "/dev/sda1", "sda1.dimg") is None
+    assert identity.source_mismatch({"serial": "S1"}, sda1, "/dev/sda1", "sda1.dimg") is None
+    # a different serial is reported first, whatever else agrees
+    why = identity.source_mismatch({"serial": "S2", "fs_uuid": "u1"}, sda1, "/dev/sdb1", "x")
+    assert "serial S2" in why and "filesystem" not in why
+
+
+def test_the_backing_file_decides_only_when_nothing_else_is_shared():
+    assert identity.source_mismatch({"fs_uuid": "u1", "backing_file": "/a"},
+                                    {"fs_uuid": "u1", "backing_file": "/b"}, "s", "p") is None
+    why = identity.source_mismatch({"backing_file": "/a"}, {"backing_file": "/b"}, "s", "p")
+    assert why == "s: loop backing file /a differs from p's source loop backing file /b"
 
 
 def test_old_images_without_the_new_keys_keep_working():

@@ -10,7 +10,7 @@ import time
 import pytest
 import zstandard
 
-from diskimg.image.imagefile import decompress_into
+from diskimg.transforms.zstd import decompress_into
 from diskimg.ops.pipeline import BufferPool, ordered_map, prefetch
 
 

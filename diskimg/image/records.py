@@ -1,0 +1,26 @@
+"""Decode-and-verify of one block record: the one place where a record's stored bytes become
+the block's content and are checked against its SHA-256.
+
+`ImageReader.read_block` (reading through the index) and `read_record_data` (walking the
+records of an image without an index: rescue's resume, salvage of a truncated image) both call
+`decode_verified`, so every reader applies the same transforms and the same checks and says the
+same words when they fail.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from diskimg.transforms import DecodeError, TransformChain
+
+
+def decode_verified(transforms: TransformChain, block: int, stored: bytes | memoryview,
+                    chain_id: int, sha256: bytes, out: memoryview) -> memoryview:
+    """Decode block `block`'s stored bytes (encoded by chain `chain_id` of `transforms`) into
+    `out`, exactly the block's length, and check them against `sha256`; returns `out`.  Raises
+    DecodeError, whose reason a caller puts after the block it names."""
+    transforms.decode_into(block, stored, chain_id, out)
+    actual = hashlib.sha256(out).digest()
+    if actual != sha256:
+        raise DecodeError(f"checksum mismatch: calculated {actual.hex()}, "
+                          f"should be {sha256.hex()}")
+    return out
