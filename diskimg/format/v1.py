@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import crcmod.predefined
 
 from diskimg.defaults import DEFAULT_LEVEL
-from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
+from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage
 from diskimg.transforms import (
     FIXED_IDS,
     IMPLICIT_TABLE,
@@ -510,12 +509,11 @@ class Footer:
                    offset=offset, json=d)
 
 
-def _pread(fd: int, length: int, offset: int, path: str) -> bytes:
-    try:
-        return os.pread(fd, length, offset)
-    except OSError as err:
-        raise OperationFailed(f"{path}: read error at byte {offset}: "
-                              f"{err.strerror or err}") from err
+class Readable(Protocol):
+    """What the readers below need of an image: bytes at an offset (a store.StoreReader, whose
+    pread raises the diskimg error for an I/O error, naming the path)."""
+
+    def pread(self, length: int, offset: int) -> bytes: ...
 
 
 def _load_json(body: bytes) -> object:
@@ -527,9 +525,9 @@ def _load_json(body: bytes) -> object:
         raise ValueError("JSON nested too deeply") from None
 
 
-def read_header(fd: int, path: str) -> tuple[Header, int]:
-    """The header of the image open on `fd`, and the offset where records start."""
-    fixed = _pread(fd, _HEADER_FIXED.size, 0, path)
+def read_header(image: Readable, path: str) -> tuple[Header, int]:
+    """The header of `image` (named `path` in errors), and the offset where records start."""
+    fixed = image.pread(_HEADER_FIXED.size, 0)
     if not fixed:
         raise NotAnImage(path, "is empty, not a diskimg image")
     if fixed[:8] != HEADER_MAGIC and not HEADER_MAGIC.startswith(fixed):
@@ -543,7 +541,7 @@ def read_header(fd: int, path: str) -> tuple[Header, int]:
                                f"(this diskimg reads version {FORMAT_VERSION})")
     if jlen > MAX_HEADER_JSON:
         raise MetadataError(path, "header", f"metadata length {jlen} is implausible")
-    body = _pread(fd, jlen + 4, _HEADER_FIXED.size, path)
+    body = image.pread(jlen + 4, _HEADER_FIXED.size)
     if len(body) < jlen + 4:
         raise IncompleteImage(path, f"image is truncated inside its header (the file is "
                                     f"{_HEADER_FIXED.size + len(body)} bytes, the header "
@@ -560,14 +558,14 @@ def read_header(fd: int, path: str) -> tuple[Header, int]:
     return header, _HEADER_FIXED.size + jlen + 4
 
 
-def read_footer(fd: int, path: str, file_size: int, header: Header, data_start: int) -> Footer:
+def read_footer(image: Readable, path: str, file_size: int, header: Header, data_start: int) -> Footer:
     """The footer metadata, found through the trailer and checked against `header` (whose
     records start at `data_start`); raises when the image is incomplete."""
     partial_hint = ("image is incomplete (no trailer): it is still being written, was "
                     "interrupted, or was cut short")
     if file_size < data_start + TRAILER_SIZE:
         raise IncompleteImage(path, partial_hint)
-    buf = _pread(fd, TRAILER_SIZE, file_size - TRAILER_SIZE, path)
+    buf = image.pread(TRAILER_SIZE, file_size - TRAILER_SIZE)
     if len(buf) < TRAILER_SIZE:
         raise IncompleteImage(path, partial_hint)
     magic, f_off, f_len, version, _, _ = _TRAILER.unpack_from(buf)
@@ -583,7 +581,7 @@ def read_footer(fd: int, path: str, file_size: int, header: Header, data_start: 
             or f_off < data_start:
         raise MetadataError(path, "trailer", f"it points outside the file (footer at {f_off}, "
                                              f"{f_len} bytes)")
-    fbuf = _pread(fd, f_len, f_off, path)
+    fbuf = image.pread(f_len, f_off)
     if len(fbuf) < f_len:
         raise IncompleteImage(path, partial_hint)
     fmagic, jlen = _FOOTER_FIXED.unpack_from(fbuf)
@@ -609,9 +607,15 @@ class SegmentError(CorruptImage):
         self.reason = f"index segment {reason}"
 
 
-def read_segment(fd: int, path: str, offset: int, length: int, first: int, count: int) -> bytes:
+def read_segment(image: Readable, path: str, offset: int, length: int, first: int,
+                 count: int) -> bytes:
     """The raw entries of one index segment, checked against its CRCs and expected place."""
-    buf = _pread(fd, length, offset, path)
+    return check_segment(image.pread(length, offset), path, length, first, count)
+
+
+def check_segment(buf: bytes, path: str, length: int, first: int, count: int) -> bytes:
+    """The raw entries of the index segment read into `buf` (`length` bytes were asked for),
+    checked against its CRCs and expected place."""
     if len(buf) != length or length < SEGMENT_HEADER_SIZE:
         raise SegmentError(path, first, count, "is truncated")
     magic, s_first, s_count, s_len, s_crc = _SEGMENT.unpack_from(buf)

@@ -5,19 +5,20 @@ differential image's parent is the full image at the root of the chain it was ta
 child records its parent's UUID, file name and index digest; parents are looked for next to the
 child under that name, then next to every image of the chain found so far, then in each search
 directory (by name, then by UUID among the images there), and the digest proves that the file
-found is the very image the child was made against.
+found is the very image the child was made against.  The looking goes through the stores
+(Store.list, Store.open), so a parent may sit wherever a store can reach.
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Iterable
 
 from diskimg import format as fmt
-from diskimg.errors import ChainError, CorruptImage, DiskimgError, MissingParent
-from diskimg.errors import PermissionDenied, is_permission_error
-from diskimg.image.imagefile import ImageReader
+from diskimg.errors import ChainError, DiskimgError, MissingParent
+from diskimg.errors import PermissionDenied
+from diskimg.image.imagefile import ImageReader, peek_header
+from diskimg.store import Store, open_directory
 
 log = logging.getLogger(__name__)
 
@@ -26,75 +27,61 @@ def parent_ref(parent: ImageReader) -> dict:
     """What a child records of its parent."""
     return {
         "uuid": parent.uuid,
-        "name": os.path.basename(parent.path),
+        "name": parent.name,
         "index_sha256": parent.index_sha256,
         "kind": parent.header.kind,
     }
 
 
-def _search_dirs(child: ImageReader, search: Iterable[str],
-                 near: Iterable[str] = ()) -> list[str]:
-    """The child's own directory, then the directories of the images `near` (the chain found
-    so far), then each search directory, without repeats.  A grandparent sitting beside the
-    leaf is found even when the parent came from a search directory."""
-    dirs = [os.path.dirname(os.path.abspath(p)) for p in (child.path, *near)] + \
-        [os.path.abspath(d) for d in search]
-    seen: list[str] = []
-    for d in dirs:
-        if d not in seen:
-            seen.append(d)
-    return seen
-
-
-def _peek_uuid(path: str, damaged_is_error: bool) -> str | None:
-    """The UUID in a file's header, or None when it is not an image.  A damaged image header
-    raises CorruptImage when `damaged_is_error` (the file at the parent's recorded name)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        if damaged_is_error and is_permission_error(err):
-            raise PermissionDenied(path, "read the parent image") from err
-        return None
-    try:
-        return fmt.read_header(fd, path)[0].uuid
-    except CorruptImage:
-        if damaged_is_error:
-            raise
-        return None
-    except (DiskimgError, OSError):
-        return None
-    finally:
-        os.close(fd)
+def _search_stores(child: ImageReader, search: Iterable[str],
+                   near: Iterable[ImageReader] = ()) -> list[Store]:
+    """The child's own store, then the stores of the images `near` (the chain found so far),
+    then each search directory, without repeats.  A grandparent sitting beside the leaf is
+    found even when the parent came from a search directory.  Each is opened at its absolute
+    location, so that the images found are named by absolute paths."""
+    locations = [img.store.location for img in (child, *near)] + \
+        [open_directory(d).location for d in search]
+    return [open_directory(loc) for loc in dict.fromkeys(locations)]
 
 
 def find_parent(child: ImageReader, search: Iterable[str] = (),
-                near: Iterable[str] = ()) -> ImageReader:
-    """Open the parent of `child`, looked for next to it, next to each image path in `near`
-    and in each search directory, by name and then by UUID.  Raises MissingParent or
-    ChainError (replaced parent)."""
+                near: Iterable[ImageReader] = ()) -> ImageReader:
+    """Open the parent of `child`, looked for next to it, next to each image in `near` and in
+    each search directory, by name and then by UUID.  Raises MissingParent or ChainError
+    (replaced parent)."""
     ref = child.header.parent
     assert ref is not None
     uuid, name, digest = ref["uuid"], ref["name"], ref["index_sha256"]
-    dirs = _search_dirs(child, search, near)
+    stores = _search_stores(child, search, near)
     impostors: list[str] = []
-    # by recorded name first, then any image in those directories with the right UUID
-    paths = [os.path.join(d, name) for d in dirs]
-    for d in dirs:
+    # by recorded name first, then any image in those stores with the right UUID
+    candidates = [(store, name) for store in stores]
+    for store in stores:
         try:
-            paths += sorted(os.path.join(d, f) for f in os.listdir(d) if f != name)
-        except OSError:
+            candidates += [(store, n) for n in store.list() if n != name]
+        except DiskimgError:
             continue
-    for path in paths:
-        if not os.path.isfile(path) or os.path.samefile(path, child.path):
+    me = child.reader.stat.identity
+    for store, found_name in candidates:
+        try:
+            st = store.stat(found_name)
+        except DiskimgError:
             continue
-        found = _peek_uuid(path, damaged_is_error=os.path.basename(path) == name)
-        if found is None:
+        if not st.is_file or (me and st.identity == me) or \
+                (store.location, found_name) == (child.store.location, child.name):
             continue
-        if found != uuid:
-            if os.path.basename(path) == name:
-                impostors.append(f"{path} is image {found}")
+        path = store.path(found_name)
+        try:
+            header = peek_header(store, found_name, strict=found_name == name)
+        except PermissionDenied as err:
+            raise PermissionDenied(err.path, "read the parent image") from err
+        if header is None:
             continue
-        parent = ImageReader(path)
+        if header.uuid != uuid:
+            if found_name == name:
+                impostors.append(f"{path} is image {header.uuid}")
+            continue
+        parent = ImageReader(found_name, store=store)
         if parent.index_sha256 != digest:
             parent.close()
             raise ChainError(f"{path}: has the parent's UUID {uuid} but a different index "
@@ -104,13 +91,14 @@ def find_parent(child: ImageReader, search: Iterable[str] = (),
     if impostors:
         raise ChainError(f"parent image {uuid} ({name}) of {child.path} not found: "
                          + "; ".join(impostors) + " (replaced by a different image?)")
-    for d in dirs:  # not found because a directory may not be searched: say so
+    for store in stores:  # not found because a directory may not be searched: say so
         try:
-            os.stat(os.path.join(d, name))
-        except OSError as err:
-            if is_permission_error(err):
-                raise PermissionDenied(os.path.join(d, name), "look for the parent image") from err
-    raise MissingParent(uuid, name, dirs, child.path)
+            store.stat(name)
+        except PermissionDenied as err:
+            raise PermissionDenied(err.path, "look for the parent image") from err
+        except DiskimgError:
+            pass
+    raise MissingParent(uuid, name, [store.location for store in stores], child.path)
 
 
 @dataclass
@@ -170,7 +158,7 @@ def open_chain(path: str, search: Iterable[str] = ()) -> Chain:
     try:
         while images[0].header.parent is not None:
             child = images[0]
-            parent = find_parent(child, search, near=[i.path for i in images[1:]])
+            parent = find_parent(child, search, near=images[1:])
             images.insert(0, parent)
             if parent.header.size != child.header.size or \
                     parent.header.block_size != child.header.block_size:
@@ -182,5 +170,5 @@ def open_chain(path: str, search: Iterable[str] = ()) -> Chain:
         for i in images:
             i.close()
         raise
-    log.info("chain of %s: %s", path, " -> ".join(os.path.basename(i.path) for i in images))
+    log.info("chain of %s: %s", path, " -> ".join(i.name for i in images))
     return Chain(images)

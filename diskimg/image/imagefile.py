@@ -3,23 +3,23 @@
 `ImageReader` checks the header, trailer and footer when opened, reads the index segment by
 segment (so a multi-terabyte index is never held whole) and reads single blocks.  `ImageWriter`
 appends records under ``IMAGE.partial``, builds the compressed index as entries arrive in block
-order, and renames the file into place only after the trailer is written and fsynced.
+order, and publishes the image under its name only after the trailer is written and fsynced.
+All I/O goes through a store (diskimg.store): this module never opens a file itself.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import mmap
-import os
 import stat
 from dataclasses import dataclass
 from typing import Iterator
 
 from diskimg import format as fmt
 from diskimg.disk.blockdev import file_kind as _kind
-from diskimg.disk.blockdev import replace_durably
-from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage, OperationFailed
-from diskimg.errors import PermissionDenied, is_permission_error
+from diskimg.errors import CorruptImage, DiskimgError, IncompleteImage, NotAnImage
+from diskimg.errors import PermissionDenied, UsageError
+from diskimg.store import Store, StoreReader, StoreSink, open_store
 from diskimg.image.records import decode_verified
 from diskimg.transforms import DecodeError, reading_chain
 
@@ -69,31 +69,52 @@ def segment_runs(first: int, raw: bytes) -> Iterator[tuple[int, int, fmt.IndexEn
             start, prev = i, cur
 
 
-class ImageReader:
-    """An open, complete image.  Raises NotAnImage, IncompleteImage or CorruptImage on open."""
+def _check_is_file(reader: StoreReader) -> None:
+    """Refuse a directory, pipe or device opened as an image."""
+    mode = reader.stat.mode
+    if mode is not None and stat.S_ISDIR(mode):
+        raise NotAnImage(reader.path, "is a directory, not an image")
+    if not reader.stat.is_file:
+        # a pipe (/dev/stdin) cannot be read at offsets: "Illegal seek" otherwise
+        raise NotAnImage(reader.path, f"is {_kind(mode)}, not an image file")
 
-    def __init__(self, path: str) -> None:
-        self.path = str(path)
+
+def peek_header(store: Store, name: str, strict: bool = False) -> fmt.Header | None:
+    """The header of `name` in `store`, or None when it is not an image (missing, unreadable,
+    not a diskimg file, damaged): a look at what a file is, without opening it as an image.
+    With `strict` (the file that must be the image looked for), a damaged header raises
+    CorruptImage and a file that may not be read PermissionDenied."""
+    try:
+        with store.open(name) as reader:
+            return fmt.read_header(reader, reader.path)[0]
+    except (CorruptImage, PermissionDenied):
+        if strict:
+            raise
+        return None
+    except DiskimgError:
+        return None
+
+
+class ImageReader:
+    """An open, complete image.  Raises NotAnImage, IncompleteImage or CorruptImage on open.
+
+    `path` is where the image is (a path or URL); with `store`, `path` is a name in it."""
+
+    def __init__(self, path: str, store: Store | None = None) -> None:
+        if store is None:
+            store, name = open_store(str(path))
+        else:
+            name = str(path)
+        self.store, self.name = store, name
+        self.path = store.path(name)
+        self.reader = store.open(name)
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as err:
-            raise NotAnImage(self.path, "no such file") from err
-        except IsADirectoryError as err:
-            raise NotAnImage(self.path, "is a directory, not an image") from err
-        except PermissionError as err:
-            raise PermissionDenied(self.path, "read the image") from err
-        try:
-            st = os.fstat(self.fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise NotAnImage(self.path, "is a directory, not an image")
-            if not stat.S_ISREG(st.st_mode):
-                # a pipe (/dev/stdin) cannot be read at offsets: "Illegal seek" otherwise
-                raise NotAnImage(self.path, f"is {_kind(st.st_mode)}, not an image file")
-            self.file_size = st.st_size
+            _check_is_file(self.reader)
+            self.file_size = self.reader.size
             try:
-                self.header, self.data_start = fmt.read_header(self.fd, self.path)
-                self.footer = fmt.read_footer(self.fd, self.path, self.file_size, self.header,
-                                              self.data_start)
+                self.header, self.data_start = fmt.read_header(self.reader, self.path)
+                self.footer = fmt.read_footer(self.reader, self.path, self.file_size,
+                                              self.header, self.data_start)
                 self.transforms = reading_chain(self.header.transforms)
             except IncompleteImage as err:
                 if self.path.endswith(".partial"):
@@ -106,7 +127,7 @@ class ImageReader:
             # where records may lie: after the header, before the first index segment
             self.records_end = min((off for off, _ in self.segments), default=self.footer.offset)
         except BaseException:
-            os.close(self.fd)
+            self.reader.close()
             raise
         self._seg_cache: tuple[int, bytes] | None = None
 
@@ -118,10 +139,13 @@ class ImageReader:
     def blocks(self) -> int:
         return self.header.blocks
 
+    @property
+    def local_path(self) -> str | None:
+        """The image's local file path for the identity and safety checks (None: remote)."""
+        return self.store.local_path(self.name)
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.reader.close()
 
     def __enter__(self) -> ImageReader:
         return self
@@ -142,7 +166,7 @@ class ImageReader:
             return cache[1]
         first, count = self._segment_range(seg)
         off, length = self.segments[seg]
-        raw = fmt.read_segment(self.fd, self.path, off, length, first, count)
+        raw = fmt.read_segment(self.reader, self.path, off, length, first, count)
         self._seg_cache = (seg, raw)
         return raw
 
@@ -203,11 +227,7 @@ class ImageReader:
         returned, so that a caller reusing its buffers allocates nothing per block."""
         length = self.header.block_length(block)
         self.check_data_entry(block, entry)
-        try:
-            buf = os.pread(self.fd, fmt.RECORD_HEADER_SIZE + entry.stored_len, entry.offset)
-        except OSError as err:
-            raise OperationFailed(f"{self.path}: read error at byte {entry.offset}: "
-                                  f"{err.strerror}") from err
+        buf = self.reader.pread(fmt.RECORD_HEADER_SIZE + entry.stored_len, entry.offset)
         rec = fmt.unpack_record(buf)
         if rec is None:
             raise self.block_error(block, "record header damaged (bad magic or CRC-32C)")
@@ -239,67 +259,45 @@ class WriteStats:
 
 
 class ImageWriter:
-    """Writes an image under ``PATH.partial``; `finish` makes it complete and renames it.
+    """Writes an image through a StoreSink (under ``PATH.partial`` in a directory); `finish`
+    makes it complete and publishes it under its name."""
 
-    Write-behind: every WRITE_BEHIND bytes, the kernel is told to start writing back what was
-    appended (and to let go of what it has written back, POSIX_FADV_DONTNEED), so that the disk
-    writes the image while it is being made rather than all at the final fsync, and a large
-    image does not fill the page cache."""
-
-    WRITE_BEHIND = 32 << 20
-
-    def __init__(self, path: str, header: fmt.Header, resume_at: int | None = None) -> None:
+    def __init__(self, path: str, header: fmt.Header, resume_at: int | None = None,
+                 store: Store | None = None) -> None:
         """Start ``PATH.partial`` afresh, or with `resume_at` reopen an existing one and go on
-        appending records after its first `resume_at` bytes (a resumed rescue)."""
-        self.path = str(path)
-        self.partial = self.path + ".partial"
+        appending records after its first `resume_at` bytes (a resumed rescue).  With `store`,
+        `path` is a name in it."""
+        if store is None:
+            store, name = open_store(str(path))
+        else:
+            name = str(path)
+        if resume_at is not None and not store.resumable:
+            raise UsageError(f"{store.path(name)}: this store cannot resume an image")
+        self.store, self.name = store, name
+        self.path = store.path(name)
+        self.partial = store.path(store.partial_name(name))
         self.header = header
-        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if resume_at is None else 0)
-        try:
-            self.fd = os.open(self.partial, flags, 0o644)
-            if resume_at is not None:
-                os.ftruncate(self.fd, resume_at)  # drop a record torn by a crash
-                os.lseek(self.fd, resume_at, os.SEEK_SET)
-        except OSError as err:
-            if is_permission_error(err):
-                raise PermissionDenied(self.partial, "create the image") from err
-            raise OperationFailed(f"{self.partial}: cannot open for writing: "
-                                  f"{err.strerror}", path=self.partial) from err
-        self.pos = 0
-        self._behind = [0, 0]   # the last two write-behind marks
+        self.sink: StoreSink = store.create(name, resume_at=resume_at)
         if resume_at is None:
             try:
-                self._write([header.pack()])
+                self.sink.write([header.pack()])
             except BaseException:
                 self.abort()
                 raise
-        else:
-            self.pos = self._behind[0] = self._behind[1] = resume_at
         self._entries = bytearray()
         self._segments: list[bytes] = []  # compressed, kept until finish (small)
         self._next_block = 0
         self._index_hash = hashlib.sha256()
         self.stats = WriteStats()
 
-    def _write(self, parts: list[bytes | memoryview]) -> None:
-        try:
-            n = os.writev(self.fd, parts)
-            want = sum(len(p) for p in parts)
-            while n < want:  # short write: finish it piece by piece
-                rest = b"".join(bytes(p) for p in parts)[n:]
-                n += os.write(self.fd, rest)
-        except OSError as err:
-            raise OperationFailed(f"{self.partial}: write failed: {err.strerror}") from err
-        self.pos += want
-        older, last = self._behind
-        if self.pos - last >= self.WRITE_BEHIND:
-            try:
-                # the pages since the last mark start going to disk; those before it have
-                # had a whole mark's time to get there, and are dropped if they have
-                os.posix_fadvise(self.fd, older, self.pos - older, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-            self._behind = [last, self.pos]
+    @property
+    def pos(self) -> int:
+        """Bytes written: where the next record goes."""
+        return self.sink.pos
+
+    def open_partial(self) -> StoreReader:
+        """A reader of what was written so far (rescue reads back the records it stored)."""
+        return self.store.open(self.store.partial_name(self.name))
 
     def add_data(self, block: int, stored: bytes, codec: int, sha256: bytes,
                  flags: int = 0) -> None:
@@ -312,21 +310,16 @@ class ImageWriter:
         adds it (records may come in any order, entries in block order)."""
         raw_len = self.header.block_length(block)
         offset = self.pos
-        self._write([fmt.pack_record(block, stored, raw_len, codec, flags, sha256), stored])
+        self.sink.write([fmt.pack_record(block, stored, raw_len, codec, flags, sha256), stored])
         return fmt.IndexEntry(fmt.DATA, sha256, offset, len(stored), codec, flags)
 
     def sync(self) -> None:
         """Make every record written so far durable (before a rescue map claims them)."""
-        try:
-            os.fsync(self.fd)
-        except OSError as err:
-            raise OperationFailed(f"{self.partial}: fsync failed: {err.strerror}") from err
+        self.sink.sync()
 
     def close_partial(self) -> None:
         """Close, keeping the partial file (an interrupted rescue resumes from it)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.sink.close()
 
     def add_entry(self, block: int, entry: fmt.IndexEntry, count: int = 1) -> None:
         """The index entry of the next block, or of the next `count` blocks that share it (a
@@ -371,7 +364,7 @@ class ImageWriter:
         table = []
         for seg in self._segments:
             table.append([self.pos, len(seg)])
-            self._write([seg])
+            self.sink.write([seg])
         footer = dict(meta)
         footer["index"] = {
             "sha256": self._index_hash.hexdigest(),
@@ -380,50 +373,34 @@ class ImageWriter:
         }
         packed = fmt.pack_footer(footer)
         footer_offset = self.pos
-        self._write([packed, fmt.pack_trailer(footer_offset, len(packed))])
-        try:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            replace_durably(self.partial, self.path)
-        except OSError as err:
-            raise OperationFailed(f"{self.path}: cannot complete the image: {err.strerror}") from err
+        self.sink.write([packed, fmt.pack_trailer(footer_offset, len(packed))])
+        self.sink.commit()
         return footer
 
     def abort(self) -> None:
         """Close and remove the partial file (used when imaging fails or is interrupted)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            os.unlink(self.partial)
-        except FileNotFoundError:
-            pass
+        self.sink.abort()
 
 
-def scan_records(fd: int, start: int, end: int) -> Iterator[tuple[int, fmt.RecordHeader]]:
+def scan_records(image: StoreReader, start: int, end: int
+                 ) -> Iterator[tuple[int, fmt.RecordHeader]]:
     """(offset, record header) of the records from `start`, in file order, up to the first
     place that is not a whole, valid record (the index, damage, or a torn write)."""
     pos = start
     while pos + fmt.RECORD_HEADER_SIZE <= end:
-        rec = fmt.unpack_record(os.pread(fd, fmt.RECORD_HEADER_SIZE, pos))
+        rec = fmt.unpack_record(image.pread(fmt.RECORD_HEADER_SIZE, pos))
         if rec is None or pos + fmt.RECORD_HEADER_SIZE + rec.stored_len > end:
             return
         yield pos, rec
         pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
 
 
-def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader, header: fmt.Header,
-                     path: str) -> bytearray | None:
-    """The content of a record found by scan_records in the image with `header` open on `fd`,
-    or None when it does not decode or fails its checksum.  Raises OperationFailed (naming
-    `path`) when it cannot be read."""
-    try:
-        payload = os.pread(fd, rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
-    except OSError as err:
-        raise OperationFailed(f"{path}: read error at byte {offset + fmt.RECORD_HEADER_SIZE} "
-                              f"(record of block {rec.block}): {err.strerror}",
-                              path=path) from err
+def read_record_data(image: StoreReader, offset: int, rec: fmt.RecordHeader,
+                     header: fmt.Header) -> bytearray | None:
+    """The content of a record found by scan_records in `image`, whose header is `header`, or
+    None when it does not decode or fails its checksum.  Raises OperationFailed (naming the
+    image) when it cannot be read."""
+    payload = image.pread(rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
     data = bytearray(rec.raw_len)
     try:
         decode_verified(reading_chain(header.transforms), rec.block, payload, rec.codec,
@@ -454,24 +431,22 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
     content is checked against its SHA-256 (reads the whole file); without, only the record
     headers are read.  Raises TruncatedImage (`in_header`) when not even the header survived,
     NotAnImage or CorruptImage when the header is not an image's or damaged."""
+    store, name = open_store(path)
+    image = store.open(name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise NotAnImage(path, err.strerror or str(err)) from err
-    try:
-        size = os.fstat(fd).st_size
+        size = image.size
         try:
-            header, start = fmt.read_header(fd, path)
+            header, start = fmt.read_header(image, path)
         except IncompleteImage as err:
             raise TruncatedImage(path, size, err.reason) from err
         records = data_bytes = 0
         end, last = start, None
         seen: set[int] = set()
         bad: list[tuple[int, str]] = []
-        for offset, rec in scan_records(fd, start, size):
+        for offset, rec in scan_records(image, start, size):
             if rec.block >= header.blocks or rec.raw_len != header.block_length(rec.block):
                 break   # not a record of this image: what follows is not records either
-            if check_data and read_record_data(fd, offset, rec, header, path) is None:
+            if check_data and read_record_data(image, offset, rec, header) is None:
                 bad.append((rec.block, "record damaged: its content fails its checksum"))
             records += 1
             if rec.block not in seen:
@@ -482,7 +457,7 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
         return Survivors(path, header, size, records, len(seen), data_bytes, end, last,
                          tuple(bad))
     finally:
-        os.close(fd)
+        image.close()
 
 
 def describe_truncated(path: str) -> dict:

@@ -45,15 +45,16 @@ from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (t
 from diskimg.errors import (
     ChainError,
     DiskimgError,
+    NotAnImage,
     OperationFailed,
     PermissionDenied,
     ReadError,
     SourceError,
     UnsafeTarget,
     UsageError,
-    is_permission_error,
 )
-from diskimg.image.imagefile import ImageReader, ImageWriter
+from diskimg.image.imagefile import ImageReader, ImageWriter, peek_header
+from diskimg.store import open_directory, open_store
 from diskimg.transforms import TransformChain, writing_chain
 from diskimg.ops.pipeline import (
     IN_FLIGHT_BYTES,
@@ -164,20 +165,16 @@ def _check_replaceable(image: str) -> None:
     """What --force may replace: a diskimg image (its header magic) that no loop device reads.
     A disk's file (`image /dev/sdb /var/vm.img --force`), or any other file, is never
     replaced, even one under a loop device that is not in use."""
+    store, name = open_store(image)
     try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        if is_permission_error(err):
-            raise PermissionDenied(image, "read the existing file") from err
-        raise OperationFailed(f"{image}: cannot read the existing file: {err.strerror}",
+        with store.open(name) as reader:
+            magic = reader.pread(len(fmt.HEADER_MAGIC), 0)
+    except PermissionDenied as err:
+        raise PermissionDenied(image, "read the existing file") from err
+    except (NotAnImage, OperationFailed) as err:
+        why = getattr(err.__cause__, "strerror", None) or str(err)
+        raise OperationFailed(f"{image}: cannot read the existing file: {why}",
                               path=image) from err
-    try:
-        magic = os.pread(fd, len(fmt.HEADER_MAGIC), 0)
-    except OSError as err:
-        raise OperationFailed(f"{image}: cannot read the existing file: {err.strerror}",
-                              path=image) from err
-    finally:
-        os.close(fd)
     if magic != fmt.HEADER_MAGIC:
         raise UnsafeTarget(image, "is not a diskimg image; --force replaces only images")
     loops = identity.loops_backed_by(image)
@@ -197,38 +194,26 @@ def check_no_children(image: str, search: tuple[str, ...] = ()) -> None:
 def _check_no_children(image: str, search: tuple[str, ...]) -> None:
     """Refuse to replace `image` when an image next to it (or in a search directory) was
     made against it: replacing it would break that image and every one after it."""
-    try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        uuid = fmt.read_header(fd, image)[0].uuid
-    except (DiskimgError, OSError):
+    store, name = open_store(image)
+    header = peek_header(store, name)
+    if header is None:
         return      # not an image (or a damaged one): nothing can depend on it
-    finally:
-        os.close(fd)
+    uuid = header.uuid
     me = identity.identify(image)
-    dirs = dict.fromkeys([os.path.dirname(os.path.abspath(image))]
-                         + [os.path.abspath(d) for d in search])
-    for d in dirs:
+    locations = dict.fromkeys([store.location] + [open_directory(d).location for d in search])
+    for location in locations:
+        there = open_directory(location)
         try:
-            names = sorted(os.listdir(d))
-        except OSError:
+            names = there.list()
+        except DiskimgError:
             continue
         for name in names:
-            path = os.path.join(d, name)
-            if not os.path.isfile(path) or identity.same(identity.identify(path), me):
+            path = there.path(name)
+            local = there.local_path(name)
+            if local is not None and identity.same(identity.identify(local), me):
                 continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                parent = fmt.read_header(fd, path)[0].parent
-            except (DiskimgError, OSError):
-                continue
-            finally:
-                os.close(fd)
+            child = peek_header(there, name)
+            parent = child.parent if child is not None else None
             if isinstance(parent, dict) and parent.get("uuid") == uuid:
                 raise UnsafeTarget(image, f"is the parent of {path}; --force never replaces "
                                           f"an image other images depend on (give the new "
@@ -266,16 +251,9 @@ def source_identity(source: Source) -> dict:
 
 
 def _is_rescue_partial(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return fmt.read_header(fd, path)[0].extra.get("rescue") is True
-    except (DiskimgError, OSError):
-        return False
-    finally:
-        os.close(fd)
+    store, name = open_store(path)
+    header = peek_header(store, name)
+    return header is not None and header.extra.get("rescue") is True
 
 
 def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path: str
@@ -291,7 +269,9 @@ def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path:
     try:
         target = identity.identify(image_path)
         for img in chain.images:
-            why = identity.overlap(target, identity.identify(img.path))
+            if img.local_path is None:   # not a local file: the new image cannot be it
+                continue
+            why = identity.overlap(target, identity.identify(img.local_path))
             if why:
                 what = ("the parent image itself" if img is chain.images[-1] and opts.incremental
                         else f"image {img.uuid} of {ref_path}'s chain")

@@ -40,6 +40,7 @@ from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL
 from diskimg.disk.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
 from diskimg.image.imagefile import ImageWriter, read_record_data, scan_records
+from diskimg.store import open_store
 from diskimg.ops.imaging import (
     ImageResult,
     check_block_size,
@@ -145,14 +146,14 @@ class _Session:
         self.bs = self.header.block_size
         self.buf = mmap.mmap(-1, self.bs)          # page-aligned, as O_DIRECT needs
         self.transforms = writing_chain(level)
-        self.rfd = os.open(writer.partial, os.O_RDONLY | os.O_CLOEXEC)
+        self.partial_reader = writer.open_partial()   # to read back the records stored so far
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
         self.last_save = time.monotonic()
         self.last_report = 0.0
         self.read_bytes = 0
 
     def close(self) -> None:
-        os.close(self.rfd)
+        self.partial_reader.close()
         self.buf.close()
 
     # -- reading -------------------------------------------------------------------------------
@@ -183,9 +184,8 @@ class _Session:
         off = self.offsets[block]
         if off == NO_RECORD:
             return bytearray(self.header.block_length(block))
-        rec = fmt.unpack_record(os.pread(self.rfd, fmt.RECORD_HEADER_SIZE, off))
-        data = (read_record_data(self.rfd, off, rec, self.header, self.writer.partial)
-                if rec else None)
+        rec = fmt.unpack_record(self.partial_reader.pread(fmt.RECORD_HEADER_SIZE, off))
+        data = read_record_data(self.partial_reader, off, rec, self.header) if rec else None
         if data is None:
             raise OperationFailed(f"{self.writer.partial}: record of block {block} at byte "
                                   f"{off} fails its checks")
@@ -362,7 +362,7 @@ class _Session:
             length = self.header.block_length(block)
             off = self.offsets[block]
             if off != NO_RECORD:
-                rec = fmt.unpack_record(os.pread(self.rfd, fmt.RECORD_HEADER_SIZE, off))
+                rec = fmt.unpack_record(self.partial_reader.pread(fmt.RECORD_HEADER_SIZE, off))
                 entry = fmt.IndexEntry(fmt.DATA, rec.sha256, off, rec.stored_len, rec.codec,
                                        rec.flags)
             else:
@@ -397,10 +397,13 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
     first bad one and everything after it are dropped and reread.  Blocks whose latest record
     is complete count as finished even where the map (saved earlier) does not say so yet.
     """
-    partial = image + ".partial"
-    fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+    store, name = open_store(image)
+    partial = store.path(store.partial_name(name))
+    if not store.resumable:
+        raise UsageError(f"{image}: this store cannot resume a rescue")
+    stored = store.open(store.partial_name(name))
     try:
-        header, start = fmt.read_header(fd, partial)
+        header, start = fmt.read_header(stored, partial)
         if header.size != source.size or header.extra.get("rescue") is not True:
             raise UsageError(f"{partial}: left by another run (not a rescue of this "
                              f"{source.size}-byte source); remove it to start over")
@@ -424,18 +427,18 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
                         mapfile, partial)
         offsets = array("q", [NO_RECORD]) * header.blocks
         end = start
-        for off, rec in scan_records(fd, start, os.fstat(fd).st_size):
+        for off, rec in scan_records(stored, start, stored.size):
             if rec.block >= header.blocks or (off >= synced and
-                                               read_record_data(fd, off, rec, header, partial) is None):
+                                               read_record_data(stored, off, rec, header) is None):
                 break
             offsets[rec.block] = off
             end = off + fmt.RECORD_HEADER_SIZE + rec.stored_len
             if not rec.flags & fmt.FLAG_UNREADABLE:
                 rmap.set(rec.block * header.block_size, rec.raw_len, FINISHED)
     finally:
-        os.close(fd)
+        stored.close()
     log.info("resuming %s: %d bytes of records kept", partial, end)
-    return ImageWriter(image, header, resume_at=end), rmap, offsets
+    return ImageWriter(name, header, resume_at=end, store=store), rmap, offsets
 
 
 def _new(image: str, source: Source, opts: RescueOptions, identity: dict,
@@ -477,7 +480,8 @@ def rescue_image(source_path: str, image_path: str, opts: RescueOptions = Rescue
         # model, serial, WWN only: no reads of a failing disk before the rescue proper
         identity = devices.identify(source_path)
         # an interrupted rescue is always resumed, never thrown away (not even by --force)
-        resumed = os.path.exists(image_path + ".partial")
+        store, name = open_store(image_path)
+        resumed = store.exists(store.partial_name(name))
         if resumed:
             writer, rmap, offsets = _resume(image_path, source, mapfile, identity)
         else:

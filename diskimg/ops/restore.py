@@ -54,6 +54,7 @@ from diskimg.errors import (
 )
 from diskimg.image.imagefile import TruncatedImage, read_record_data, scan_records
 from diskimg.image.view import BlockView
+from diskimg.store import open_store
 from diskimg.ops.pipeline import BufferPool, default_threads, depth_for, ordered_map
 from diskimg.ops.progress import Progress
 from diskimg.units import human
@@ -240,22 +241,24 @@ class _TruncatedImage:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        store, name = open_store(path)
+        self.local_path = store.local_path(name)
+        self.reader = store.open(name)
         try:
-            self.header, start = fmt.read_header(self.fd, path)
-            end = os.fstat(self.fd).st_size
+            self.header, start = fmt.read_header(self.reader, path)
+            end = self.reader.size
             self.records: dict[int, tuple[int, fmt.RecordHeader]] = {}
             pos = start
             while pos < end:
                 last = pos
-                for off, rec in scan_records(self.fd, pos, end):
+                for off, rec in scan_records(self.reader, pos, end):
                     if (0 <= rec.block < self.header.blocks
                             and rec.raw_len == self.header.block_length(rec.block)):
                         self.records[rec.block] = (off, rec)   # a later copy wins (a rescue retry)
                     last = off + fmt.RECORD_HEADER_SIZE + rec.stored_len
                 pos = self._next_magic(last + (last == pos), end)
         except BaseException:
-            os.close(self.fd)
+            self.reader.close()
             raise
         self.footer: dict = {}
         self.uuid = self.header.uuid
@@ -266,7 +269,7 @@ class _TruncatedImage:
         """The offset of the next record magic from `pos` (end when there is none)."""
         chunk = 1 << 20
         while pos < end:
-            buf = os.pread(self.fd, chunk + len(fmt.RECORD_MAGIC) - 1, pos)
+            buf = self.reader.pread(chunk + len(fmt.RECORD_MAGIC) - 1, pos)
             i = buf.find(fmt.RECORD_MAGIC)
             if i >= 0:
                 return pos + i
@@ -276,9 +279,7 @@ class _TruncatedImage:
         return end
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.reader.close()
 
 
 @dataclass
@@ -353,7 +354,9 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
             bs = header.block_size
             tid = identity.identify(target)
             for img in chain.images:
-                iid = identity.identify(img.path)
+                if img.local_path is None:   # not a local file: the target cannot be it
+                    continue
+                iid = identity.identify(img.local_path)
                 if identity.same(tid, iid):
                     raise UnsafeTarget(target, f"is image {img.uuid} of the chain being restored")
                 why = identity.overlap(tid, iid)
@@ -552,7 +555,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             if kind == _RECORD:
                 pool.put(buf)
                 off, rec = what
-                data = read_record_data(leaf.fd, off, rec, header, leaf.path)
+                data = read_record_data(leaf.reader, off, rec, header)
                 if data is None:
                     raise leaf_block_error(block, "record damaged (data does not match its "
                                                   "SHA-256)")

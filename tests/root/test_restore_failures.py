@@ -177,17 +177,16 @@ def test_salvage_of_a_truncated_image_with_an_unreadable_record(faulty, tmp_path
     names the image and is salvaged like any damaged block (no bare "Input/output error")."""
     from diskimg import format as fmt
     from diskimg.image.imagefile import scan_records
+    from diskimg.store import open_store
     src = tmp_path / "src.raw"
     data = os.urandom(8 * BS)
     src.write_bytes(data)
     img = tmp_path / "cut.img"
     assert cli("image", src, img, "--block-size", "64K", "--all-blocks").rc == 0
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        header, start = fmt.read_header(fd, str(img))
-        records = list(scan_records(fd, start, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
+    store, name = open_store(str(img))
+    with store.open(name) as reader:
+        header, start = fmt.read_header(reader, str(img))
+        records = list(scan_records(reader, start, reader.size))
     bad_off, bad_rec = records[3]
     last_off, _ = records[-1]
     os.truncate(img, last_off)        # the last record and the index are lost

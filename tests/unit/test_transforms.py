@@ -244,12 +244,11 @@ def test_garbage_in_a_zstd_record_is_a_block_error(tmp_path):
         with pytest.raises(BlockError) as exc:
             r.read_block(1, e)
         assert str(exc.value).startswith(f"{img}: block 1 (byte {BS}): data does not decompress")
-        fd = r.fd
-        rec = fmt.unpack_record(os.pread(fd, fmt.RECORD_HEADER_SIZE, e.offset))
-        assert read_record_data(fd, e.offset, rec, r.header, r.path) is None
+        rec = fmt.unpack_record(r.reader.pread(fmt.RECORD_HEADER_SIZE, e.offset))
+        assert read_record_data(r.reader, e.offset, rec, r.header) is None
         e0 = r.entry(0)
-        rec0 = fmt.unpack_record(os.pread(fd, fmt.RECORD_HEADER_SIZE, e0.offset))
-        assert read_record_data(fd, e0.offset, rec0, r.header, r.path) == blocks[0]
+        rec0 = fmt.unpack_record(r.reader.pread(fmt.RECORD_HEADER_SIZE, e0.offset))
+        assert read_record_data(r.reader, e0.offset, rec0, r.header) == blocks[0]
     res = cli("verify", img, "--json", "--no-progress")
     assert res.rc == 1
     assert [x["block"] for x in res.json["errors"]] == [1]

@@ -1,0 +1,287 @@
+"""One suite for every Store backend (after borgstore's tests/test_backends.py and restic's
+backend/test/suite.go): each test runs against every available backend, so that a new backend
+(object storage, a stream) plugs in by adding a fixture param and passes the same tests.
+
+Only the local directory store exists now.  Permission tests run the store as user nobody in a
+forked child (root bypasses mode bits), so that the kernel itself refuses.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from diskimg.errors import (
+    EXIT_PERMISSION,
+    EXIT_USAGE,
+    DiskimgError,
+    NotAnImage,
+    PermissionDenied,
+    UsageError,
+)
+from diskimg.store import Store, open_directory, open_store
+from diskimg.store.local import LocalStore
+
+IS_ROOT = os.geteuid() == 0
+NOBODY = 65534
+
+
+@dataclass
+class Backend:
+    """A store to test and what the suite needs to know of it: `deny(name)` makes `name` and
+    the store itself closed to the user `as_other` runs code as (None: not testable here)."""
+
+    store: Store
+    deny: Callable[[str], None] | None
+    as_other: Callable[[Callable[[], object]], dict] | None
+
+
+def _as_nobody(fn: Callable[[], object]) -> dict:
+    """Run `fn` as user nobody in a forked child; what it raised (class, exit code, message)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: never returns into pytest
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                fn()
+                out = {"raised": None}
+            except DiskimgError as err:
+                out = {"raised": type(err).__name__, "exit_code": err.exit_code,
+                       "message": str(err), "path": err.path}
+            except BaseException as err:   # noqa: BLE001 (reported to the parent)
+                out = {"raised": type(err).__name__, "message": repr(err)}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def _local_backend():
+    # mkdtemp, not tmp_path: user nobody must reach the directory (tmp_path is root's alone)
+    d = Path(tempfile.mkdtemp(prefix="diskimg-store-"))
+    d.chmod(0o755)
+
+    def deny(name: str) -> None:
+        (d / name).chmod(0o600)   # root's file: nobody may not read it
+        d.chmod(0o711)            # root's directory: nobody may not list or write it
+
+    can_switch = IS_ROOT and hasattr(os, "setuid")
+    try:
+        yield Backend(LocalStore(str(d)), deny if can_switch else None,
+                      _as_nobody if can_switch else None)
+    finally:
+        shutil.rmtree(d)
+
+
+BACKENDS = {"local": _local_backend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request):
+    yield from BACKENDS[request.param]()
+
+
+@pytest.fixture
+def store(backend) -> Store:
+    return backend.store
+
+
+def _put(store: Store, name: str, data: bytes) -> None:
+    sink = store.create(name)
+    try:
+        sink.write([data[:3], memoryview(data)[3:]])
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+# -- listing and stat -------------------------------------------------------------------------
+
+def test_list_is_sorted_and_filters_by_prefix(store):
+    assert store.list() == []
+    for name in ("b.dimg", "a.dimg", "a2.dimg"):
+        _put(store, name, name.encode())
+    assert store.list() == ["a.dimg", "a2.dimg", "b.dimg"]
+    assert store.list("a") == ["a.dimg", "a2.dimg"]
+    assert store.list("c") == []
+
+
+def test_stat_gives_size_and_identity(store):
+    _put(store, "x", b"12345")
+    _put(store, "y", b"12345")
+    st = store.stat("x")
+    assert st.size == 5 and st.is_file
+    assert store.stat("x").identity == st.identity
+    if st.identity:     # a store that can tell objects apart tells these two apart
+        assert store.stat("y").identity != st.identity
+    assert store.exists("x") and not store.exists("nothing")
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def test_open_pread_and_read_into(store):
+    data = os.urandom(100_000)
+    _put(store, "img", data)
+    with store.open("img") as r:
+        assert r.size == len(data)
+        assert r.path == store.path("img")
+        assert r.pread(10, 0) == data[:10]
+        assert r.pread(1000, 50_000) == data[50_000:51_000]
+        assert r.pread(1000, len(data) - 10) == data[-10:]      # short only at the end
+        assert r.pread(10, len(data) + 5) == b""
+        buf = bytearray(4096)
+        assert r.read_into(buf, 777) == 4096 and buf == data[777:777 + 4096]
+        view = memoryview(buf)[:100]                           # a reused buffer's slice
+        assert r.read_into(view, 0) == 100 and buf[:100] == data[:100]
+        assert r.read_into(buf, len(data) - 96) == 96 and buf[:96] == data[-96:]
+
+
+def test_missing_names_are_errors_naming_the_path(store):
+    for op in (store.stat, store.open, store.delete):
+        with pytest.raises(NotAnImage) as exc:
+            op("missing.dimg")
+        assert exc.value.path == store.path("missing.dimg")
+        assert str(exc.value) == f"{store.path('missing.dimg')}: no such file"
+        assert exc.value.exit_code == EXIT_USAGE
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+def test_name_appears_only_at_commit(store):
+    sink = store.create("new.dimg")
+    sink.write([b"header", b"records"])
+    sink.sync()
+    assert sink.pos == len(b"headerrecords")
+    assert "new.dimg" not in store.list() and not store.exists("new.dimg")
+    with pytest.raises(NotAnImage):
+        store.open("new.dimg")
+    sink.write([memoryview(b"index")])
+    sink.commit()
+    assert "new.dimg" in store.list()
+    assert store.list() == ["new.dimg"]       # nothing left behind but the image
+    with store.open("new.dimg") as r:
+        assert r.pread(100, 0) == b"headerrecordsindex"
+    sink.abort()                              # after commit: harmless, the image stays
+    assert store.exists("new.dimg")
+
+
+def test_commit_replaces_an_existing_name(store):
+    _put(store, "img", b"old contents")
+    _put(store, "img", b"new")
+    with store.open("img") as r:
+        assert r.pread(100, 0) == b"new"
+
+
+def test_abort_leaves_nothing(store):
+    _put(store, "kept", b"k")
+    sink = store.create("gone.dimg")
+    sink.write([b"x" * 1000])
+    sink.abort()
+    assert store.list() == ["kept"]
+    sink.abort()                              # twice: harmless
+
+
+def test_resume_a_partial(store):
+    if not store.resumable:
+        pytest.skip(f"{type(store).__name__} cannot resume a sink")
+    sink = store.create("rescue.dimg")
+    sink.write([b"A" * 100, b"torn"])
+    sink.sync()
+    sink.close()                              # an interrupted run: unpublished, kept
+    assert not store.exists("rescue.dimg")
+    with store.open(store.partial_name("rescue.dimg")) as r:   # what a resume scans
+        assert r.pread(200, 0) == b"A" * 100 + b"torn"
+    sink = store.create("rescue.dimg", resume_at=100)           # the torn tail is dropped
+    assert sink.pos == 100
+    sink.write([b"B" * 10])
+    sink.commit()
+    with store.open("rescue.dimg") as r:
+        assert r.pread(200, 0) == b"A" * 100 + b"B" * 10
+    assert store.list() == ["rescue.dimg"]
+
+
+def test_delete(store):
+    _put(store, "a", b"1")
+    _put(store, "b", b"2")
+    store.delete("a")
+    assert store.list() == ["b"] and not store.exists("a")
+
+
+# -- permission: exit 4, naming the path ------------------------------------------------------
+
+def test_permission_errors_exit_4(backend):
+    if backend.deny is None:
+        pytest.skip("needs root (to run the store as user nobody)")
+    store = backend.store
+    _put(store, "secret.dimg", b"secret")
+    backend.deny("secret.dimg")
+    cases = {
+        "open": (lambda: store.open("secret.dimg"), store.path("secret.dimg")),
+        "delete": (lambda: store.delete("secret.dimg"), store.path("secret.dimg")),
+        "create": (lambda: store.create("new.dimg"), store.path(store.partial_name("new.dimg"))),
+        "list": (lambda: store.list(), store.location),
+    }
+    for what, (op, path) in cases.items():
+        got = backend.as_other(op)
+        assert got["raised"] == PermissionDenied.__name__, (what, got)
+        assert got["exit_code"] == EXIT_PERMISSION, (what, got)
+        assert "permission denied" in got["message"], (what, got)
+        assert got["path"] == path and got["message"].startswith(f"{path}: "), (what, got)
+    assert store.exists("secret.dimg") and not store.exists("new.dimg")
+
+
+# -- picking a backend ------------------------------------------------------------------------
+
+def test_open_store_gives_back_the_path_as_written(tmp_path):
+    for location in ("img.dimg", "dir/img.dimg", "dir//img.dimg", "/abs/dir/img.dimg",
+                     str(tmp_path / "x.dimg")):
+        store, name = open_store(location)
+        assert isinstance(store, LocalStore)
+        assert store.path(name) == location and name == os.path.basename(location)
+    store, name = open_store("img.dimg")
+    assert store.location == os.getcwd()
+    assert open_directory(str(tmp_path)).location == str(tmp_path)
+
+
+def test_object_storage_is_refused_in_one_line():
+    for location in ("s3://bucket/images/a.dimg", "S3://bucket/"):
+        with pytest.raises(UsageError) as exc:
+            open_store(location)
+        assert str(exc.value) == f"{location}: object storage is not supported yet"
+        assert exc.value.exit_code == EXIT_USAGE
+    with pytest.raises(UsageError, match="object storage is not supported yet"):
+        open_directory("s3://bucket/images/")
+
+
+def test_only_the_store_lists_renames_or_preads_images():
+    """Everything above the store reaches images through it: no os.listdir, os.scandir,
+    os.rename, os.replace or os.pread in image/, format/, ops/ or cli/ (the source device and
+    the restore target are not images; disk/ reads them)."""
+    pkg = Path(__file__).resolve().parents[2] / "diskimg"
+    banned = {"listdir", "scandir", "rename", "replace", "pread"}
+    found = []
+    for sub in ("image", "format", "ops", "cli"):
+        for path in sorted((pkg / sub).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in banned and \
+                        isinstance(node.value, ast.Name) and node.value.id == "os":
+                    found.append(f"{path.relative_to(pkg)}:{node.lineno}: os.{node.attr}")
+    assert found == []
