@@ -179,6 +179,10 @@ def _add_image(sub) -> None:
                         f"a changed-block image uses its parent's)")
     p.add_argument("--level", type=int, default=defaults.DEFAULT_LEVEL, metavar="N",
                    help="zstd compression level, 1-22 (default: %(default)s)")
+    p.add_argument("--digest", choices=defaults.DIGESTS, default=None,
+                   help=f"block digest (default: {defaults.DEFAULT_DIGEST}; a changed-block "
+                        f"image uses its parent's; sha256 images stay readable by a diskimg "
+                        f"older than the choice)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--incremental", metavar="PARENT",
                       help="store only the blocks changed since the image PARENT")
@@ -209,7 +213,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
     opts = imaging.ImageOptions(
         block_size=args.block_size, level=args.level, threads=_threads(args), force=args.force,
         incremental=args.incremental, differential=args.differential,
-        search=tuple(args.search), all_blocks=args.all_blocks)
+        search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest)
     if opts.block_size is not None:
         imaging.check_block_size(opts.block_size)
     if args.rescue and args.all_blocks:
@@ -588,6 +592,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     level = info["compression_level"]
     print(f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
           + (f" level {level}" if level is not None else ""))
+    print(f"digest:      {info['digest']}")
     print(f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})")
     print(f"created:     {info['created']} by diskimg {info['tool_version']}")
     print(f"completed:   {info['completed'] or 'unknown'}")

@@ -222,7 +222,8 @@ class ImageReader:
         into = out if out is not None else bytearray(length)
         view = memoryview(into)[:length]
         try:
-            decode_verified(self.transforms, block, payload, rec.codec, entry.sha256, view)
+            decode_verified(self.transforms, block, payload, rec.codec, entry.sha256, view,
+                            digest=self.header.hash)
         except DecodeError as err:
             raise self.block_error(block, err.reason) from err
         return view if out is not None else into
@@ -380,7 +381,8 @@ class ImageWriter:
         }
         packed = fmt.pack_footer(footer)
         footer_offset = self.pos
-        self._write([packed, fmt.pack_trailer(footer_offset, len(packed))])
+        self._write([packed, fmt.pack_trailer(footer_offset, len(packed),
+                                              version=self.header.format_version)])
         try:
             os.fsync(self.fd)
             os.close(self.fd)
@@ -427,7 +429,7 @@ def read_record_data(fd: int, offset: int, rec: fmt.RecordHeader, header: fmt.He
     data = bytearray(rec.raw_len)
     try:
         decode_verified(reading_chain(header.transforms), rec.block, payload, rec.codec,
-                        rec.sha256, memoryview(data))
+                        rec.sha256, memoryview(data), digest=header.hash)
     except DecodeError:
         return None
     return data
@@ -492,7 +494,7 @@ def describe_truncated(path: str) -> dict:
     return {
         **_header_fields(s.header),
         "image_bytes": s.file_size,
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": s.header.format_version,
         "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
                      "up_to_byte": s.end, "last_block": s.last_block},
     }
@@ -513,6 +515,7 @@ def _header_fields(h: fmt.Header) -> dict:
         "created": h.created,
         "tool_version": h.tool_version,
         "compression": h.compression,
+        "digest": h.digest,
     }
 
 
@@ -533,7 +536,7 @@ def describe(reader: ImageReader) -> dict:
         "compression_level": (h.compression or {}).get("level"),
         "rescue": rescue,
         "all_blocks": all_blocks,
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": h.format_version,
         "index_sha256": reader.index_sha256,
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)

@@ -4,13 +4,12 @@ Only the blocks holding data are read (the used blocks of a recognised filesyste
 sparse file), into reused buffers: a device with O_DIRECT by READERS threads, a regular file
 through the page cache by one reader thread.  Hashing and compression run in --threads workers
 (pipeline.ordered_map); records are appended in block order.  For an incremental or
-differential image each block's SHA-256 is compared with the reference image's index, so only
+differential image each block's digest (the header's algorithm) is compared with the reference image's index, so only
 changed blocks are stored and the parent's data is never read.
 """
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import time
@@ -76,6 +75,7 @@ class ImageOptions:
     differential: str | None = None     # any image of the chain whose root full image is used
     search: tuple[str, ...] = ()
     all_blocks: bool = False            # read every block, even free space (exact copy)
+    digest: str | None = None           # block digest; None: the parent's, or DEFAULT_DIGEST
 
 
 @dataclass(frozen=True)
@@ -299,6 +299,9 @@ def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path:
         if opts.block_size is not None and opts.block_size != h.block_size:
             raise ChainError(f"--block-size {opts.block_size} differs from {keep.path}'s block "
                              f"size {h.block_size}; a changed-block image uses its parent's")
+        if opts.digest is not None and opts.digest != h.digest:
+            raise ChainError(f"--digest {opts.digest} differs from {keep.path}'s block digest "
+                             f"{h.digest}; a changed-block image uses its parent's")
         if h.size != source.size:
             raise ChainError(f"{source.path}: size {source.size} differs from {keep.path}'s "
                              f"source size {h.size}; a changed-block image needs the same device")
@@ -464,6 +467,8 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
         check_block_size(opts.block_size)
     if opts.incremental and opts.differential:
         raise UsageError("--incremental and --differential exclude each other")
+    if opts.digest is not None and opts.digest not in fmt.KNOWN_DIGESTS:
+        raise UsageError(f"--digest {opts.digest}: one of {', '.join(fmt.KNOWN_DIGESTS)} expected")
     started = time.monotonic()
     source = open_source(source_path)
     try:
@@ -506,6 +511,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         extra={"all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
         transforms=transforms.table,
+        digest=ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST,
     )
     ref_entries = ref.iter_entries() if ref is not None else None
     used_map = None
@@ -539,7 +545,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
             if isinstance(item, Run):
                 for run in split_short(item):
                     if ref_entries is not None:
-                        zsha = fmt.zero_digest(header.block_length(run.first))
+                        zsha = header.zero_digest(header.block_length(run.first))
                         counts["unchanged_zero"] += sum(
                             next(ref_entries)[1].sha256 == zsha for _ in range(run.count))
                     yield run
@@ -610,15 +616,17 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                 yield load(planned)
         return prefetch(read_in_order(), depth=ahead)
 
+    hash_block = header.hash
+
     def work(item):
         if isinstance(item, Run):
             return item
         block, data, ref_sha, nread = item
-        sha = hashlib.sha256(data).digest()
+        sha = hash_block(data)
         if sha == ref_sha:
             pool.put(data.obj)
             return block, fmt.PARENT, sha, None, 0, nread
-        if sha == fmt.zero_digest(len(data)):
+        if sha == header.zero_digest(len(data)):
             pool.put(data.obj)
             return block, fmt.ZERO, sha, None, 0, nread
         stored, codec = transforms.encode(block, data)
@@ -640,7 +648,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                 if isinstance(res, Run):
                     length = header.block_length(res.first)
                     writer.add_entry(res.first,
-                                     fmt.IndexEntry(res.kind, fmt.zero_digest(length)), res.count)
+                                     fmt.IndexEntry(res.kind, header.zero_digest(length)), res.count)
                     if progress:
                         progress(min((res.first + res.count) * bs, source.size) - res.first * bs)
                     continue
