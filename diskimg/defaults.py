@@ -5,3 +5,6 @@ from __future__ import annotations
 
 DEFAULT_BLOCK_SIZE = 1 << 20
 DEFAULT_LEVEL = 2
+# block digest of a new full image, and the ones --digest offers (diskimg.format.digest)
+DEFAULT_DIGEST = "blake3"
+DIGESTS = ("blake3", "sha256")

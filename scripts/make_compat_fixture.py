@@ -13,7 +13,8 @@ deterministic and compressible, so the images are a few KiB):
 * ``full.img``: a full image of the base contents: text, zero and patterned blocks;
 * ``incremental.img``: an incremental image on top of ``full.img`` of the changed contents
   (blocks unchanged, made zero, made non-zero, patched, and a changed short last block);
-* ``expected.json``: per image its UUID, kind, parent, chain, index digest, the SHA-256 and size
+* ``expected.json``: per image its UUID, kind, parent, chain, index digest, block digest
+  algorithm (from version 2), the SHA-256 and size
   of the raw contents a restore must give, and the SHA-256 of the image file itself.
 
 Usage: .venv/bin/python scripts/make_compat_fixture.py
@@ -105,6 +106,8 @@ def main() -> int:
     for name, data in contents.items():
         with ImageReader(str(out / name)) as r:
             info = describe(r)
+        # the directory is named by the version the images really are (written by default)
+        assert info["format_version"] == fmt.FORMAT_VERSION, info["format_version"]
         images.append({
             "file": name,
             "uuid": info["uuid"],
@@ -115,6 +118,7 @@ def main() -> int:
             "size": info["size"],
             "block_size": info["block_size"],
             "index_sha256": info["index_sha256"],
+            "digest": info["digest"],
             "raw_size": len(data),
             "raw_sha256": hashlib.sha256(data).hexdigest(),
             "image_sha256": sha256_file(out / name),

@@ -45,6 +45,11 @@ def _footer_place(buf: bytes) -> tuple[int, int]:
     return f_off, f_len
 
 
+def _version(buf: bytes) -> int:
+    """The format version the image's trailer states (kept when the trailer is rewritten)."""
+    return _TRAILER.unpack_from(buf, len(buf) - fmt.TRAILER_SIZE)[3]
+
+
 def footer_json(path: Path) -> dict:
     buf = Path(path).read_bytes()
     f_off, f_len = _footer_place(buf)
@@ -59,7 +64,8 @@ def write_footer_json(path: Path, meta: object, raw: bytes | None = None) -> Non
     body = raw if raw is not None else json.dumps(meta, sort_keys=True).encode()
     fixed = struct.pack("<4sI", fmt.FOOTER_MAGIC, len(body))
     footer = fixed + body + struct.pack("<I", fmt.crc32c(fixed + body))
-    Path(path).write_bytes(buf[:f_off] + footer + fmt.pack_trailer(f_off, len(footer)))
+    Path(path).write_bytes(buf[:f_off] + footer + fmt.pack_trailer(f_off, len(footer),
+                                                                   version=_version(buf)))
 
 
 def rewrite_index(path: Path, mutate: Callable[[list[fmt.IndexEntry]], list[fmt.IndexEntry]],
@@ -88,7 +94,7 @@ def rewrite_index(path: Path, mutate: Callable[[list[fmt.IndexEntry]], list[fmt.
         index["sha256"] = hashlib.sha256(new).hexdigest()
     f_off = len(out)
     out += fmt.pack_footer(meta)
-    out += fmt.pack_trailer(f_off, len(out) - f_off)
+    out += fmt.pack_trailer(f_off, len(out) - f_off, version=_version(buf))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(bytes(out))
     os.replace(tmp, path)

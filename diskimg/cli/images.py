@@ -39,6 +39,10 @@ def _add_image(sub) -> None:
                         f"a changed-block image uses its parent's)")
     p.add_argument("--level", type=int, default=defaults.DEFAULT_LEVEL, metavar="N",
                    help="zstd compression level, 1-22 (default: %(default)s)")
+    p.add_argument("--digest", choices=defaults.DIGESTS, default=None,
+                   help=f"block digest (default: {defaults.DEFAULT_DIGEST}; a changed-block "
+                        f"image uses its parent's; sha256 images stay readable by a diskimg "
+                        f"older than the choice)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--incremental", metavar="PARENT",
                       help="store only the blocks changed since the image PARENT")
@@ -69,7 +73,7 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
     opts = imaging.ImageOptions(
         block_size=args.block_size, level=args.level, threads=threads(args), force=args.force,
         incremental=args.incremental, differential=args.differential,
-        search=tuple(args.search), all_blocks=args.all_blocks)
+        search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest)
     if opts.block_size is not None:
         imaging.check_block_size(opts.block_size)
     if args.rescue and args.all_blocks:
@@ -87,7 +91,8 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
                 rescue.RescueOptions(
                     block_size=opts.block_size or defaults.DEFAULT_BLOCK_SIZE, level=opts.level,
                     force=opts.force, search=opts.search, retries=args.retries,
-                    mapfile=args.mapfile, direct=args.direct, command=" ".join(sys.argv)),
+                    mapfile=args.mapfile, direct=args.direct, command=" ".join(sys.argv),
+                    digest=args.digest),
                 progress=bar)
         return render.ImageDone(args.source, rescued.image, rescued)
     if args.mapfile or args.direct is not None or args.retries != 1:

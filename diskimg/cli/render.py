@@ -488,6 +488,7 @@ class InfoDone:
         level = info["compression_level"]
         yield (f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
                + (f" level {level}" if level is not None else ""))
+        yield f"digest:      {info['digest']}"
         yield f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})"
         yield f"created:     {info['created']} by diskimg {info['tool_version']}"
         yield f"completed:   {info['completed'] or 'unknown'}"

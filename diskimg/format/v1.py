@@ -18,11 +18,12 @@ Why shaped so: records are appended in one sequential pass, each readable on its
 restore, damage confined to one block); the index comes last because it is only known at the end,
 and it is segmented and compressed so that a multi-terabyte device's index neither has to sit
 uncompressed in memory nor be read whole to find one block.  CRC-32C guards metadata (cheap,
-but crcmod holds the GIL); SHA-256 in the index and record header guards data.
+but crcmod holds the GIL); the block digest in the index and record header guards data (the
+algorithm the header's `digest` names, diskimg.format.digest: SHA-256 in format version 1,
+BLAKE3 in version 2).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -32,6 +33,14 @@ import crcmod.predefined
 
 from diskimg.defaults import DEFAULT_LEVEL
 from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage
+from diskimg.format.digest import (
+    DEFAULT_DIGEST,
+    KNOWN_DIGESTS,
+    LEGACY_DIGEST,
+    UnknownDigest,
+    digest_fn,
+    zero_digest,
+)
 from diskimg.transforms import (
     FIXED_IDS,
     IMPLICIT_TABLE,
@@ -44,7 +53,12 @@ from diskimg.transforms import zstd
 
 crc32c = crcmod.predefined.mkCrcFun("crc-32c")
 
-FORMAT_VERSION = 1
+# Version 1: block digests are SHA-256.  Version 2: the header's `digest` names the algorithm
+# (an image whose digest is not SHA-256 is written as version 2, so that a diskimg older than
+# the key refuses it instead of reporting every block as damaged; a SHA-256 image is still
+# written as version 1, readable by every diskimg).
+FORMAT_VERSION = 2                 # the newest version this diskimg reads and writes
+SUPPORTED_VERSIONS = (1, 2)
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 ENTRIES_PER_SEGMENT = 16384
@@ -273,15 +287,29 @@ def _transforms(d: dict) -> dict[int, tuple[str, ...]]:
     return table
 
 
-_ZERO_DIGESTS: dict[int, bytes] = {}
+def version_for_digest(name: str) -> int:
+    """The format version an image whose blocks are hashed with `name` is written as."""
+    return 1 if name == LEGACY_DIGEST else 2
 
 
-def zero_digest(length: int) -> bytes:
-    """SHA-256 of `length` zero bytes (cached: every image has at most two block lengths)."""
-    d = _ZERO_DIGESTS.get(length)
-    if d is None:
-        d = _ZERO_DIGESTS[length] = hashlib.sha256(bytes(length)).digest()
-    return d
+def _digest(d: dict, version: int | None) -> str:
+    """The header's block digest algorithm (section 3.2), checked against the format version
+    the fixed part gave (None: not known, the JSON alone is checked)."""
+    if "digest" not in d:
+        if version is not None and version >= 2:
+            raise MetadataInvalid("digest", _Missing, f"a digest name in a version-{version} "
+                                                      f"image")
+        return LEGACY_DIGEST
+    name = _str(d, "digest", nonempty=True)
+    if version == 1 and name != LEGACY_DIGEST:
+        # a writer that knows the key writes any other digest as version 2: this is damage
+        raise MetadataInvalid("digest", name, f"{LEGACY_DIGEST!r} in a version-1 image")
+    if name not in KNOWN_DIGESTS:
+        raise UnknownDigest(name)
+    if version is not None and version != version_for_digest(name):
+        raise MetadataInvalid("digest", name, f"a digest other than {LEGACY_DIGEST!r} in a "
+                                              f"version-{version} image")
+    return name
 
 
 def check_block_size(size: int) -> None:
@@ -293,6 +321,9 @@ def check_block_size(size: int) -> None:
 
 @dataclass(frozen=True)
 class IndexEntry:
+    """One block's index entry.  `sha256` holds the block's digest under the image's
+    algorithm (Header.digest: SHA-256 or BLAKE3); the name predates the choice."""
+
     kind: int
     sha256: bytes
     offset: int = 0
@@ -327,6 +358,22 @@ class Header:
     extra: dict = field(default_factory=dict)
     # chain id -> transform names, in the order applied when writing (section 4.4)
     transforms: dict[int, tuple[str, ...]] = field(default_factory=lambda: dict(IMPLICIT_TABLE))
+    # the block digest algorithm (diskimg.format.digest); absent in the JSON means SHA-256
+    digest: str = LEGACY_DIGEST
+
+    @property
+    def format_version(self) -> int:
+        """The version written in the header's fixed part and the trailer."""
+        return version_for_digest(self.digest)
+
+    @property
+    def hash(self):
+        """The function hashing a block's content to its digest under this image's algorithm."""
+        return digest_fn(self.digest)
+
+    def zero_digest(self, length: int) -> bytes:
+        """The digest of `length` zero bytes under this image's algorithm."""
+        return zero_digest(self.digest, length)
 
     @property
     def blocks(self) -> int:
@@ -338,8 +385,8 @@ class Header:
     def zero_run_ok(self, first: int, last: int, sha256: bytes) -> bool:
         """Whether a zero or unused entry shared by blocks first..last has the checksum of
         zeros (a short last block has its own)."""
-        return sha256 == zero_digest(self.block_length(first)) == \
-            zero_digest(self.block_length(last))
+        return sha256 == self.zero_digest(self.block_length(first)) == \
+            self.zero_digest(self.block_length(last))
 
     def to_json(self) -> dict:
         return {
@@ -349,14 +396,17 @@ class Header:
             "compression": self.compression, "extra": self.extra,
             "transforms": {str(cid): list(names)
                            for cid, names in sorted(self.transforms.items())},
+            "digest": self.digest,
         }
 
     @classmethod
-    def from_json(cls, d: object) -> Header:
+    def from_json(cls, d: object, version: int | None = None) -> Header:
         """The header described by parsed header JSON, every field checked against section 4 of
-        docs/FORMAT.md; raises MetadataInvalid (a ValueError) naming the first bad field, or
-        UnknownTransform (a ValueError) for a transform this diskimg does not know."""
+        docs/FORMAT.md (and the `digest` against the fixed part's `version`, when given); raises
+        MetadataInvalid (a ValueError) naming the first bad field, or UnknownTransform or
+        UnknownDigest (ValueErrors) for a transform or digest this diskimg does not know."""
         d = _obj(d, "the header JSON")
+        digest = _digest(d, version)
         kind = _str(d, "kind")
         if kind not in KINDS_OF_IMAGE:
             raise MetadataInvalid("kind", d["kind"], "one of " + ", ".join(KINDS_OF_IMAGE))
@@ -392,12 +442,12 @@ class Header:
             uuid=_str(d, "uuid", nonempty=True), kind=kind, size=_int(d, "size", 0, U63), block_size=block_size,
             source=source, created=_str(d, "created"), tool_version=_str(d, "tool_version"),
             parent=parent, chain=tuple(chain), compression=compression, extra=extra,
-            transforms=transforms,
+            transforms=transforms, digest=digest,
         )
 
     def pack(self) -> bytes:
         body = json.dumps(self.to_json(), sort_keys=True).encode()
-        fixed = _HEADER_FIXED.pack(HEADER_MAGIC, FORMAT_VERSION, 0, len(body))
+        fixed = _HEADER_FIXED.pack(HEADER_MAGIC, self.format_version, 0, len(body))
         return fixed + body + struct.pack("<I", crc32c(fixed + body))
 
 
@@ -409,6 +459,9 @@ def pack_record(block: int, stored: bytes, raw_len: int, codec: int, flags: int,
 
 @dataclass(frozen=True)
 class RecordHeader:
+    """A record's header.  `sha256` holds the block's digest under the image's algorithm
+    (Header.digest), like IndexEntry's."""
+
     block: int
     stored_len: int
     raw_len: int
@@ -441,8 +494,9 @@ def pack_footer(meta: dict) -> bytes:
     return fixed + body + struct.pack("<I", crc32c(fixed + body))
 
 
-def pack_trailer(footer_offset: int, footer_len: int) -> bytes:
-    head = _TRAILER.pack(TRAILER_MAGIC, footer_offset, footer_len, FORMAT_VERSION, 0, 0)
+def pack_trailer(footer_offset: int, footer_len: int, *, version: int) -> bytes:
+    """The trailer; `version` is the header's (Header.format_version)."""
+    head = _TRAILER.pack(TRAILER_MAGIC, footer_offset, footer_len, version, 0, 0)
     return head + struct.pack("<I", crc32c(head))
 
 
@@ -536,9 +590,10 @@ def read_header(image: Readable, path: str) -> tuple[Header, int]:
         raise IncompleteImage(path, f"image is truncated inside its header (the file is "
                                     f"{len(fixed)} bytes)")
     _, version, _, jlen = _HEADER_FIXED.unpack(fixed)
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise NotAnImage(path, f"image format version {version} is not supported "
-                               f"(this diskimg reads version {FORMAT_VERSION})")
+                               f"(this diskimg reads versions "
+                               f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     if jlen > MAX_HEADER_JSON:
         raise MetadataError(path, "header", f"metadata length {jlen} is implausible")
     body = image.pread(jlen + 4, _HEADER_FIXED.size)
@@ -550,8 +605,8 @@ def read_header(image: Readable, path: str) -> tuple[Header, int]:
     if crc != crc32c(fixed + body[:jlen]):
         raise MetadataError(path, "header", "CRC-32C mismatch; the image cannot be trusted")
     try:
-        header = Header.from_json(_load_json(body[:jlen]))
-    except UnknownTransform as err:
+        header = Header.from_json(_load_json(body[:jlen]), version)
+    except (UnknownTransform, UnknownDigest) as err:
         raise NotAnImage(path, str(err)) from err
     except ValueError as err:
         raise MetadataError(path, "header", str(err)) from err
@@ -574,9 +629,9 @@ def read_footer(image: Readable, path: str, file_size: int, header: Header, data
         raise IncompleteImage(path, partial_hint)
     if crc != crc32c(buf[: _TRAILER.size]):
         raise MetadataError(path, "trailer", "CRC-32C mismatch")
-    if version != FORMAT_VERSION:
+    if version != header.format_version:
         raise MetadataError(path, "trailer", f"it says format version {version}, the header "
-                                             f"says {FORMAT_VERSION}")
+                                             f"says {header.format_version}")
     if f_off + f_len + TRAILER_SIZE != file_size or f_len < _FOOTER_FIXED.size + 4 \
             or f_off < data_start:
         raise MetadataError(path, "trailer", f"it points outside the file (footer at {f_off}, "

@@ -164,6 +164,10 @@ def open_chain(path: str, search: Iterable[str] = ()) -> Chain:
                     parent.header.block_size != child.header.block_size:
                 raise ChainError(f"{parent.path}: size or block size differs from its child "
                                  f"{child.path}")
+            if parent.header.digest != child.header.digest:
+                # a PARENT entry holds the digest its parent's entry must hold: one algorithm
+                raise ChainError(f"{parent.path}: block digest {parent.header.digest} differs "
+                                 f"from its child {child.path}'s ({child.header.digest})")
             if len(images) > 10000:
                 raise ChainError(f"{path}: chain longer than 10000 images (a loop?)")
     except BaseException:

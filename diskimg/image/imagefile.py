@@ -242,7 +242,8 @@ class ImageReader:
         into = out if out is not None else bytearray(length)
         view = memoryview(into)[:length]
         try:
-            decode_verified(self.transforms, block, payload, rec.codec, entry.sha256, view)
+            decode_verified(self.transforms, block, payload, rec.codec, entry.sha256, view,
+                            digest=self.header.hash)
         except DecodeError as err:
             raise self.block_error(block, err.reason) from err
         return view if out is not None else into
@@ -373,7 +374,8 @@ class ImageWriter:
         }
         packed = fmt.pack_footer(footer)
         footer_offset = self.pos
-        self.sink.write([packed, fmt.pack_trailer(footer_offset, len(packed))])
+        self.sink.write([packed, fmt.pack_trailer(footer_offset, len(packed),
+                                                  version=self.header.format_version)])
         self.sink.commit()
         return footer
 
@@ -404,7 +406,7 @@ def read_record_data(image: StoreReader, offset: int, rec: fmt.RecordHeader,
     data = bytearray(rec.raw_len)
     try:
         decode_verified(reading_chain(header.transforms), rec.block, payload, rec.codec,
-                        rec.sha256, memoryview(data))
+                        rec.sha256, memoryview(data), digest=header.hash)
     except DecodeError:
         return None
     return data
@@ -467,7 +469,7 @@ def describe_truncated(path: str) -> dict:
     return {
         **_header_fields(s.header),
         "image_bytes": s.file_size,
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": s.header.format_version,
         "survived": {"records": s.records, "blocks": s.blocks, "bytes": s.data_bytes,
                      "up_to_byte": s.end, "last_block": s.last_block},
     }
@@ -488,6 +490,7 @@ def _header_fields(h: fmt.Header) -> dict:
         "created": h.created,
         "tool_version": h.tool_version,
         "compression": h.compression,
+        "digest": h.digest,
     }
 
 
@@ -508,7 +511,7 @@ def describe(reader: ImageReader) -> dict:
         "compression_level": (h.compression or {}).get("level"),
         "rescue": rescue,
         "all_blocks": all_blocks,
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": h.format_version,
         "index_sha256": reader.index_sha256,
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)

@@ -1,5 +1,5 @@
 """Decode-and-verify of one block record: the one place where a record's stored bytes become
-the block's content and are checked against its SHA-256.
+the block's content and are checked against its digest (the image's algorithm, Header.hash).
 
 `ImageReader.read_block` (reading through the index) and `read_record_data` (walking the
 records of an image without an index: rescue's resume, salvage of a truncated image) both call
@@ -8,18 +8,20 @@ same words when they fail.
 """
 from __future__ import annotations
 
-import hashlib
+from typing import Callable
 
 from diskimg.transforms import DecodeError, TransformChain
 
 
 def decode_verified(transforms: TransformChain, block: int, stored: bytes | memoryview,
-                    chain_id: int, sha256: bytes, out: memoryview) -> memoryview:
+                    chain_id: int, sha256: bytes, out: memoryview, *,
+                    digest: Callable[[memoryview], bytes]) -> memoryview:
     """Decode block `block`'s stored bytes (encoded by chain `chain_id` of `transforms`) into
-    `out`, exactly the block's length, and check them against `sha256`; returns `out`.  Raises
-    DecodeError, whose reason a caller puts after the block it names."""
+    `out`, exactly the block's length, and check them against `sha256`, the digest `digest`
+    (the image's Header.hash) must give; returns `out`.  Raises DecodeError, whose reason a
+    caller puts after the block it names."""
     transforms.decode_into(block, stored, chain_id, out)
-    actual = hashlib.sha256(out).digest()
+    actual = digest(out)
     if actual != sha256:
         raise DecodeError(f"checksum mismatch: calculated {actual.hex()}, "
                           f"should be {sha256.hex()}")

@@ -4,8 +4,8 @@ Only the blocks holding data are read (the used blocks of a recognised filesyste
 sparse file), into reused buffers: a device with O_DIRECT by READERS threads, a regular file
 through the page cache by one reader thread.  Hashing and compression run in --threads workers
 (pipeline.ordered_map); records are appended in block order.  For an incremental or
-differential image each block's SHA-256 is compared with the reference image's index, so only
-changed blocks are stored and the parent's data is never read.
+differential image each block's digest (the header's algorithm) is compared with the reference
+image's index, so only changed blocks are stored and the parent's data is never read.
 
 The per-block work is a pipeline of named stages (`_BlockStages`: plan -> read -> hash_compare
 -> encode -> write) over typed jobs: a `BlockJob` per block to read, filled in stage by stage,
@@ -16,7 +16,6 @@ mounted, which reference image) come first, in create_image.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import time
@@ -81,6 +80,7 @@ class ImageOptions:
     differential: str | None = None     # any image of the chain whose root full image is used
     search: tuple[str, ...] = ()
     all_blocks: bool = False            # read every block, even free space (exact copy)
+    digest: str | None = None           # block digest; None: the parent's, or DEFAULT_DIGEST
 
 
 @dataclass(frozen=True)
@@ -282,6 +282,9 @@ def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path:
         if opts.block_size is not None and opts.block_size != h.block_size:
             raise ChainError(f"--block-size {opts.block_size} differs from {keep.path}'s block "
                              f"size {h.block_size}; a changed-block image uses its parent's")
+        if opts.digest is not None and opts.digest != h.digest:
+            raise ChainError(f"--digest {opts.digest} differs from {keep.path}'s block digest "
+                             f"{h.digest}; a changed-block image uses its parent's")
         if h.size != source.size:
             raise ChainError(f"{source.path}: size {source.size} differs from {keep.path}'s "
                              f"source size {h.size}; a changed-block image needs the same device")
@@ -430,6 +433,8 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
         check_block_size(opts.block_size)
     if opts.incremental and opts.differential:
         raise UsageError("--incremental and --differential exclude each other")
+    if opts.digest is not None and opts.digest not in fmt.KNOWN_DIGESTS:
+        raise UsageError(f"--digest {opts.digest}: one of {', '.join(fmt.KNOWN_DIGESTS)} expected")
     started = time.monotonic()
     source = open_source(source_path)
     try:
@@ -472,6 +477,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         extra={"all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
         transforms=transforms.table,
+        digest=ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST,
     )
     used_map = None
     if opts.all_blocks:
@@ -613,7 +619,7 @@ class _BlockStages:
             if type(item) is Run:
                 for run in _split_short(header, item):
                     if ref_entries is not None:
-                        zsha = fmt.zero_digest(header.block_length(run.first))
+                        zsha = header.zero_digest(header.block_length(run.first))
                         self.unchanged_zero += sum(
                             next(ref_entries)[1].sha256 == zsha for _ in range(run.count))
                     yield run
@@ -703,10 +709,10 @@ class _BlockStages:
         all-zeros block's (ZERO).  True when the block is to be stored; otherwise its buffer
         goes back to the pool at once."""
         data = job.view
-        job.sha256 = sha = hashlib.sha256(data).digest()
+        job.sha256 = sha = self.header.hash(data)
         if sha == job.ref_sha:
             job.kind = fmt.PARENT
-        elif sha == fmt.zero_digest(len(data)):
+        elif sha == self.header.zero_digest(len(data)):
             job.kind = fmt.ZERO
         else:
             return True
@@ -730,7 +736,7 @@ class _BlockStages:
         """Append the job's record (or index entry) to the image."""
         if type(job) is Run:
             writer.add_entry(job.first, fmt.IndexEntry(
-                job.kind, fmt.zero_digest(self.header.block_length(job.first))), job.count)
+                job.kind, self.header.zero_digest(self.header.block_length(job.first))), job.count)
             return
         self.read_bytes += job.read_bytes
         if job.kind != fmt.DATA:

@@ -23,7 +23,6 @@ and the map without rereading what was saved.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import mmap
 import os
@@ -82,6 +81,7 @@ class RescueOptions:
     mapfile: str | None = None        # default: IMAGE.map
     direct: bool | None = None        # O_DIRECT; default: on for block devices
     command: str = ""                 # recorded in the mapfile's header
+    digest: str | None = None         # the block digest; None: the default (a resume keeps its own)
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,8 @@ class _Session:
         start, length = block * self.bs, self.header.block_length(block)
         complete = self.map.all_finished(start, start + length)
         data = bytes(data)
-        sha = hashlib.sha256(data).digest()
-        if complete and sha == fmt.zero_digest(length) and self.offsets[block] == NO_RECORD:
+        sha = self.header.hash(data)
+        if complete and sha == self.header.zero_digest(length) and self.offsets[block] == NO_RECORD:
             return      # a zero block needs no record, unless it supersedes an earlier one
         stored, codec = self.transforms.encode(block, data)
         entry = self.writer.write_record(block, stored, codec, sha,
@@ -368,7 +368,7 @@ class _Session:
             else:
                 start = block * self.bs
                 bad = not self.map.all_finished(start, start + length)
-                entry = fmt.IndexEntry(fmt.ZERO, fmt.zero_digest(length),
+                entry = fmt.IndexEntry(fmt.ZERO, self.header.zero_digest(length),
                                        flags=fmt.FLAG_UNREADABLE if bad else 0)
             self.writer.add_entry(block, entry)
 
@@ -449,7 +449,7 @@ def _new(image: str, source: Source, opts: RescueOptions, identity: dict,
         source=identity, created=utc_now(), tool_version=__version__, parent=None,
         chain=(new_uuid,), compression={"codec": "zstd", "level": opts.level},
         extra={"rescue": True, **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
-        transforms=writing_chain(opts.level).table,
+        transforms=writing_chain(opts.level).table, digest=opts.digest or fmt.DEFAULT_DIGEST,
     )
     return (ImageWriter(image, header), RescueMap.new(source.size),
             array("q", [NO_RECORD]) * header.blocks)
@@ -462,6 +462,9 @@ def rescue_image(source_path: str, image_path: str, opts: RescueOptions = Rescue
     an interrupted rescue away).  Raises Interrupted (keeping the partial image and the map)
     and the errors of imaging.create_image."""
     check_block_size(opts.block_size)
+    if opts.digest is not None and opts.digest not in fmt.KNOWN_DIGESTS:
+        raise UsageError(f"--digest {opts.digest}: one of {', '.join(fmt.KNOWN_DIGESTS)} "
+                         f"expected")
     if opts.retries < 0:
         raise UsageError(f"--retries {opts.retries}: must be 0 or more")
     started = time.monotonic()

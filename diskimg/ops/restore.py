@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import hashlib
 import json
 import logging
 import mmap
@@ -548,7 +547,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             except OSError as err:
                 raise OperationFailed(f"{tgt.path}: read error at byte {block * bs}: "
                                       f"{err.strerror}") from err
-            if hashlib.sha256(current).digest() == expected:
+            if header.hash(current) == expected:
                 pool.put(buf)
                 return block, 1, None, True, None
         try:
@@ -558,7 +557,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
                 data = read_record_data(leaf.reader, off, rec, header)
                 if data is None:
                     raise leaf_block_error(block, "record damaged (data does not match its "
-                                                  "SHA-256)")
+                                                  "checksum)")
                 return block, 1, memoryview(data), False, None
             if not src.zero:
                 return block, 1, view.read_located(src, buf), False, None
@@ -693,7 +692,7 @@ def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
                     expected = (None if entry.kind in (fmt.ZERO, fmt.UNUSED)
                                 else entry.sha256)
             if expected is None:
-                expected = fmt.zero_digest(length)
+                expected = header.zero_digest(length)
             want = -(-length // 512) * 512 if direct else length
             try:
                 got = _read_at(fd, view[:want], offset)
@@ -714,7 +713,7 @@ def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
                     raise OperationFailed(f"{target}: read error at byte {offset} while "
                                           f"verifying: {err.strerror}", path=target) from err
             data = view[:min(got, length)]
-            actual = hashlib.sha256(data).digest()
+            actual = header.hash(data)
             data.release()
             checked += 1
             if actual != expected or got < length:

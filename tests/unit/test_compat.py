@@ -87,6 +87,9 @@ def test_info(vdir, image, copy, capsys):
     for key in ("uuid", "kind", "parent", "parent_name", "chain", "size", "block_size",
                 "index_sha256"):
         assert info[key] == image[key], key
+    # fixtures before version 2 recorded no digest: their blocks are SHA-256
+    assert info["digest"] == image.get("digest", "sha256")
+    assert f"v{info['format_version']}" == vdir.name
 
 
 @pytest.mark.parametrize("vdir, image", CASES)

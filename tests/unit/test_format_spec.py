@@ -1,10 +1,11 @@
 """docs/FORMAT.md is enough to read an image: an independent reader written only from it.
 
-The reader below (`SpecReader`, `read_chain`) uses struct, hashlib, json, zstandard and a pure
-Python CRC-32C built from the parameters in the document; it does not import diskimg.  It checks
-every CRC, every SHA-256 and the index digest, and must reproduce the source bytes of images made
-by diskimg (full, incremental, a chain of incrementals, differential), and reject truncated and
-damaged files.  diskimg itself is only used to *make* the images.
+The reader below (`SpecReader`, `read_chain`) uses struct, hashlib, blake3, json, zstandard and a
+pure Python CRC-32C built from the parameters in the document; it does not import diskimg.  It
+checks every CRC, every block digest (SHA-256 in version 1, the header's `digest` in version 2)
+and the index digest, and must reproduce the source bytes of images made by diskimg (full,
+incremental, a chain of incrementals, differential; with either digest), and reject truncated
+and damaged files.  diskimg itself is only used to *make* the images.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import random
 import struct
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 
@@ -59,6 +61,25 @@ HEADER_REQUIRED = ("uuid", "kind", "size", "block_size", "created", "tool_versio
 # every table must leave as they are
 KNOWN_TRANSFORMS = {"zstd"}
 IMPLICIT_TRANSFORMS = {0: [], 1: ["zstd"]}
+# section 3.2: the block digests, by the header's `digest` name
+DIGESTS = {"sha256": lambda b: hashlib.sha256(b).digest(),
+           "blake3": lambda b: blake3.blake3(b).digest()}
+
+
+def block_digest(h: dict, version: int) -> str:
+    """The header's block digest algorithm, checked against the format version (section 3.2)."""
+    if version == 1:
+        if h.get("digest", "sha256") != "sha256":
+            raise SpecError("header digest is not sha256 in a version-1 image")
+        return "sha256"
+    name = h.get("digest")
+    if not isinstance(name, str):
+        raise SpecError("header digest missing in a version-2 image")
+    if name not in DIGESTS:
+        raise SpecError(f"made by a newer program: digest {name!r} unknown")
+    if name == "sha256":
+        raise SpecError("header digest sha256 in a version-2 image")
+    return name
 
 
 def _u32(buf: bytes, pos: int) -> int:
@@ -115,7 +136,7 @@ class SpecReader:
         if len(buf) < HEADER_FIXED.size or buf[:8] != b"DISKIMG\0":
             raise SpecError("not an image: no DISKIMG magic")
         _, version, _flags, jlen = HEADER_FIXED.unpack_from(buf)
-        if version != 1:
+        if version not in (1, 2):
             raise SpecError(f"unsupported format version {version}")
         if jlen > 1 << 20:
             raise SpecError("header JSON length implausible")
@@ -140,6 +161,8 @@ class SpecReader:
         self.blocks = -(-self.size // bs)
         self.data_start = 20 + jlen
         self.transforms = transform_table(h)
+        self.digest = block_digest(h, version)
+        self.hash = DIGESTS[self.digest]
 
     # sections 7, 8, 9 (opening)
     def _read_trailer_and_footer(self) -> None:
@@ -228,8 +251,8 @@ class SpecReader:
                 data = _unzstd(data, limit, f"block {n}")
         if len(data) != length:
             raise SpecError(f"block {n}: {len(data)} bytes, {length} expected")
-        if hashlib.sha256(data).digest() != e_sha or r_sha != e_sha:
-            raise SpecError(f"block {n}: SHA-256 mismatch")
+        if self.hash(data) != e_sha or r_sha != e_sha:
+            raise SpecError(f"block {n}: {self.digest} mismatch")
         return data
 
 
@@ -259,8 +282,9 @@ def open_chain(path: str | Path) -> list[SpecReader]:
         computed = hashlib.sha256(b"".join(ENTRY.pack(*e) for e in parent.entries())).hexdigest()
         if computed != ref["index_sha256"]:
             raise SpecError("parent's index digest differs from the child's reference")
-        if parent.size != child.size or parent.block_size != child.block_size:
-            raise SpecError("parent's size or block size differs")
+        if parent.size != child.size or parent.block_size != child.block_size \
+                or parent.digest != child.digest:
+            raise SpecError("parent's size, block size or digest differs")
         images.insert(0, parent)
         if len(images) > 10000:
             raise SpecError("chain too long")
@@ -283,7 +307,7 @@ def read_chain(path: str | Path) -> bytes:
             raise SpecError(f"block {n}: chain inconsistent")
         length = leaf.length(n)
         if e[0] in (ZERO, UNUSED):
-            if e[5] != hashlib.sha256(bytes(length)).digest():
+            if e[5] != leaf.hash(bytes(length)):
                 raise SpecError(f"block {n}: zero block with a non-zero checksum")
             out += bytes(length)
         elif e[0] == DATA:
@@ -424,7 +448,8 @@ def _rewrite_header_json(buf: bytes, change) -> bytes:
     h = json.loads(buf[16:16 + jlen])
     change(h)
     body = json.dumps(h, sort_keys=True).encode()
-    fixed = HEADER_FIXED.pack(b"DISKIMG\0", 1, 0, len(body))
+    version = struct.unpack_from("<H", buf, 8)[0]    # kept, as the trailer's
+    fixed = HEADER_FIXED.pack(b"DISKIMG\0", version, 0, len(body))
     head = fixed + body + struct.pack("<I", crc32c(fixed + body))
     shift = len(head) - (20 + jlen)
     n = len(buf)
@@ -452,7 +477,7 @@ def _rewrite_header_json(buf: bytes, change) -> bytes:
     ffixed = FOOTER_FIXED.pack(b"DIFT", len(fbody))
     f_off = len(out)
     out += ffixed + fbody + struct.pack("<I", crc32c(ffixed + fbody))
-    t = struct.pack("<8sQIHHI", b"DIMGEND\0", f_off, len(out) - f_off, 1, 0, 0)
+    t = struct.pack("<8sQIHHI", b"DIMGEND\0", f_off, len(out) - f_off, version, 0, 0)
     return bytes(out + t + struct.pack("<I", crc32c(t)))
 
 
@@ -526,11 +551,11 @@ def test_version_is_refused(small_image, tmp_path):
     path, _ = small_image
     buf = bytearray(path.read_bytes())
     jlen = struct.unpack_from("<I", buf, 12)[0]
-    struct.pack_into("<H", buf, 8, 2)
+    struct.pack_into("<H", buf, 8, 3)
     struct.pack_into("<I", buf, 16 + jlen, crc32c(bytes(buf[:16 + jlen])))  # CRC made right
-    (tmp_path / "v2.img").write_bytes(buf)
-    with pytest.raises(SpecError, match="unsupported format version 2"):
-        read_chain(tmp_path / "v2.img")
+    (tmp_path / "v3.img").write_bytes(buf)
+    with pytest.raises(SpecError, match="unsupported format version 3"):
+        read_chain(tmp_path / "v3.img")
 
 
 def test_every_flipped_byte_is_detected(small_image, tmp_path):

@@ -105,17 +105,26 @@ def test_unknown_chain_id():
     assert _reason(reading_chain({1: ("zstd",)}), b"x" * 10, 0, 10) == "unknown codec 0"
 
 
-def test_decode_verified_checks_the_digest():
+@pytest.mark.parametrize("name", ["sha256", "blake3"])
+def test_decode_verified_checks_the_digest(name):
+    import blake3
+    digest = {"sha256": lambda b: hashlib.sha256(b).digest(),
+              "blake3": lambda b: blake3.blake3(b).digest()}[name]
     chain = writing_chain()
     data = _text(BS)
     stored, cid = chain.encode(3, data)
     out = memoryview(bytearray(BS))
-    assert decode_verified(chain, 3, stored, cid, hashlib.sha256(data).digest(), out) == data
-    wrong = hashlib.sha256(b"other").digest()
+    fn = fmt.digest_fn(name)
+    assert decode_verified(chain, 3, stored, cid, digest(data), out, digest=fn) == data
+    wrong = digest(b"other")
     with pytest.raises(DecodeError) as exc:
-        decode_verified(chain, 3, stored, cid, wrong, out)
+        decode_verified(chain, 3, stored, cid, wrong, out, digest=fn)
     assert exc.value.reason == (f"checksum mismatch: calculated "
-                                f"{hashlib.sha256(data).hexdigest()}, should be {wrong.hex()}")
+                                f"{digest(data).hex()}, should be {wrong.hex()}")
+    # the other algorithm's digest of the very same content is a mismatch
+    other = fmt.digest_fn("sha256" if name == "blake3" else "blake3")
+    with pytest.raises(DecodeError):
+        decode_verified(chain, 3, stored, cid, digest(data), out, digest=other)
 
 
 class _Xor:
