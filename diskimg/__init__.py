@@ -41,9 +41,11 @@ _LAZY = {
 }
 # the errors are the API too
 _LAZY.update({name: ("diskimg.errors", name) for name in (
-    "ChainError", "CorruptImage", "DiskimgError", "IncompleteImage", "Interrupted",
-    "MissingParent", "NotAnImage", "OperationFailed", "PermissionDenied", "ReadError",
-    "RestoreFailed", "SmartUnavailable", "SourceError", "UnsafeTarget", "UsageError")})
+    "BlockError", "ChainError", "ChecksumMismatch", "CorruptImage", "DiskimgError",
+    "DiskIOError", "IncompleteImage", "Interrupted", "MetadataError", "MissingParent",
+    "NotAnImage", "OperationFailed", "PermissionDenied", "ReadError", "RestoreFailed",
+    "SegmentError", "SmartUnavailable", "SourceError", "TruncatedImage", "UnsafeTarget",
+    "UsageError")})
 
 __all__ = sorted([*_LAZY, "__version__"])
 

@@ -2,7 +2,10 @@
 
 This module imports nothing from diskimg so that every layer can raise these.  Each error's
 ``__str__`` is the one line a user sees after ``diskimg: error:``: it names the file or device
-and says what is wrong.
+and says what is wrong.  Its fields say the same to a program: every error has ``path`` (the
+file or device it is about, or None: the CLI's JSON carries it), and each class adds its own
+(a ChecksumMismatch its block and both digests, a DiskIOError the operation, the byte and the
+errno).  A failed system call is wrapped where it happens and raised ``from`` the OSError.
 """
 from __future__ import annotations
 
@@ -48,13 +51,15 @@ class DiskimgError(Exception):
 
 
 class UsageError(DiskimgError):
-    """Invalid input or arguments (exit 2)."""
+    """Invalid input or arguments (exit 2).  ``path``: None (the message names what is
+    wrong)."""
 
     exit_code = EXIT_USAGE
 
 
 class SourceError(UsageError):
-    """The source cannot be used: missing, a directory, unreadable type."""
+    """The source cannot be used: missing, a directory, unreadable type (exit 2).  ``path`` and
+    ``reason``."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
@@ -63,7 +68,8 @@ class SourceError(UsageError):
 
 
 class NotAnImage(UsageError):
-    """A file that is not a diskimg image, or an image this version cannot read."""
+    """A file that is not a diskimg image, or an image this version cannot read (exit 2).
+    ``path`` and ``reason``."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
@@ -76,7 +82,8 @@ class IncompleteImage(NotAnImage):
 
 
 class UnsafeTarget(UsageError):
-    """A restore or image target that would lose data: mounted, too small, the source itself."""
+    """A restore or image target that would lose data: mounted, too small, the source itself
+    (exit 2).  ``path`` and ``reason``."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
@@ -85,7 +92,8 @@ class UnsafeTarget(UsageError):
 
 
 class ChainError(UsageError):
-    """An image chain that cannot be resolved or built (missing or mismatched parent)."""
+    """An image chain that cannot be resolved or built (missing or mismatched parent; exit 2).
+    ``path``: the image at fault, or None."""
 
     def __init__(self, message: str = "", path: str | None = None) -> None:
         super().__init__(message)
@@ -93,6 +101,9 @@ class ChainError(UsageError):
 
 
 class MissingParent(ChainError):
+    """The parent of a child image is nowhere to be found (exit 2): ``uuid`` and ``name`` of
+    the parent, ``searched`` (the directories looked in) and ``path`` (the child, or None)."""
+
     def __init__(self, uuid: str, name: str, searched: list[str], child: str = "") -> None:
         where = ", ".join(searched) if searched else "nowhere"
         of = f"{child}: " if child else ""
@@ -104,7 +115,7 @@ class MissingParent(ChainError):
 
 
 class CorruptImage(DiskimgError):
-    """Damage found in an image (exit 1)."""
+    """Damage found in an image (exit 1).  ``path``: the damaged image, or None."""
 
     exit_code = EXIT_PROBLEM
 
@@ -113,8 +124,79 @@ class CorruptImage(DiskimgError):
         self.path = path
 
 
+class BlockError(CorruptImage):
+    """One damaged block of one image (exit 1): ``image`` (its path, also ``path``), ``uuid``,
+    ``block``, ``offset`` (the block's byte on the device) and ``reason`` (what is wrong with
+    it, the text verify reports)."""
+
+    def __init__(self, image: str, uuid: str, block: int, offset: int, reason: str) -> None:
+        super().__init__(f"{image}: block {block} (byte {offset}): {reason}", path=image)
+        self.image = image
+        self.uuid = uuid
+        self.block = block
+        self.offset = offset
+        self.reason = reason
+
+
+class ChecksumMismatch(BlockError):
+    """A block whose content does not hash to the digest its index entry holds (SHA-256 or
+    BLAKE3, as the image says; exit 1): ``image``, ``block``, ``expected`` (the entry's digest)
+    and ``actual`` (the content's), both 32 bytes, plus BlockError's ``uuid`` and ``offset``."""
+
+    def __init__(self, image: str, block: int, expected: bytes, actual: bytes, uuid: str,
+                 offset: int) -> None:
+        super().__init__(image, uuid, block, offset, _checksum_reason(expected, actual))
+        self.expected = expected
+        self.actual = actual
+
+
+def _checksum_reason(expected: bytes, actual: bytes) -> str:
+    return f"checksum mismatch: calculated {actual.hex()}, should be {expected.hex()}"
+
+
+class TruncatedImage(CorruptImage):
+    """An image (not a .partial file) whose trailer is missing: it was cut short (exit 1).
+    ``path``, ``size`` (the file's bytes) and ``in_header``: cut inside the header, so nothing
+    of it can be read."""
+
+    def __init__(self, path: str, size: int, reason: str = "") -> None:
+        self.in_header = "inside its header" in reason
+        if self.in_header:
+            msg = f"{path}: {reason}: nothing of the image survived"
+        else:
+            msg = (f"{path}: image is truncated or incomplete: no trailer at its end "
+                   f"({size} bytes); its index is lost")
+        super().__init__(msg)
+        self.path = path
+        self.size = size
+
+
+class MetadataError(CorruptImage):
+    """Header, footer or trailer metadata that fails its checks: the whole image is unusable
+    (exit 1).  ``path``, ``part`` ("header", "trailer" or "footer") and ``reason``."""
+
+    def __init__(self, path: str, part: str, reason: str) -> None:
+        super().__init__(f"{path}: {part} damaged: {reason}")
+        self.path = path
+        self.part = part
+        self.reason = reason
+
+
+class SegmentError(CorruptImage):
+    """An index segment that failed its checks (exit 1); names the blocks it describes:
+    ``path``, ``first``, ``count`` and ``reason`` ("index segment ...")."""
+
+    def __init__(self, path: str, first: int, count: int, reason: str) -> None:
+        super().__init__(f"{path}: index segment for blocks {first}-{first + count - 1} {reason}",
+                         path=path)
+        self.first = first
+        self.count = count
+        self.reason = f"index segment {reason}"
+
+
 class OperationFailed(DiskimgError):
-    """An operation that failed for reasons outside the input: I/O error, disk full (exit 3)."""
+    """An operation that failed for reasons outside the input: I/O error, disk full (exit 3).
+    ``path``: the file or device, or None.  A failed system call is a DiskIOError."""
 
     exit_code = EXIT_FAILED
 
@@ -123,18 +205,53 @@ class OperationFailed(DiskimgError):
         self.path = path
 
 
-class ReadError(OperationFailed):
-    """An unreadable area of the source."""
+class DiskIOError(OperationFailed):
+    """An I/O call on a file or device that the system refused or failed (exit 3), raised
+    ``from`` the OSError.  Carries ``path`` (the file or device), ``operation`` (what was
+    tried: "read", "write", "fsync", "open", "open for writing", "open to read back", "read
+    the existing file", "write the mapfile", "complete the image"), ``offset`` (the byte where
+    it failed, or None), ``errno`` and ``strerror`` (the system's answer) and ``context``
+    (what the operation was part of, said after it: "while verifying", "(record of block 3)",
+    or "").
+
+    The message: "PATH: read error at byte N: STRERROR" with an offset, "PATH: read failed:
+    STRERROR" for a read, write or fsync without one, "PATH: cannot open for writing:
+    STRERROR" for the others."""
+
+    def __init__(self, path: str, operation: str, err: OSError, offset: int | None = None,
+                 context: str = "") -> None:
+        self.path = path
+        self.operation = operation
+        self.offset = offset
+        self.errno = err.errno
+        self.strerror = err.strerror or str(err)
+        self.context = context
+        super().__init__(self._describe(), path=path)
+
+    def _describe(self) -> str:
+        context = f" {self.context}" if self.context else ""
+        if self.offset is not None:
+            what = f"{self.operation} error at byte {self.offset}{context}"
+        elif self.operation in ("read", "write", "fsync"):
+            what = f"{self.operation} failed{context}"
+        else:
+            what = f"cannot {self.operation}{context}"
+        return f"{self.path}: {what}: {self.strerror}"
+
+
+class ReadError(DiskIOError):
+    """An unreadable area of the source: a DiskIOError ("read", at ``offset``) that also carries
+    ``length`` (the bytes asked for) and ``hint`` (what to do about it, e.g. use --rescue)."""
 
     def __init__(self, path: str, offset: int, length: int, err: OSError, hint: str = "") -> None:
-        msg = f"{path}: read error at byte {offset} ({length} bytes): {err.strerror or err}"
-        if hint:
-            msg += f"; {hint}"
-        super().__init__(msg)
-        self.path = path
-        self.offset = offset
         self.length = length
-        self.errno = err.errno
+        self.hint = hint
+        super().__init__(path, "read", err, offset)
+
+    def _describe(self) -> str:
+        msg = (f"{self.path}: read error at byte {self.offset} ({self.length} bytes): "
+               f"{self.strerror}")
+        return f"{msg}; {self.hint}" if self.hint else msg
 
 
 class SmartUnavailable(OperationFailed):
@@ -168,6 +285,9 @@ class SmartctlFailed(SmartUnavailable):
 
 
 class Interrupted(DiskimgError):
+    """Ctrl-C (exit 130); the message says what was kept (a rescue keeps its partial image and
+    map).  ``path``: None."""
+
     exit_code = EXIT_INTERRUPTED
 
 
@@ -239,3 +359,46 @@ class RestoreInterrupted(RestoreFailed, Interrupted):
     def __init__(self, target: str, restored_through: int, written_blocks: int,
                  block_size: int, **kw) -> None:
         super().__init__(None, target, restored_through, written_blocks, block_size, **kw)
+
+
+class DecodeError(ValueError):
+    """Stored bytes that do not decode to the block they claim to hold.  A ValueError, not a
+    DiskimgError: the transforms know no file, so the image reader turns it into a BlockError
+    naming the image and the block.  ``reason`` is the words put after the block."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DigestMismatch(DecodeError):
+    """Decoded bytes whose digest is not the one recorded: ``expected`` and ``actual`` (32
+    bytes each).  The image reader turns it into a ChecksumMismatch."""
+
+    def __init__(self, expected: bytes, actual: bytes) -> None:
+        super().__init__(_checksum_reason(expected, actual))
+        self.expected = expected
+        self.actual = actual
+
+
+class UnknownTransform(ValueError):
+    """A transform name this diskimg does not know: the image was made by a newer one.
+    ``name``; the header check turns it into a NotAnImage naming the file."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"made by a newer diskimg: transform {name!r} unknown")
+        self.name = name
+
+
+class UnknownDigest(ValueError):
+    """A digest name this diskimg does not know: the image was made by a newer one.  ``name``;
+    the header check turns it into a NotAnImage naming the file."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"made by a newer diskimg: digest {name!r} unknown")
+        self.name = name
+
+
+class MapfileError(ValueError):
+    """A rescue mapfile that cannot be parsed (a ValueError, not a DiskimgError: the rescue that
+    reads it turns it into a UsageError naming the mapfile).  The message names the line."""

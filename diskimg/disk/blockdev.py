@@ -17,7 +17,7 @@ from typing import Iterator
 
 from diskimg.errors import (
     DiskimgError,
-    OperationFailed,
+    DiskIOError,
     PermissionDenied,
     SourceError,
     UnsafeTarget,
@@ -282,13 +282,14 @@ def stat_target(path: str) -> tuple[bool, bool, int]:
 def check_writable_device(path: str) -> None:
     """Refuse a read-only block device (losetup -r, blockdev --setro, a write-protected card):
     it may open for writing and fail only at the first write, so it is asked (BLKROGET) before
-    anything starts."""
+    anything starts.  Raises UnsafeTarget (read-only), PermissionDenied or DiskIOError
+    ("open")."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         if is_permission_error(err):
             raise PermissionDenied(path, "open the target") from err
-        raise OperationFailed(f"{path}: cannot open: {err.strerror}", path=path) from err
+        raise DiskIOError(path, "open", err) from err
     try:
         read_only = _ioctl_int(fd, BLKROGET, "i")
     except OSError as err:
@@ -305,7 +306,8 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
                 read_back: bool = False) -> Target:
     """Open a restore target for writing.  Block devices are opened O_EXCL, which the kernel
     refuses while anything has the device mounted or claimed.  A missing file is created at
-    `size` bytes (sparse)."""
+    `size` bytes (sparse).  Raises UnsafeTarget (busy, read-only filesystem), PermissionDenied
+    or DiskIOError ("open for writing")."""
     mode = os.O_RDWR if read_back else os.O_WRONLY
     try:
         if is_block:
@@ -346,8 +348,7 @@ def open_target(path: str, size: int, exists: bool, is_block: bool,
                       else err.strerror)
             raise PermissionDenied(path, "open for writing", f"{detail}; nothing was written") \
                 from err
-        raise OperationFailed(f"{path}: cannot open for writing: {err.strerror}",
-                              path=path) from err
+        raise DiskIOError(path, "open for writing", err) from err
 
 
 def zero_range(target: Target, offset: int, length: int) -> None:

@@ -19,6 +19,7 @@ import hashlib
 from typing import Callable
 
 from diskimg.defaults import DEFAULT_DIGEST, DIGESTS  # noqa: F401  (DEFAULT_DIGEST: new full images)
+from diskimg.errors import UnknownDigest
 
 SHA256 = "sha256"
 BLAKE3 = "blake3"
@@ -28,14 +29,6 @@ LEGACY_DIGEST = SHA256    # images whose header has no `digest` key
 DIGEST_SIZE = 32          # bytes in every record header and index entry
 
 Buffer = bytes | bytearray | memoryview
-
-
-class UnknownDigest(ValueError):
-    """A digest name this diskimg does not know: the image was made by a newer one."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"made by a newer diskimg: digest {name!r} unknown")
-        self.name = name
 
 
 def _sha256(data: Buffer) -> bytes:

@@ -32,12 +32,13 @@ from typing import Iterator, Protocol
 import crcmod.predefined
 
 from diskimg.defaults import DEFAULT_LEVEL
-from diskimg.errors import CorruptImage, IncompleteImage, NotAnImage
+from diskimg.errors import CorruptImage  # noqa: F401  (verify catches fmt.CorruptImage)
+from diskimg.errors import IncompleteImage, MetadataError, NotAnImage, SegmentError
+from diskimg.errors import UnknownDigest, UnknownTransform
 from diskimg.format.digest import (
     DEFAULT_DIGEST,
     KNOWN_DIGESTS,
     LEGACY_DIGEST,
-    UnknownDigest,
     digest_fn,
     zero_digest,
 )
@@ -46,7 +47,6 @@ from diskimg.transforms import (
     IMPLICIT_TABLE,
     KNOWN_TRANSFORMS,
     MAX_CHAIN_ID,
-    UnknownTransform,
     max_stored_length,
 )
 from diskimg.transforms import zstd
@@ -134,16 +134,6 @@ class MetadataInvalid(ValueError):
     def __init__(self, name: str, value: object, expected: str) -> None:
         super().__init__(f"{name} is {_show(value)}, {expected} expected")
         self.name = name
-
-
-class MetadataError(CorruptImage):
-    """Header, footer or trailer metadata that fails its checks: the whole image is unusable."""
-
-    def __init__(self, path: str, part: str, reason: str) -> None:
-        super().__init__(f"{path}: {part} damaged: {reason}")
-        self.path = path
-        self.part = part
-        self.reason = reason
 
 
 def _show(value: object) -> str:
@@ -580,7 +570,9 @@ def _load_json(body: bytes) -> object:
 
 
 def read_header(image: Readable, path: str) -> tuple[Header, int]:
-    """The header of `image` (named `path` in errors), and the offset where records start."""
+    """The header of `image` (named `path` in errors), and the offset where records start.
+    Raises NotAnImage, IncompleteImage (cut inside the header), MetadataError, and the error
+    of `image.pread` (a DiskIOError or PermissionDenied)."""
     fixed = image.pread(_HEADER_FIXED.size, 0)
     if not fixed:
         raise NotAnImage(path, "is empty, not a diskimg image")
@@ -615,7 +607,8 @@ def read_header(image: Readable, path: str) -> tuple[Header, int]:
 
 def read_footer(image: Readable, path: str, file_size: int, header: Header, data_start: int) -> Footer:
     """The footer metadata, found through the trailer and checked against `header` (whose
-    records start at `data_start`); raises when the image is incomplete."""
+    records start at `data_start`).  Raises IncompleteImage (no valid trailer), MetadataError
+    (trailer or footer damaged) and the error of `image.pread`."""
     partial_hint = ("image is incomplete (no trailer): it is still being written, was "
                     "interrupted, or was cut short")
     if file_size < data_start + TRAILER_SIZE:
@@ -652,25 +645,16 @@ def read_footer(image: Readable, path: str, file_size: int, header: Header, data
         raise MetadataError(path, "footer", str(err)) from err
 
 
-class SegmentError(CorruptImage):
-    """An index segment that failed its checks; names the blocks it describes."""
-
-    def __init__(self, path: str, first: int, count: int, reason: str) -> None:
-        super().__init__(f"{path}: index segment for blocks {first}-{first + count - 1} {reason}")
-        self.first = first
-        self.count = count
-        self.reason = f"index segment {reason}"
-
-
 def read_segment(image: Readable, path: str, offset: int, length: int, first: int,
                  count: int) -> bytes:
-    """The raw entries of one index segment, checked against its CRCs and expected place."""
+    """The raw entries of one index segment, checked against its CRCs and expected place.
+    Raises SegmentError and the error of `image.pread`."""
     return check_segment(image.pread(length, offset), path, length, first, count)
 
 
 def check_segment(buf: bytes, path: str, length: int, first: int, count: int) -> bytes:
     """The raw entries of the index segment read into `buf` (`length` bytes were asked for),
-    checked against its CRCs and expected place."""
+    checked against its CRCs and expected place.  Raises SegmentError."""
     if len(buf) != length or length < SEGMENT_HEADER_SIZE:
         raise SegmentError(path, first, count, "is truncated")
     magic, s_first, s_count, s_len, s_crc = _SEGMENT.unpack_from(buf)

@@ -17,41 +17,14 @@ from typing import Iterator
 
 from diskimg import format as fmt
 from diskimg.disk.blockdev import file_kind as _kind
-from diskimg.errors import CorruptImage, DiskimgError, IncompleteImage, NotAnImage
-from diskimg.errors import PermissionDenied, UsageError
+from diskimg.errors import BlockError, ChecksumMismatch, CorruptImage, DecodeError
+from diskimg.errors import DigestMismatch, DiskimgError, IncompleteImage, NotAnImage
+from diskimg.errors import PermissionDenied, TruncatedImage, UsageError
 from diskimg.store import Store, StoreReader, StoreSink, open_store
 from diskimg.image.records import decode_verified
-from diskimg.transforms import DecodeError, reading_chain
+from diskimg.transforms import reading_chain
 
 log = logging.getLogger(__name__)
-
-
-class BlockError(CorruptImage):
-    """One damaged block of one image."""
-
-    def __init__(self, image: str, uuid: str, block: int, offset: int, reason: str) -> None:
-        super().__init__(f"{image}: block {block} (byte {offset}): {reason}")
-        self.image = image
-        self.uuid = uuid
-        self.block = block
-        self.offset = offset
-        self.reason = reason
-
-
-class TruncatedImage(CorruptImage):
-    """An image (not a .partial file) whose trailer is missing: it was cut short.  `in_header`:
-    cut inside the header, so nothing of it can be read."""
-
-    def __init__(self, path: str, size: int, reason: str = "") -> None:
-        self.in_header = "inside its header" in reason
-        if self.in_header:
-            msg = f"{path}: {reason}: nothing of the image survived"
-        else:
-            msg = (f"{path}: image is truncated or incomplete: no trailer at its end "
-                   f"({size} bytes); its index is lost")
-        super().__init__(msg)
-        self.path = path
-        self.size = size
 
 
 def segment_runs(first: int, raw: bytes) -> Iterator[tuple[int, int, fmt.IndexEntry]]:
@@ -96,7 +69,8 @@ def peek_header(store: Store, name: str, strict: bool = False) -> fmt.Header | N
 
 
 class ImageReader:
-    """An open, complete image.  Raises NotAnImage, IncompleteImage or CorruptImage on open.
+    """An open, complete image.  Raises NotAnImage, IncompleteImage, CorruptImage
+    (TruncatedImage, MetadataError), PermissionDenied or DiskIOError on open.
 
     `path` is where the image is (a path or URL); with `store`, `path` is a name in it."""
 
@@ -224,7 +198,8 @@ class ImageReader:
                    out: mmap.mmap | bytearray | None = None) -> bytearray | memoryview:
         """The uncompressed content of a DATA block, checked against the entry's SHA-256.  With
         `out` (at least a block long) the content is decompressed into it and a view of it is
-        returned, so that a caller reusing its buffers allocates nothing per block."""
+        returned, so that a caller reusing its buffers allocates nothing per block.  Raises
+        ChecksumMismatch, BlockError (a damaged entry or record) or DiskIOError."""
         length = self.header.block_length(block)
         self.check_data_entry(block, entry)
         buf = self.reader.pread(fmt.RECORD_HEADER_SIZE + entry.stored_len, entry.offset)
@@ -244,6 +219,9 @@ class ImageReader:
         try:
             decode_verified(self.transforms, block, payload, rec.codec, entry.sha256, view,
                             digest=self.header.hash)
+        except DigestMismatch as err:
+            raise ChecksumMismatch(self.path, block, err.expected, err.actual, self.uuid,
+                                   block * self.header.block_size) from err
         except DecodeError as err:
             raise self.block_error(block, err.reason) from err
         return view if out is not None else into
@@ -400,7 +378,7 @@ def scan_records(image: StoreReader, start: int, end: int
 def read_record_data(image: StoreReader, offset: int, rec: fmt.RecordHeader,
                      header: fmt.Header) -> bytearray | None:
     """The content of a record found by scan_records in `image`, whose header is `header`, or
-    None when it does not decode or fails its checksum.  Raises OperationFailed (naming the
+    None when it does not decode or fails its checksum.  Raises DiskIOError (naming the
     image) when it cannot be read."""
     payload = image.pread(rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
     data = bytearray(rec.raw_len)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from diskimg.transforms import DecodeError, TransformChain
+from diskimg.errors import DigestMismatch
+from diskimg.transforms import TransformChain
 
 
 def decode_verified(transforms: TransformChain, block: int, stored: bytes | memoryview,
@@ -19,10 +20,10 @@ def decode_verified(transforms: TransformChain, block: int, stored: bytes | memo
     """Decode block `block`'s stored bytes (encoded by chain `chain_id` of `transforms`) into
     `out`, exactly the block's length, and check them against `sha256`, the digest `digest`
     (the image's Header.hash) must give; returns `out`.  Raises DecodeError, whose reason a
-    caller puts after the block it names."""
+    caller puts after the block it names: a DigestMismatch (with the expected and actual
+    digests) when the content's digest differs."""
     transforms.decode_into(block, stored, chain_id, out)
     actual = digest(out)
     if actual != sha256:
-        raise DecodeError(f"checksum mismatch: calculated {actual.hex()}, "
-                          f"should be {sha256.hex()}")
+        raise DigestMismatch(sha256, actual)
     return out

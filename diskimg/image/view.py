@@ -139,7 +139,7 @@ class BlockView:
         if held.sha256 != entry.sha256:
             raise CorruptImage(f"{img.path}: block {block} has checksum {held.sha256.hex()} but "
                                f"{self.leaf.path} expects {entry.sha256.hex()}: chain "
-                               f"inconsistent")
+                               f"inconsistent", path=img.path)
         return BlockSource(block, img, held)
 
     def check_zero(self, src: BlockSource) -> None:

@@ -428,7 +428,8 @@ class ReadAhead:
 def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOptions(),
                  progress: Progress | None = None) -> ImageResult:
     """Image `source_path` into `image_path`.  Raises SourceError, UsageError, UnsafeTarget,
-    ChainError, ReadError (exit 3) and OperationFailed; a failed run leaves no partial file."""
+    ChainError, PermissionDenied, ReadError (a source read, exit 3) and DiskIOError (the image,
+    exit 3); a failed run leaves no partial file."""
     if opts.block_size is not None:
         check_block_size(opts.block_size)
     if opts.incremental and opts.differential:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from diskimg.disk.blockdev import replace_durably
+from diskimg.errors import MapfileError
 
 NON_TRIED = "?"
 NON_TRIMMED = "*"
@@ -25,10 +26,6 @@ STATUSES = NON_TRIED + NON_TRIMMED + NON_SCRAPED + BAD + FINISHED
 
 # current_status of the mapfile's status line, per rescue pass
 PASS_STATUS = {1: "?", 2: "?", 3: "*", 4: "/", 5: "-", 6: "+"}
-
-
-class MapfileError(ValueError):
-    pass
 
 
 @dataclass
@@ -137,7 +134,8 @@ class RescueMap:
     @classmethod
     def loads(cls, text: str, size: int) -> RescueMap:
         """Parse a ddrescue mapfile for a device of `size` bytes.  Blocks must be in order and
-        must not overlap, as ddrescuelog demands; what they do not cover reads as non-tried."""
+        must not overlap, as ddrescuelog demands; what they do not cover reads as non-tried.
+        Raises MapfileError naming the first bad line."""
         m = cls.new(size)
         status_line_seen = False
         expect = 0
@@ -166,6 +164,7 @@ class RescueMap:
 
     @classmethod
     def load(cls, path: str, size: int) -> RescueMap:
+        """The mapfile at `path`; raises MapfileError (not text, or a bad line) or OSError."""
         try:
             with open(path, encoding="ascii") as f:
                 return cls.loads(f.read(), size)

@@ -37,7 +37,8 @@ from diskimg import __version__, devices, ranges
 from diskimg import format as fmt
 from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL
 from diskimg.disk.blockdev import Source, open_source
-from diskimg.errors import DiskimgError, Interrupted, OperationFailed, UsageError
+from diskimg.errors import DiskimgError, DiskIOError, Interrupted, MapfileError
+from diskimg.errors import OperationFailed, ReadError, UsageError
 from diskimg.image.imagefile import ImageWriter, read_record_data, scan_records
 from diskimg.store import open_store
 from diskimg.ops.imaging import (
@@ -55,7 +56,6 @@ from diskimg.ops.mapfile import (
     NON_SCRAPED,
     NON_TRIED,
     NON_TRIMMED,
-    MapfileError,
     RescueMap,
 )
 from diskimg.transforms import writing_chain
@@ -159,15 +159,15 @@ class _Session:
     # -- reading -------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes | None:
-        """`length` bytes at `offset`, or None when the source reports a read error."""
+        """`length` bytes at `offset`, or None when the source reports a read error.  Raises
+        ReadError when the read itself is refused (EINVAL, EBADF, ENOMEM: not a bad sector)."""
         want = -(-length // self.align) * self.align   # the tail of a file may be unaligned
         view = memoryview(self.buf)[:want]
         try:
             n = os.preadv(self.src.fd, [view], offset)
         except OSError as err:
             if err.errno in (errno.EINVAL, errno.EBADF, errno.ENOMEM):
-                raise OperationFailed(f"{self.src.path}: read at byte {offset} failed: "
-                                      f"{err.strerror}") from err
+                raise ReadError(self.src.path, offset, length, err) from err
             log.debug("read error at %d+%d: %s", offset, length, err)
             return None
         finally:
@@ -180,7 +180,9 @@ class _Session:
     # -- blocks --------------------------------------------------------------------------------
 
     def block_data(self, block: int) -> bytearray:
-        """The block's content as stored so far (zeros where nothing was read yet)."""
+        """The block's content as stored so far (zeros where nothing was read yet).  Raises
+        OperationFailed (path: the partial image) when its record fails its checks, DiskIOError
+        when it cannot be read."""
         off = self.offsets[block]
         if off == NO_RECORD:
             return bytearray(self.header.block_length(block))
@@ -188,7 +190,7 @@ class _Session:
         data = read_record_data(self.partial_reader, off, rec, self.header) if rec else None
         if data is None:
             raise OperationFailed(f"{self.writer.partial}: record of block {block} at byte "
-                                  f"{off} fails its checks")
+                                  f"{off} fails its checks", path=self.writer.partial)
         return bytearray(data)
 
     def store(self, block: int, data: bytes | bytearray) -> None:
@@ -341,14 +343,15 @@ class _Session:
             self.progress.status(self.status())
 
     def save_map(self) -> None:
+        """Sync the image, then write the map.  Raises DiskIOError ("fsync" of the image, or
+        "write the mapfile")."""
         self.writer.sync()   # the map must never claim data the image does not durably hold
         try:
             self.map.save(self.mapfile, self.ropts.command, self.started,
                           notes=(f"{SYNC_NOTE} {self.writer.pos}",
                                  *_image_notes(self.writer, complete=False)))
         except OSError as err:
-            raise OperationFailed(f"{self.mapfile}: cannot write the mapfile: "
-                                  f"{err.strerror}") from err
+            raise DiskIOError(self.mapfile, "write the mapfile", err) from err
         self.last_save = time.monotonic()
 
     def unreadable(self) -> tuple[tuple[int, int], ...]:
@@ -459,8 +462,9 @@ def rescue_image(source_path: str, image_path: str, opts: RescueOptions = Rescue
                  progress: RescueProgress | None = None) -> RescueResult:
     """Image a failing source past its read errors into a full image.  Resumes when
     IMAGE.partial and the map of an interrupted run exist (always: not even opts.force throws
-    an interrupted rescue away).  Raises Interrupted (keeping the partial image and the map)
-    and the errors of imaging.create_image."""
+    an interrupted rescue away).  Raises Interrupted (keeping the partial image and the map),
+    DiskIOError (the image, the mapfile, or a source read the system refuses: a ReadError) and
+    the errors of imaging.create_image."""
     check_block_size(opts.block_size)
     if opts.digest is not None and opts.digest not in fmt.KNOWN_DIGESTS:
         raise UsageError(f"--digest {opts.digest}: one of {', '.join(fmt.KNOWN_DIGESTS)} "

@@ -45,13 +45,15 @@ from diskimg.image.chain import open_chain
 from diskimg.errors import (
     CorruptImage,
     DiskimgError,
+    DiskIOError,
     OperationFailed,
     RestoreFailed,
     RestoreInterrupted,
+    TruncatedImage,
     UnsafeTarget,
     UsageError,
 )
-from diskimg.image.imagefile import TruncatedImage, read_record_data, scan_records
+from diskimg.image.imagefile import read_record_data, scan_records
 from diskimg.image.view import BlockView
 from diskimg.store import open_store
 from diskimg.ops.pipeline import BufferPool, default_threads, depth_for, ordered_map
@@ -336,7 +338,8 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
     Raises NotAnImage/IncompleteImage/ChainError (exit 2), UnsafeTarget (exit 2: in use, too
     small, read-only), UsageError when overwriting is not confirmed, before anything is
     written.  Once writing has started, every failure is a RestoreFailed carrying the error
-    that stopped it (BlockError/CorruptImage exit 1, OperationFailed exit 3) and what was left
+    that stopped it (ChecksumMismatch/BlockError/CorruptImage exit 1, DiskIOError exit 3 with
+    the target or image, the operation and the byte that failed) and what was left
     on the target; Ctrl-C is a RestoreInterrupted (exit 130).  A file this restore created is
     removed on failure unless `keep_partial`.  With `salvage`, damaged or lost blocks are
     restored as zeros and listed in the result instead; with `verify`, the result lists every
@@ -380,7 +383,7 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
             try:
                 os.fsync(tgt.fd)
             except OSError as err:
-                raise OperationFailed(f"{target}: fsync failed: {err.strerror}") from err
+                raise DiskIOError(target, "fsync", err) from err
             target_size = tgt.size
             tgt.close()
             tgt = None
@@ -545,8 +548,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             try:
                 preadv_full(tgt.fd, current, block * bs, tgt.path)
             except OSError as err:
-                raise OperationFailed(f"{tgt.path}: read error at byte {block * bs}: "
-                                      f"{err.strerror}") from err
+                raise DiskIOError(tgt.path, "read", err, block * bs) from err
             if header.hash(current) == expected:
                 pool.put(buf)
                 return block, 1, None, True, None
@@ -572,7 +574,8 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
             return block, 1, None, False, _reason(err)
 
     def leaf_block_error(block: int, reason: str) -> DiskimgError:
-        return CorruptImage(f"{leaf.path}: block {block} (byte {block * bs}): {reason}")
+        return CorruptImage(f"{leaf.path}: block {block} (byte {block * bs}): {reason}",
+                            path=leaf.path)
 
     zeros = [0, 0, -1]   # a pending run of bytes to zero: [offset, length, last block]
 
@@ -582,8 +585,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
                 zero_range(tgt, zeros[0], zeros[1])
             except OSError as err:
                 state.torn = zeros[0] // bs
-                raise OperationFailed(f"{tgt.path}: write error at byte {zeros[0]}: "
-                                      f"{err.strerror}") from err
+                raise DiskIOError(tgt.path, "write", err, zeros[0]) from err
             zeros[1] = 0
             state.through = zeros[2]
 
@@ -619,8 +621,7 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
                     tgt.write(data, offset)
                 except OSError as err:
                     state.torn = block
-                    raise OperationFailed(f"{tgt.path}: write error at byte {offset}: "
-                                          f"{err.strerror}") from err
+                    raise DiskIOError(tgt.path, "write", err, offset) from err
                 if isinstance(data.obj, mmap.mmap):
                     pool.put(data.obj)
                 c["written_blocks"] += 1
@@ -657,7 +658,8 @@ def _restore_blocks(chain, tgt: Target, only_changed: bool, salvage: bool, threa
 def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
     """Read back every block of the image's size from `target` (O_DIRECT, else after dropping
     its cached pages) and compare it with what the image says it holds: the index's SHA-256,
-    zeros for zero, unused and salvaged blocks."""
+    zeros for zero, unused and salvaged blocks.  Raises DiskIOError ("open to read back", or
+    "read" at a byte "while verifying")."""
     started = time.monotonic()
     leaf = chain.leaf
     header = leaf.header
@@ -667,7 +669,7 @@ def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
     try:
         fd, direct = open_readback(target)
     except OSError as err:
-        raise OperationFailed(f"{target}: cannot open to read back: {err.strerror}") from err
+        raise DiskIOError(target, "open to read back", err) from err
     span = -(-bs // 4096) * 4096
     buf = mmap.mmap(-1, span)      # page-aligned, as O_DIRECT needs
     view = memoryview(buf)
@@ -706,12 +708,11 @@ def _verify_target(chain, target: str, salvaged: list[Salvaged]) -> dict:
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                         got = _read_at(fd, view[:length], offset)
                     except OSError as err2:
-                        raise OperationFailed(f"{target}: read error at byte {offset} while "
-                                              f"verifying: {err2.strerror}",
-                                              path=target) from err2
+                        raise DiskIOError(target, "read", err2, offset,
+                                          context="while verifying") from err2
                 else:
-                    raise OperationFailed(f"{target}: read error at byte {offset} while "
-                                          f"verifying: {err.strerror}", path=target) from err
+                    raise DiskIOError(target, "read", err, offset,
+                                      context="while verifying") from err
             data = view[:min(got, length)]
             actual = header.hash(data)
             data.release()

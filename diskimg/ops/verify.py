@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from diskimg import format as fmt
+from diskimg.errors import BlockError, TruncatedImage
 from diskimg.image.chain import Chain, open_chain
 from diskimg.image.imagefile import (
-    BlockError,
     ImageReader,
-    TruncatedImage,
     segment_runs,
     survey_truncated,
 )

@@ -58,7 +58,8 @@ class StoreReader(ABC):
 
     @abstractmethod
     def pread(self, length: int, offset: int) -> bytes:
-        """Up to `length` bytes at `offset` (fewer only at the end).  Raises OperationFailed."""
+        """Up to `length` bytes at `offset` (fewer only at the end).  Raises DiskIOError
+        ("read", at the offset) or PermissionDenied."""
 
     @abstractmethod
     def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
@@ -87,7 +88,7 @@ class StoreSink(ABC):
 
     @abstractmethod
     def write(self, parts: Iterable[bytes | memoryview]) -> None:
-        """Append `parts`, all of them.  Raises OperationFailed."""
+        """Append `parts`, all of them.  Raises DiskIOError ("write") or PermissionDenied."""
 
     @abstractmethod
     def sync(self) -> None:
@@ -137,11 +138,11 @@ class Store(ABC):
 
     @abstractmethod
     def stat(self, name: str) -> StoreStat:
-        """Raises NotAnImage (no such name), PermissionDenied or OperationFailed."""
+        """Raises NotAnImage (no such name), PermissionDenied or DiskIOError."""
 
     @abstractmethod
     def open(self, name: str) -> StoreReader:
-        """Raises NotAnImage (no such name), PermissionDenied or OperationFailed."""
+        """Raises NotAnImage (no such name), PermissionDenied or DiskIOError ("open")."""
 
     @abstractmethod
     def create(self, name: str, resume_at: int | None = None) -> StoreSink:

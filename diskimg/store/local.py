@@ -13,16 +13,19 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from diskimg.errors import NotAnImage, OperationFailed, PermissionDenied, is_permission_error
+from diskimg.errors import DiskimgError, DiskIOError, NotAnImage, PermissionDenied
+from diskimg.errors import is_permission_error
 from diskimg.store import Store, StoreReader, StoreSink, StoreStat
 
 
-def _failed(err: OSError, path: str, operation: str, what: str) -> Exception:
+def _failed(err: OSError, path: str, operation: str, io_operation: str,
+            offset: int | None = None) -> DiskimgError:
     """The diskimg error for `err`: PermissionDenied (EACCES, EPERM: exit 4) saying it could not
-    `operation`, else OperationFailed saying `what` failed."""
+    `operation`, else a DiskIOError (exit 3) for `io_operation` ("read", "write", "fsync",
+    "open for writing", ...) at `offset`."""
     if is_permission_error(err):
         return PermissionDenied(path, operation)
-    return OperationFailed(f"{path}: {what}: {err.strerror or err}", path=path)
+    return DiskIOError(path, io_operation, err, offset)
 
 
 def _stat_of(st: os.stat_result) -> StoreStat:
@@ -40,8 +43,7 @@ class LocalReader(StoreReader):
         try:
             return os.pread(self.fd, length, offset)
         except OSError as err:
-            raise _failed(err, self.path, "read the image",
-                          f"read error at byte {offset}") from err
+            raise _failed(err, self.path, "read the image", "read", offset) from err
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
         view = memoryview(buf).cast("B")
@@ -53,8 +55,7 @@ class LocalReader(StoreReader):
                     break
                 got += n
         except OSError as err:
-            raise _failed(err, self.path, "read the image",
-                          f"read error at byte {offset + got}") from err
+            raise _failed(err, self.path, "read the image", "read", offset + got) from err
         return got
 
     def close(self) -> None:
@@ -81,8 +82,7 @@ class LocalSink(StoreSink):
                 os.lseek(self.fd, resume_at, os.SEEK_SET)
         except OSError as err:
             self.close()
-            raise _failed(err, partial_path, "create the image",
-                          "cannot open for writing") from err
+            raise _failed(err, partial_path, "create the image", "open for writing") from err
         self.pos = resume_at or 0
         self._behind = [self.pos, self.pos]   # the last two write-behind marks
 
@@ -95,7 +95,7 @@ class LocalSink(StoreSink):
                 rest = b"".join(bytes(p) for p in parts)[n:]
                 n += os.write(self.fd, rest)
         except OSError as err:
-            raise _failed(err, self.partial_path, "write the image", "write failed") from err
+            raise _failed(err, self.partial_path, "write the image", "write") from err
         self.pos += want
         older, last = self._behind
         if self.pos - last >= self.WRITE_BEHIND:
@@ -111,7 +111,7 @@ class LocalSink(StoreSink):
         try:
             os.fsync(self.fd)
         except OSError as err:
-            raise _failed(err, self.partial_path, "write the image", "fsync failed") from err
+            raise _failed(err, self.partial_path, "write the image", "fsync") from err
 
     def commit(self) -> None:
         try:
@@ -125,8 +125,7 @@ class LocalSink(StoreSink):
             finally:
                 os.close(dfd)
         except OSError as err:
-            raise _failed(err, self.path, "complete the image",
-                          "cannot complete the image") from err
+            raise _failed(err, self.path, "complete the image", "complete the image") from err
         self._done = True
 
     def abort(self) -> None:
@@ -177,7 +176,7 @@ class LocalStore(Store):
                 # is_file follows symlinks: a link to an image is an image
                 return sorted(e.name for e in it if e.name.startswith(prefix) and e.is_file())
         except OSError as err:
-            raise _failed(err, where, "list the directory", "cannot list the directory") from err
+            raise _failed(err, where, "list the directory", "list the directory") from err
 
     def stat(self, name: str) -> StoreStat:
         path = self.path(name)
@@ -186,7 +185,7 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError) as err:
             raise NotAnImage(path, "no such file") from err
         except OSError as err:
-            raise _failed(err, path, "look at the file", "cannot look at the file") from err
+            raise _failed(err, path, "look at the file", "look at the file") from err
 
     def open(self, name: str) -> LocalReader:
         path = self.path(name)
@@ -197,12 +196,12 @@ class LocalStore(Store):
         except IsADirectoryError as err:
             raise NotAnImage(path, "is a directory, not an image") from err
         except OSError as err:
-            raise _failed(err, path, "read the image", "cannot open") from err
+            raise _failed(err, path, "read the image", "open") from err
         try:
             st = os.fstat(fd)
         except OSError as err:
             os.close(fd)
-            raise _failed(err, path, "read the image", "cannot open") from err
+            raise _failed(err, path, "read the image", "open") from err
         return LocalReader(fd, path, _stat_of(st))
 
     def create(self, name: str, resume_at: int | None = None) -> LocalSink:
@@ -215,4 +214,4 @@ class LocalStore(Store):
         except FileNotFoundError as err:
             raise NotAnImage(path, "no such file") from err
         except OSError as err:
-            raise _failed(err, path, "delete the image", "cannot delete") from err
+            raise _failed(err, path, "delete the image", "delete") from err

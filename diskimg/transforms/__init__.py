@@ -19,14 +19,16 @@ Why shaped so:
   transform applies and the transform's output otherwise; `decode_into` has the innermost
   transform write straight into the caller's reused buffer.
 
-This package depends on nothing in diskimg but `defaults`; format/ imports the names it knows
-(to validate a header's table) and the zstd contexts (for index segments) from here.
+This package depends on nothing in diskimg but `defaults` and `errors` (its DecodeError and
+UnknownTransform live there); format/ imports the names it knows (to validate a header's table)
+and the zstd contexts (for index segments) from here.
 """
 from __future__ import annotations
 
 from typing import Protocol, Sequence
 
 from diskimg.defaults import DEFAULT_LEVEL
+from diskimg.errors import DecodeError, UnknownTransform
 
 # ids whose meaning is fixed in every table: they are all a reader older than the table knows
 FIXED_IDS: dict[tuple[str, ...], int] = {(): 0, ("zstd",): 1}
@@ -35,23 +37,6 @@ IMPLICIT_TABLE: dict[int, tuple[str, ...]] = {cid: names for names, cid in FIXED
 # the transform names this diskimg can decode; an image naming another was made by a newer one
 KNOWN_TRANSFORMS = ("zstd",)
 MAX_CHAIN_ID = 255   # the id is one byte in records and index entries
-
-
-class DecodeError(ValueError):
-    """Stored bytes that do not decode to the block they claim to hold.  ``reason`` is the
-    words a BlockError (or a caller's own message) puts after the block it names."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UnknownTransform(ValueError):
-    """A transform name this diskimg does not know: the image was made by a newer one."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"made by a newer diskimg: transform {name!r} unknown")
-        self.name = name
 
 
 class Transform(Protocol):

@@ -15,7 +15,7 @@ import threading
 import zstandard
 
 from diskimg.defaults import DEFAULT_LEVEL
-from diskimg.transforms import DecodeError
+from diskimg.errors import DecodeError
 
 NAME = "zstd"
 Error = zstandard.ZstdError   # what damaged frames raise, for callers that handle it themselves

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from diskimg import format as fmt
+from diskimg.errors import MetadataError
 from diskimg.image.imagefile import ImageReader
 from helpers import cli, compressible, flip_byte
 from imagecraft import (
@@ -484,7 +485,7 @@ def test_metadata_error_is_a_corrupt_image(imgs):
     f = footer_json(full)
     f["stats"]["zero_blocks"] = None
     write_footer_json(full, copy.deepcopy(f))
-    with pytest.raises(fmt.MetadataError) as exc:
+    with pytest.raises(MetadataError) as exc:
         ImageReader(str(full))
     assert exc.value.path == str(full) and exc.value.part == "footer"
     assert str(exc.value) == (f"{full}: footer damaged: stats.zero_blocks is null, a count "

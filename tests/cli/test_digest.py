@@ -17,6 +17,7 @@ import blake3
 import pytest
 
 from diskimg import format as fmt
+from diskimg.errors import UnknownDigest
 from diskimg.image.imagefile import ImageReader
 from helpers import cli, cmp_same, compressible
 from imagecraft import header_json, write_header_json
@@ -271,7 +272,7 @@ def test_header_json_rules():
                        ({"digest": "x"}, 1), ({"digest": None}, 2)):
         with pytest.raises(fmt.MetadataInvalid):
             fmt.Header.from_json({**base, **d}, version)
-    with pytest.raises(fmt.UnknownDigest):
+    with pytest.raises(UnknownDigest):
         fmt.Header.from_json({**base, "digest": "x"}, 2)
     h = fmt.Header.from_json({**base, "digest": "blake3"}, 2)
     assert fmt.Header.from_json(json.loads(json.dumps(h.to_json())), 2) == h

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diskimg.errors import MapfileError
 from diskimg.ops.mapfile import (
     BAD,
     FINISHED,
@@ -15,7 +16,6 @@ from diskimg.ops.mapfile import (
     NON_TRIED,
     NON_TRIMMED,
     STATUSES,
-    MapfileError,
     RescueMap,
 )
 

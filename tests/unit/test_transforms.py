@@ -13,14 +13,12 @@ import pytest
 
 from diskimg import defaults
 from diskimg import format as fmt
-from diskimg.errors import NotAnImage
-from diskimg.image.imagefile import BlockError, ImageReader, ImageWriter, read_record_data
+from diskimg.errors import BlockError, DecodeError, NotAnImage, UnknownTransform
+from diskimg.image.imagefile import ImageReader, ImageWriter, read_record_data
 from diskimg.image.records import decode_verified
 from diskimg.transforms import (
     IMPLICIT_TABLE,
-    DecodeError,
     TransformChain,
-    UnknownTransform,
     reading_chain,
     writing_chain,
 )

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from diskimg import format as fmt
-from diskimg.errors import CorruptImage, RestoreFailed
+from diskimg.errors import BlockError, CorruptImage, RestoreFailed
 from diskimg.image.chain import open_chain
-from diskimg.image.imagefile import BlockError, ImageReader
+from diskimg.image.imagefile import ImageReader
 from diskimg.image.view import BlockView
 from diskimg.ops.restore import restore_image
 from helpers import cli, compressible, flip_byte
