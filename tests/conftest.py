@@ -80,8 +80,11 @@ class LoopDevices:
         for mnt in reversed(self.mounts):
             run("umount", "-l", mnt, check=False)
         for dev in reversed(self.devices):
-            # a read-only flag set by a test (blockdev --setro) outlives the detach
+            # a read-only flag set by a test (blockdev --setro) outlives the detach, and so do
+            # partitions added with partx -a (BLKPG): the next test to get this device would
+            # see them
             run("blockdev", "--setrw", dev, check=False)
+            run("partx", "-d", dev, check=False)
             run("losetup", "-d", dev, check=False)
 
 
