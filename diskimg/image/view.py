@@ -164,12 +164,8 @@ class BlockView:
             view[:] = self._zeros[:length]
             return view
         if self._cache:       # filled by `read` only: empty (and no lock taken) for restore
-            with self._lock:
-                cached = self._cache.get(block)
-                if cached is not None:
-                    self._cache.move_to_end(block)
+            cached = self._cached(block)
             if cached is not None:
-                self._mine().cache_hits += 1
                 view = memoryview(out)[:len(cached)]
                 view[:] = cached
                 return view
@@ -183,16 +179,23 @@ class BlockView:
         `locate` (with `entry`) and `read_located`."""
         return self.read_located(self.locate(block, entry), out)
 
-    def _decoded(self, src: BlockSource) -> bytearray:
-        """The content of the DATA block `src`, from the cache or decoded into it.  Cached
-        buffers are never written again, so a reader holding one while it is evicted is safe."""
-        block = src.block
+    def _cached(self, block: int) -> bytearray | None:
+        """Block `block` from the cache (made the most recently used, and counted as a hit),
+        or None."""
         with self._lock:
             cached = self._cache.get(block)
             if cached is not None:
                 self._cache.move_to_end(block)
         if cached is not None:
             self._mine().cache_hits += 1
+        return cached
+
+    def _decoded(self, src: BlockSource) -> bytearray:
+        """The content of the DATA block `src`, from the cache or decoded into it.  Cached
+        buffers are never written again, so a reader holding one while it is evicted is safe."""
+        block = src.block
+        cached = self._cached(block)
+        if cached is not None:
             return cached
         buf = bytearray(self.header.block_length(block))
         src.image.read_block(block, src.entry, out=buf)
