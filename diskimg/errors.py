@@ -399,6 +399,15 @@ class UnknownDigest(ValueError):
         self.name = name
 
 
+class UnknownFeature(ValueError):
+    """A required format feature this diskimg does not know: the image was made by a newer one.
+    ``name``; the header check turns it into a NotAnImage naming the file."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"made by a newer diskimg: format feature {name!r} unknown")
+        self.name = name
+
+
 class MapfileError(ValueError):
     """A rescue mapfile that cannot be parsed (a ValueError, not a DiskimgError: the rescue that
     reads it turns it into a UsageError naming the mapfile).  The message names the line."""

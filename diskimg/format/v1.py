@@ -34,7 +34,7 @@ import crcmod.predefined
 from diskimg.defaults import DEFAULT_LEVEL
 from diskimg.errors import CorruptImage  # noqa: F401  (verify catches fmt.CorruptImage)
 from diskimg.errors import IncompleteImage, MetadataError, NotAnImage, SegmentError
-from diskimg.errors import UnknownDigest, UnknownTransform
+from diskimg.errors import UnknownDigest, UnknownFeature, UnknownTransform
 from diskimg.format.digest import (
     DEFAULT_DIGEST,
     KNOWN_DIGESTS,
@@ -57,8 +57,15 @@ crc32c = crcmod.predefined.mkCrcFun("crc-32c")
 # (an image whose digest is not SHA-256 is written as version 2, so that a diskimg older than
 # the key refuses it instead of reporting every block as damaged; a SHA-256 image is still
 # written as version 1, readable by every diskimg).
-FORMAT_VERSION = 2                 # the newest version this diskimg reads and writes
-SUPPORTED_VERSIONS = (1, 2)
+# Version 3: the header's `features` lists what a reader must understand to read the image
+# (encryption, parity, delta records...); a reader refuses a feature it does not know, so that an
+# image is never read as if it were something simpler.  An image without features is written as
+# version 1 or 2, as before.
+FORMAT_VERSION = 3                 # the newest version this diskimg reads and writes
+SUPPORTED_VERSIONS = (1, 2, 3)
+# the required features this diskimg reads (section 13 of docs/FORMAT.md); each feature that
+# changes how bytes are read adds its name here, with its section in docs/FORMAT.md
+KNOWN_FEATURES: frozenset[str] = frozenset()
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 ENTRIES_PER_SEGMENT = 16384
@@ -278,8 +285,29 @@ def _transforms(d: dict) -> dict[int, tuple[str, ...]]:
 
 
 def version_for_digest(name: str) -> int:
-    """The format version an image whose blocks are hashed with `name` is written as."""
+    """The format version an image without required features, whose blocks are hashed with
+    `name`, is written as."""
     return 1 if name == LEGACY_DIGEST else 2
+
+
+def _features(d: dict, version: int | None) -> tuple[str, ...]:
+    """The header's required features (section 13), checked against the fixed part's version:
+    present and non-empty exactly in version 3, each one known to this diskimg."""
+    if "features" not in d:
+        if version is not None and version >= 3:
+            raise MetadataInvalid("features", _Missing, f"a list of features in a "
+                                                        f"version-{version} image")
+        return ()
+    names = d["features"]
+    if not isinstance(names, list) or not names or \
+            not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise MetadataInvalid("features", names, "a non-empty list of distinct feature names")
+    if version is not None and version < 3:
+        raise MetadataInvalid("features", names, f"no features in a version-{version} image")
+    for name in names:
+        if name not in KNOWN_FEATURES:
+            raise UnknownFeature(name)
+    return tuple(sorted(names))
 
 
 def _digest(d: dict, version: int | None) -> str:
@@ -296,7 +324,7 @@ def _digest(d: dict, version: int | None) -> str:
         raise MetadataInvalid("digest", name, f"{LEGACY_DIGEST!r} in a version-1 image")
     if name not in KNOWN_DIGESTS:
         raise UnknownDigest(name)
-    if version is not None and version != version_for_digest(name):
+    if version is not None and version < 3 and version != version_for_digest(name):
         raise MetadataInvalid("digest", name, f"a digest other than {LEGACY_DIGEST!r} in a "
                                               f"version-{version} image")
     return name
@@ -350,11 +378,13 @@ class Header:
     transforms: dict[int, tuple[str, ...]] = field(default_factory=lambda: dict(IMPLICIT_TABLE))
     # the block digest algorithm (diskimg.format.digest); absent in the JSON means SHA-256
     digest: str = LEGACY_DIGEST
+    # what a reader must understand to read this image (section 13), sorted; empty for most
+    features: tuple[str, ...] = ()
 
     @property
     def format_version(self) -> int:
         """The version written in the header's fixed part and the trailer."""
-        return version_for_digest(self.digest)
+        return 3 if self.features else version_for_digest(self.digest)
 
     @property
     def hash(self):
@@ -387,6 +417,7 @@ class Header:
             "transforms": {str(cid): list(names)
                            for cid, names in sorted(self.transforms.items())},
             "digest": self.digest,
+            **({"features": list(self.features)} if self.features else {}),
         }
 
     @classmethod
@@ -397,6 +428,7 @@ class Header:
         UnknownDigest (ValueErrors) for a transform or digest this diskimg does not know."""
         d = _obj(d, "the header JSON")
         digest = _digest(d, version)
+        features = _features(d, version)
         kind = _str(d, "kind")
         if kind not in KINDS_OF_IMAGE:
             raise MetadataInvalid("kind", d["kind"], "one of " + ", ".join(KINDS_OF_IMAGE))
@@ -432,7 +464,7 @@ class Header:
             uuid=_str(d, "uuid", nonempty=True), kind=kind, size=_int(d, "size", 0, U63), block_size=block_size,
             source=source, created=_str(d, "created"), tool_version=_str(d, "tool_version"),
             parent=parent, chain=tuple(chain), compression=compression, extra=extra,
-            transforms=transforms, digest=digest,
+            transforms=transforms, digest=digest, features=features,
         )
 
     def pack(self) -> bytes:
@@ -598,7 +630,7 @@ def read_header(image: Readable, path: str) -> tuple[Header, int]:
         raise MetadataError(path, "header", "CRC-32C mismatch; the image cannot be trusted")
     try:
         header = Header.from_json(_load_json(body[:jlen]), version)
-    except (UnknownTransform, UnknownDigest) as err:
+    except (UnknownTransform, UnknownDigest, UnknownFeature) as err:
         raise NotAnImage(path, str(err)) from err
     except ValueError as err:
         raise MetadataError(path, "header", str(err)) from err

@@ -197,15 +197,15 @@ def _set_version(path: Path, version: int) -> None:
 
 @pytest.mark.parametrize("command", ["info", "verify", "restore"])
 def test_wrong_format_version(tmp_path, image, command):
-    other = tmp_path / "v3.img"
+    other = tmp_path / "v9.img"
     shutil.copy(image, other)
     original = struct.unpack_from("<H", other.read_bytes(), 8)[0]
-    _set_version(other, 3)
+    _set_version(other, 9)
     args = [command, other] + ([tmp_path / "out"] if command == "restore" else [])
     res = cli(*args)
     assert res.rc == 2
     line = assert_one_error_line(res, other)
-    assert "version 3" in line and "not supported" in line
+    assert "version 9" in line and "not supported" in line
     # the same patch back to the image's version gives a valid image: only the version was wrong
     _set_version(other, original)
     assert cli("verify", other).rc == 0
