@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from typing import Callable
 
 from diskimg import defaults
 from diskimg.cli.lazy import (
-    health,
     imagefile,
     imaging,
     render,
@@ -22,7 +22,7 @@ from diskimg.cli.lazy import (
     verify,
 )
 from diskimg.cli.options import chain_options, common, size_arg, threads
-from diskimg.errors import UsageError
+from diskimg.errors import Interrupted, UsageError
 from diskimg.units import human
 
 # --------------------------------------------------------------------------------------------
@@ -83,32 +83,86 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
     if args.rescue and (args.incremental or args.differential):
         raise UsageError("--rescue makes full images only (image the new disk incrementally "
                          "afterwards)")
-    _health_precheck(args.source, rescue=args.rescue)
-    if args.rescue:
-        with render.RescueBar("rescuing", args.no_progress or args.json) as bar:
-            rescued = rescue.rescue_image(
-                args.source, args.image,
-                rescue.RescueOptions(
-                    block_size=opts.block_size or defaults.DEFAULT_BLOCK_SIZE, level=opts.level,
-                    force=opts.force, search=opts.search, retries=args.retries,
-                    mapfile=args.mapfile, direct=args.direct, command=" ".join(sys.argv),
-                    digest=args.digest),
-                progress=bar)
-        return render.ImageDone(args.source, rescued.image, rescued)
-    if args.mapfile or args.direct is not None or args.retries != 1:
+    if not args.rescue and (args.mapfile or args.direct is not None or args.retries != 1):
         raise UsageError("--retries, --mapfile and --direct go with --rescue")
-    with render.Bar("imaging", args.no_progress or args.json) as bar:
-        return render.ImageDone(
-            args.source, imaging.create_image(args.source, args.image, opts, progress=bar))
+    with _HealthProbe(args.source, rescue=args.rescue) as probe:
+        if args.rescue:
+            with render.RescueBar("rescuing", args.no_progress or args.json) as bar:
+                probe.bar = bar
+                rescued = rescue.rescue_image(
+                    args.source, args.image,
+                    rescue.RescueOptions(
+                        block_size=opts.block_size or defaults.DEFAULT_BLOCK_SIZE,
+                        level=opts.level, force=opts.force, search=opts.search,
+                        retries=args.retries, mapfile=args.mapfile, direct=args.direct,
+                        command=" ".join(sys.argv), digest=args.digest),
+                    progress=bar)
+                probe.finish()
+            return render.ImageDone(args.source, rescued.image, rescued)
+        with render.Bar("imaging", args.no_progress or args.json) as bar:
+            probe.bar = bar
+            done = imaging.create_image(args.source, args.image, opts, progress=bar)
+            probe.finish()
+        return render.ImageDone(args.source, done)
 
 
-def _health_precheck(source: str, rescue: bool) -> None:
-    """One verdict line on stderr before imaging a device that has SMART."""
-    report = health.precheck(source)
-    if report is None:
-        return
-    for line in render.precheck_lines(source, report, report.verdict == health.FAIL, rescue):
-        render.note(line)
+class _HealthProbe:
+    """The source's health verdict, asked for while imaging starts rather than before it: the
+    smartctl run (and, for a disk with SMART, pySMART's import) took 0.1-0.4 s that the first
+    reads need not wait for, since the verdict changes nothing in what is read (issue 20).  Its
+    lines are printed as soon as it answers (above the bar when one is shown), and at the
+    latest when the image is done.  A run that fails waits a few seconds for it (a failing
+    disk's verdict explains the failure); an interrupted one does not."""
+
+    WAIT_AFTER_FAILURE = 5.0
+
+    def __init__(self, source: str, rescue: bool) -> None:
+        self.source, self.rescue = source, rescue
+        self.bar: render.Bar | None = None
+        self._lock = threading.Lock()
+        self._lines: list[str] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._ask, name="health-precheck", daemon=True)
+
+    def __enter__(self) -> _HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        elif issubclass(exc_type, (KeyboardInterrupt, Interrupted)):
+            with self._lock:
+                self._closed = True
+        else:
+            self.finish(self.WAIT_AFTER_FAILURE)
+
+    def _ask(self) -> None:
+        from diskimg import health
+        report = health.precheck(self.source)
+        lines = [] if report is None else render.precheck_lines(
+            self.source, report, report.verdict == health.FAIL, self.rescue)
+        with self._lock:
+            self._lines = lines
+            self._say()
+
+    def _say(self) -> None:
+        if self._closed:
+            return
+        for line in self._lines or ():
+            if self.bar is not None:
+                self.bar.note(line)
+            else:
+                render.note(line)
+        self._lines = []
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Wait for the verdict (up to `timeout` seconds) and print it if it has not been yet;
+        nothing is printed after this returns."""
+        self._thread.join(timeout)
+        with self._lock:
+            self._say()
+            self._closed = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,6 +192,14 @@ class Bar:
     def advance(self, n: int) -> None:
         self.bar.update(n)
 
+    def note(self, line: str) -> None:
+        """A line for the person at the terminal (``note``), printed above the bar when one
+        is shown; callable from any thread."""
+        if self.bar is not None and hasattr(self.bar, "write"):
+            self.bar.write(line, file=sys.stderr)
+        else:
+            note(line)
+
     def __enter__(self) -> Bar:
         return self
 

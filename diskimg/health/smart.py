@@ -278,11 +278,40 @@ def check(path: str, smartctl: str | None = None, interface: str | None = None) 
     )
 
 
+_DETECTED = re.compile(r"Device of type '[^']+' .*(detected|opened)")
+
+
+def detect_type(path: str, smartctl: str | None = None) -> bool:
+    """Whether smartctl finds a device type for ``path`` (``smartctl -d test``, the question
+    pySMART asks first).  A loop device, a virtual disk or a bridge smartctl does not know has
+    none, so it has no SMART to read, and pySMART (a tenth of a second to import) need not be
+    loaded to learn that.  Raises SmartUnavailable (no smartctl) or SmartctlFailed (smartctl
+    itself broken, judged as ``check`` judges it)."""
+    import subprocess
+    binary = find_smartctl(smartctl)
+    if binary is None:
+        raise SmartUnavailable("smartctl not found")
+    binary = os.path.abspath(binary)
+    try:
+        run = subprocess.run([binary, "-d", "test", os.path.abspath(path)],
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SmartctlFailed(binary, f"smartctl at {binary} failed: {e}") from e
+    out = run.stdout.decode("utf-8", "replace").splitlines()
+    trouble = _smartctl_trouble(binary, out, run.returncode)
+    if trouble:
+        raise SmartctlFailed(binary, trouble)
+    return any(_DETECTED.search(line) for line in out)
+
+
 def precheck(path: str, smartctl: str | None = None) -> HealthReport | None:
     """The health of an imaging source, or None when it cannot be had (no SMART, no smartctl,
     a regular file).  Never raises for those; meant for a one-line verdict before imaging."""
     try:
         if not os.path.exists(path) or not _is_block_or_char(path):
+            return None
+        if not detect_type(path, smartctl):
+            log.debug("no health check for %s: smartctl finds no device type", path)
             return None
         report = check(path, smartctl)
     except SmartctlFailed as e:  # worth a line, but no reason to refuse imaging
