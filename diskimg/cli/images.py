@@ -88,7 +88,8 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
     with _HealthProbe(args.source, rescue=args.rescue) as probe:
         if args.rescue:
             with render.RescueBar("rescuing", args.no_progress or args.json) as bar:
-                probe.bar = bar
+                probe.attach(bar)
+                probe.start()      # a failing disk's verdict matters more than start-up time
                 rescued = rescue.rescue_image(
                     args.source, args.image,
                     rescue.RescueOptions(
@@ -100,17 +101,18 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
                 probe.finish()
             return render.ImageDone(args.source, rescued.image, rescued)
         with render.Bar("imaging", args.no_progress or args.json) as bar:
-            probe.bar = bar
+            probe.attach(bar)
             done = imaging.create_image(args.source, args.image, opts, progress=bar)
             probe.finish()
         return render.ImageDone(args.source, done)
 
 
 class _HealthProbe:
-    """The source's health verdict, asked for while imaging starts rather than before it: the
-    smartctl run (and, for a disk with SMART, pySMART's import) took 0.1-0.4 s that the first
-    reads need not wait for, since the verdict changes nothing in what is read (issue 20).  Its
-    lines are printed as soon as it answers (above the bar when one is shown), and at the
+    """The source's health verdict, asked for once imaging has begun reading rather than before:
+    the smartctl run (and, for a disk with SMART, pySMART's import) took 0.1-0.4 s that the
+    first reads need not wait for, since the verdict changes nothing in what is read (issue
+    20), and asked after the first block so that its imports do not compete with imaging's.
+    Its lines are printed as soon as it answers (above the bar when one is shown), and at the
     latest when the image is done.  A run that fails waits a few seconds for it (a failing
     disk's verdict explains the failure); an interrupted one does not."""
 
@@ -122,11 +124,22 @@ class _HealthProbe:
         self._lock = threading.Lock()
         self._lines: list[str] | None = None
         self._closed = False
+        self._started = False
         self._thread = threading.Thread(target=self._ask, name="health-precheck", daemon=True)
 
     def __enter__(self) -> _HealthProbe:
-        self._thread.start()
         return self
+
+    def attach(self, bar: render.Bar) -> None:
+        """Print above `bar`, and ask when it first moves."""
+        self.bar = bar
+        bar.on_first_advance = self.start
+
+    def start(self) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._thread.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -159,6 +172,7 @@ class _HealthProbe:
     def finish(self, timeout: float | None = None) -> None:
         """Wait for the verdict (up to `timeout` seconds) and print it if it has not been yet;
         nothing is printed after this returns."""
+        self.start()
         self._thread.join(timeout)
         with self._lock:
             self._say()

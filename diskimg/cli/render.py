@@ -183,6 +183,8 @@ class Bar:
         self.desc, self.disabled = desc, disabled
         self._stack = ExitStack()
         self.bar = None
+        # called once, when the operation first reports progress (its first block is done)
+        self.on_first_advance: Callable[[], None] | None = None
 
     def start(self, total: int, unit: str = "B") -> None:
         if self.bar is None:
@@ -191,6 +193,9 @@ class Bar:
 
     def advance(self, n: int) -> None:
         self.bar.update(n)
+        if self.on_first_advance is not None:
+            first, self.on_first_advance = self.on_first_advance, None
+            first()
 
     def note(self, line: str) -> None:
         """A line for the person at the terminal (``note``), printed above the bar when one
