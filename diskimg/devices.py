@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import stat
 import subprocess
 from dataclasses import dataclass, field
@@ -435,6 +434,7 @@ def natural_key(name: str) -> tuple:
 
 def _blkid() -> str | None:
     # blkid lives in /sbin on many systems whose PATH for root lacks it
+    import shutil
     return shutil.which("blkid", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
 
@@ -597,6 +597,7 @@ def list_devices(all_devices: bool = False, smartctl: str | None = None) -> list
     of the disks under them.  ``smartctl`` is the binary whose presence makes ``smart_available``
     possible (default: ``smartctl`` on PATH); smartctl itself is never run here.
     """
+    import shutil
     have_smartctl = bool(shutil.which(smartctl or "smartctl"))
     by_devnum: dict[int, list[str]] = {}
     for m in mounts():

@@ -18,7 +18,7 @@ from typing import Callable
 from diskimg import __version__, errors
 from diskimg.cli import devices, images
 from diskimg.cli.lazy import render
-from diskimg.cli.options import common
+from diskimg.cli.options import Parser, common
 from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -48,7 +48,7 @@ class _UsageExit(Exception):
         self.message = message
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(Parser):
     def error(self, message: str):  # type: ignore[override]
         raise _UsageExit(self, message)
 

@@ -4,10 +4,39 @@ importing the parser assembly."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from diskimg.cli.lazy import pipeline
 from diskimg.errors import UsageError
 from diskimg.units import parse_size
+
+
+class Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, sized to the terminal without importing shutil: argparse
+    makes one for every add_argument, and shutil brings zlib, bz2 and lzma along (a few
+    milliseconds of every command's start-up, issue 20).  Same width rule as shutil's."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            try:
+                width = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    width = 80
+            width = (width or 80) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help is made by ``Formatter`` (its subparsers too)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", Formatter)
+        super().__init__(*args, **kwargs)
 
 
 def common(top: bool = False) -> argparse.ArgumentParser:
@@ -16,7 +45,7 @@ def common(top: bool = False) -> argparse.ArgumentParser:
     The subparsers' copies default to SUPPRESS: argparse copies a subparser's namespace over
     the main one, so a default there would undo ``diskimg --debug verify X``."""
     default = {} if top else {"default": argparse.SUPPRESS}
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     p.add_argument("-v", "--verbose", action="store_true", help="log what is being done",
                    **default)
     p.add_argument("--debug", action="store_true", help="debug logging, tracebacks on errors",

@@ -19,7 +19,6 @@ import errno
 import logging
 import os
 import time
-import uuid as uuidlib
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -463,7 +462,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
             ref: ImageReader | None, progress: Progress | None, started: float,
             mounted_rw: list[str]) -> ImageResult:
     bs = ref.header.block_size if ref is not None else opts.block_size or DEFAULT_BLOCK_SIZE
-    new_uuid = str(uuidlib.uuid4())
+    new_uuid = fmt.new_image_uuid()
     if ref is None:
         kind, parent, chain = "full", None, (new_uuid,)
     else:

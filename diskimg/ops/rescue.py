@@ -28,7 +28,6 @@ import mmap
 import os
 import signal
 import time
-import uuid as uuidlib
 from array import array
 from dataclasses import dataclass
 from typing import Protocol
@@ -446,7 +445,7 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
 
 def _new(image: str, source: Source, opts: RescueOptions, identity: dict,
          mounted_rw: list[str]) -> tuple[ImageWriter, RescueMap, array]:
-    new_uuid = str(uuidlib.uuid4())
+    new_uuid = fmt.new_image_uuid()
     header = fmt.Header(
         uuid=new_uuid, kind="full", size=source.size, block_size=opts.block_size,
         source=identity, created=utc_now(), tool_version=__version__, parent=None,
