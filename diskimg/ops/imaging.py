@@ -501,7 +501,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
             progress.start(source.size, "B")
         jobs = stages.read_all(stages.plan(), opts.threads)
         results = ordered_map(stages.process, jobs, opts.threads,
-                              depth=depth_for(bs, opts.threads), inline=_is_run)
+                              depth=depth_for(bs, opts.threads), inline=_is_done)
         with closing(results):  # stops the readers before the source is closed
             for job in results:
                 stages.write(writer, job)
@@ -548,6 +548,11 @@ def _is_run(job: Run | BlockJob) -> bool:
     return type(job) is Run
 
 
+def _is_done(job: Run | BlockJob) -> bool:
+    """Nothing left for a worker: a run, or a block already hashed that is not to be stored."""
+    return type(job) is Run or (job.hashed and job.kind != fmt.DATA)
+
+
 def _job_bytes(header: fmt.Header, job: Run | BlockJob) -> int:
     """The bytes of the device a job covers (what the progress counts)."""
     if type(job) is Run:
@@ -577,6 +582,7 @@ class BlockJob:
     kind: int = fmt.DATA
     stored: bytes | memoryview | None = None
     codec: int = fmt.CODEC_RAW
+    hashed: bool = False       # hash_compare is done (by the reader)
 
 
 class _BlockStages:
@@ -585,8 +591,9 @@ class _BlockStages:
         plan -> read -> hash_compare -> encode -> write
                 (readers) (--threads workers)       (this thread, in order)
 
-    `read_all` runs `read` on reader threads, `process` (hash_compare, then encode) runs in the
-    ordered_map workers, `write` on the calling thread.  Runs of zero or unused blocks go
+    `read_all` runs `read` on reader threads (from a device, `read_and_hash`: the reader hashes
+    too, and blocks with nothing to store skip the workers), `process` (hash_compare unless
+    done, then encode) runs in the ordered_map workers, `write` on the calling thread.  Runs of zero or unused blocks go
     through as they are: nothing to read, one index entry.  Blocks are read into reused
     buffers (BufferPool), given back as soon as nothing refers to them any more: after hashing
     when the block is not stored, after encoding when the stored bytes are a copy, after
@@ -638,9 +645,14 @@ class _BlockStages:
         if self.direct_fd is not None:
             # 1 MiB blocks: 4 readers; 16 MiB: 1 (memory is bounded by bytes, as in depth_for)
             readers = max(1, min(READERS, IN_FLIGHT_BYTES // (2 * bs)))
+            # the reader that has a block hashes it too (preadv and the hash both release the
+            # GIL): a block that is unchanged or zero is then done, and the workers pass it
+            # through on their feeding thread (`_is_done`) instead of handing it to a worker
+            # and back, which was most of the Python time of an unchanged incremental
+            read = self.read_and_hash
             if readers == 1:   # still off the main thread, which writes the image
-                return prefetch(map(self.read, jobs), depth=2)
-            return ordered_map(self.read, jobs, readers, depth=2 * readers, inline=_is_run)
+                return prefetch(map(read, jobs), depth=2)
+            return ordered_map(read, jobs, readers, depth=2 * readers, inline=_is_run)
         readahead = ReadAhead(self.source.fd, self.to_read)
         read = self.read
 
@@ -694,13 +706,24 @@ class _BlockStages:
         job.view, job.read_bytes = view, hi - lo
         return job
 
+    def read_and_hash(self, job: Run | BlockJob) -> Run | BlockJob:
+        """read, then hash_compare on the same thread."""
+        if type(job) is BlockJob:
+            self.read(job)
+            self.hash_compare(job)
+            job.hashed = True
+        return job
+
     # -- hash, compare, encode (the workers) ---------------------------------------------------
 
     def process(self, job: Run | BlockJob) -> Run | BlockJob:
-        """hash_compare, then encode what is to be stored."""
+        """hash_compare (unless the reader did), then encode what is to be stored."""
         if type(job) is Run:
             return job
-        if self.hash_compare(job):
+        if job.hashed:
+            if job.kind == fmt.DATA:
+                self.encode(job)
+        elif self.hash_compare(job):
             self.encode(job)
         return job
 
