@@ -265,6 +265,12 @@ class History:
             out.append(Reading(*r[:7], values=values[r[0]], reasons=reasons))
         return out
 
+    def wear_series(self, drive: int, since: float, until: float) -> list[tuple[float, int]]:
+        """(time, wear) of the drive's readings that report wear, oldest first."""
+        return list(self.db.execute(
+            "SELECT taken, wear FROM readings WHERE drive = ? AND taken >= ? AND taken <= ? "
+            "AND wear IS NOT NULL ORDER BY taken", (drive, since, until)))
+
     def last_reading(self, drive: int, with_reasons: bool = False) -> Reading | None:
         row = self.db.execute("SELECT taken FROM readings WHERE drive = ? ORDER BY taken DESC, "
                               "id DESC LIMIT 1", (drive,)).fetchone()

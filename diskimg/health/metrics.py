@@ -37,7 +37,7 @@ def render(observations: Iterable, now: float) -> str:
         "diskimg_smart_attribute_raw": ("Key SMART counters and wear indicators as read", []),
         "diskimg_smart_temperature_celsius": ("Drive temperature", []),
         "diskimg_smart_wear_used_ratio": ("Rated write endurance used (1 = 100%)", []),
-        "diskimg_smart_power_on_hours": ("Power-on hours", []),
+        "diskimg_smart_power_on_seconds": ("Power-on time (the drive counts hours)", []),
         "diskimg_smart_selftest_last_passed": ("1 when the newest logged self-test passed, "
                                                "0 when it failed", []),
         "diskimg_monitor_last_run_timestamp_seconds": ("When the monitor last read the disk",
@@ -62,7 +62,7 @@ def render(observations: Iterable, now: float) -> str:
         if report.temperature is not None:
             add("diskimg_smart_temperature_celsius", _labels(**ident), report.temperature)
         if report.power_on_hours is not None:
-            add("diskimg_smart_power_on_hours", _labels(**ident), report.power_on_hours)
+            add("diskimg_smart_power_on_seconds", _labels(**ident), report.power_on_hours * 3600)
         values = getattr(obs, "values", None) or {}
         for key, value in sorted(values.items()):
             add("diskimg_smart_attribute_raw",

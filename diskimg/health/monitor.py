@@ -123,11 +123,14 @@ def observe(history: History, device: str, now: float, smartctl: str | None = No
         return Observation(device, now, UNKNOWN, reasons, None, drive, previous,
                            previous_taken, error=str(e))
     drive, extra = _identify(history, device, report, now)
-    past = history.readings(drive.id, since=now - 366 * trends.DAY, until=now)
+    # counters and temperature look back 30 days; the wear line a year (a lighter query: an
+    # hourly year is 8760 readings)
+    past = history.readings(drive.id, since=now - 31 * trends.DAY, until=now)
+    wear_past = history.wear_series(drive.id, now - 365 * trends.DAY, now)
     values = trends.values_of(facts)
     known = {(t.hours, t.type, t.status) for t in history.selftests(drive.id)}
     result = trends.assess(report, facts, values, past, now, history.acks(drive.id), known,
-                           extra)
+                           extra, wear_history=wear_past)
     wear = trends.wear_of(facts)
     history.add_reading(drive, now, result.verdict, report.temperature, report.power_on_hours,
                         wear, values, result.reasons, report.selftests)

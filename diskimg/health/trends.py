@@ -223,8 +223,8 @@ def _counter_reasons(key: str, cur: int, f: SmartFacts | None, history: Sequence
     return [Reason(what, f"{cur}: " + ", ".join(parts), severity, why)]
 
 
-def _wear_reason(wear: int, history: Sequence, now: float) -> Reason | None:
-    pts = [(r.taken, r.wear) for r in history if r.wear is not None and r.taken >= now - 365 * DAY]
+def _wear_reason(wear: int, series: Sequence[tuple[float, int]], now: float) -> Reason | None:
+    pts = [(t, w) for t, w in series if w is not None and now - 365 * DAY <= t < now]
     pts.append((now, wear))
     if len(pts) < 3 or pts[-1][0] - pts[0][0] < DAY or wear >= 100:
         return None
@@ -269,10 +269,12 @@ def _temperature_reasons(f: SmartFacts, temp: int, history: Sequence,
 def assess(report: HealthReport, f: SmartFacts, values: dict[str, int], history: Sequence,
            now: float, acks: dict[str, tuple[int, float]] | None = None,
            known_selftests: Iterable[tuple[str, str, str]] = (),
-           extra: Iterable[Reason] = ()) -> Assessment:
+           extra: Iterable[Reason] = (),
+           wear_history: Sequence[tuple[float, int]] | None = None) -> Assessment:
     """The verdict of one reading with the drive's history (its earlier readings, oldest
-    first) taken into account.  ``known_selftests``: (hours, type, status) of the self-test log
-    entries seen before; ``extra``: reasons found elsewhere (a different drive)."""
+    first; 30 days are enough) taken into account.  ``known_selftests``: (hours, type, status)
+    of the self-test log entries seen before; ``extra``: reasons found elsewhere (a different
+    drive); ``wear_history``: (time, wear) of the last year (default: from ``history``)."""
     if report.verdict == UNKNOWN:
         return Assessment(UNKNOWN, tuple(report.reasons) + tuple(extra))
     acks = acks or {}
@@ -303,7 +305,9 @@ def assess(report: HealthReport, f: SmartFacts, values: dict[str, int], history:
                 "read"))
     wear = wear_of(f)
     if wear is not None:
-        r = _wear_reason(wear, history, now)
+        if wear_history is None:
+            wear_history = [(r.taken, r.wear) for r in history if r.wear is not None]
+        r = _wear_reason(wear, wear_history, now)
         if r is not None:
             reasons.append(r)
     if report.temperature is not None:
