@@ -681,7 +681,7 @@ def observation_json(o) -> dict:
         "previous_verdict": o.previous, "previous_time": _iso(o.previous_taken),
         "changed": o.changed,
         "model": (r.model if r else None) or (o.drive.model if o.drive else None),
-        "serial": (r.serial if r else None) or (o.drive.serial if o.drive else None),
+        "serial": o.drive.serial if o.drive else None,
         "interface": r.interface if r else None,
         "temperature": r.temperature if r else None,
         "power_on_hours": r.power_on_hours if r else None,
@@ -693,7 +693,8 @@ def observation_json(o) -> dict:
 
 def observation_lines(o) -> list[str]:
     r = o.report
-    ident = ", ".join(x for x in ((r.model, r.serial and f"serial {r.serial}", r.interface)
+    serial = o.drive.serial if o.drive else None
+    ident = ", ".join(x for x in ((r.model, serial and f"serial {serial}", r.interface)
                                   if r else ()) if x)
     head = f"{o.device}: {o.verdict}"
     if o.previous and o.previous != o.verdict:
@@ -826,10 +827,14 @@ class TimerDone:
 
 @dataclass(frozen=True)
 class ReportDone:
-    """``report``: the page written and what it shows."""
+    """``report``: the page written and what it shows; exit 1 when an image could not be
+    drawn (the page says why)."""
 
     result: Any
-    exit_code: int = EXIT_OK
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PROBLEM if self.result.errors else EXIT_OK
 
     def json(self) -> dict:
         return to_json(self.result)
@@ -837,4 +842,4 @@ class ReportDone:
     def lines(self) -> list[str]:
         r = self.result
         return [f"wrote {r.path}: {len(r.disks)} disk(s), {len(r.images)} image(s), "
-                f"{human(r.size)}"]
+                f"{human(r.size)}"] + [f"  {path}: {why}" for path, why in r.errors]

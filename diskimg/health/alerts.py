@@ -22,7 +22,7 @@ import shutil
 import subprocess
 from datetime import datetime, timezone
 
-from diskimg.health.history import History
+from diskimg.health.history import History, known_serial
 from diskimg.health.rules import FAIL, WARN
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def payload(obs) -> dict:
     drive = obs.drive
     worst = next((r for sev in (FAIL, WARN) for r in obs.reasons if r.severity == sev), None)
     model = (report.model if report else None) or (drive.model if drive else None)
-    serial = (report.serial if report else None) or (drive.serial if drive else None)
+    serial = (known_serial(report.serial) if report else None) or \
+        (drive.serial if drive else None)
     ident = ", ".join(x for x in (model, serial and f"serial {serial}") if x)
     subject = (f"{obs.device}" + (f" ({ident})" if ident else "") + f" is now {obs.verdict}"
                + (f", was {obs.previous}" if obs.previous else "")

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DB = "/var/lib/diskimg/health.db"
 SCHEMA_VERSION = 1
 
-__all__ = ["DEFAULT_DB", "Drive", "History", "Reading", "SCHEMA_VERSION", "StoredSelfTest"]
+__all__ = ["DEFAULT_DB", "Drive", "History", "Reading", "SCHEMA_VERSION", "StoredSelfTest",
+           "known_serial"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -119,7 +120,7 @@ class StoredSelfTest:
     first_seen: float
 
 
-def _known_serial(serial: str | None) -> str | None:
+def known_serial(serial: str | None) -> str | None:
     """None for what is not a serial: empty, or the "--" of anonymised recordings."""
     s = (serial or "").strip()
     return s if s and s.strip("-") else None
@@ -209,7 +210,7 @@ class History:
             cur = self.db.execute(
                 "INSERT INTO drives (device, model, serial, interface, first_seen, last_seen, "
                 "follows, why) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (device, model, _known_serial(serial), interface, now, now, follows, why))
+                (device, model, known_serial(serial), interface, now, now, follows, why))
         return self.drive(cur.lastrowid)
 
     # -- readings ------------------------------------------------------------------------------

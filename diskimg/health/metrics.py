@@ -12,7 +12,7 @@ from typing import Iterable
 
 from diskimg.errors import OperationFailed, PermissionDenied, is_permission_error
 from diskimg.health import trends
-from diskimg.health.history import History
+from diskimg.health.history import History, known_serial
 
 FILENAME = "diskimg.prom"
 STATUS = {"PASS": 0, "WARN": 1, "FAIL": 2, "UNKNOWN": 3}
@@ -51,7 +51,8 @@ def render(observations: Iterable, now: float) -> str:
     for obs in observations:
         report, drive = obs.report, obs.drive
         model = (report.model if report else None) or (drive.model if drive else None)
-        serial = (report.serial if report else None) or (drive.serial if drive else None)
+        serial = (known_serial(report.serial) if report else None) or \
+            (drive.serial if drive else None)
         ident = dict(device=obs.device, model=model or "", serial=serial or "")
         add("diskimg_health_status", _labels(**ident), STATUS.get(obs.verdict, 3))
         for v in STATUS:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from diskimg.errors import DiskimgError
 from diskimg.health import trends
-from diskimg.health.history import Drive, History, _known_serial
+from diskimg.health.history import Drive, History, known_serial
 from diskimg.health.rules import INFO, UNKNOWN, WARN, HealthReport, Reason, SmartFacts
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _identify(history: History, device: str, report: HealthReport,
     """The drive this reading belongs to: the device's current drive, or a new one when the
     serial changed or the power-on hours went backwards."""
     drive = history.current_drive(device)
-    serial = _known_serial(report.serial)
+    serial = known_serial(report.serial)
     if drive is None:
         return history.add_drive(device, report.model, serial, report.interface, now), []
     why, reason = None, None

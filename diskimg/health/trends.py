@@ -14,7 +14,8 @@ drive fails, the wear indicators); ``assess`` combines the one-reading verdict o
 * an acknowledged counter (``health --ack``) at or below its acknowledged value is INFO, and
   growth is counted from the acknowledged value;
 * wear (NVMe percentage used, SCSI endurance used, ATA 177/202/231/233 as 100 - value): the
-  date it reaches 100 % from a least-squares line through the last year of readings;
+  date it reaches 100 % from a least-squares line through the last year of readings (once
+  they span a week and two percentage points); WARN when that is less than 90 days away;
 * temperature at or above the drive's own warning/critical limits, or 10 C above its usual
   range (the 10th to 90th percentile of the last 30 days);
 * a failed self-test that was not in the log at the previous reading.
@@ -226,7 +227,9 @@ def _counter_reasons(key: str, cur: int, f: SmartFacts | None, history: Sequence
 def _wear_reason(wear: int, series: Sequence[tuple[float, int]], now: float) -> Reason | None:
     pts = [(t, w) for t, w in series if w is not None and now - 365 * DAY <= t < now]
     pts.append((now, wear))
-    if len(pts) < 3 or pts[-1][0] - pts[0][0] < DAY or wear >= 100:
+    # integer percentages: a line needs a week and two points of wear to mean something
+    if len(pts) < 3 or pts[-1][0] - pts[0][0] < 7 * DAY or wear >= 100 \
+            or max(w for _, w in pts) - min(w for _, w in pts) < 2:
         return None
     n = len(pts)
     mt = sum(t for t, _ in pts) / n

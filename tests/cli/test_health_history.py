@@ -359,3 +359,25 @@ def test_history_errors(tmp_path, capsys):
     assert "no health history here" in capsys.readouterr().err
     assert main(["health", "/dev/sda", "--since", "3d"]) == 2
     assert "--since goes with --history" in capsys.readouterr().err
+
+
+def test_alert_mail_through_sendmail(tmp_path, monkeypatch, capsys):
+    """--alert-mail pipes a message to the sendmail found on PATH (here a script standing in for
+    the local MTA, which keeps what it is given), once per change of verdict."""
+    bindir = tmp_path / "mta"
+    bindir.mkdir()
+    spool = tmp_path / "spool"
+    (bindir / "sendmail").write_text(f"#!/bin/sh\necho \"$@\" >> {spool}\ncat >> {spool}\n")
+    (bindir / "sendmail").chmod(0o755)
+    r = Replay("E13", tmp_path, monkeypatch)
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    db = tmp_path / "h.db"
+    rc, disk = monitor(capsys, r, db, at(0), "--alert-mail", "root@example.org")
+    assert disk["alert"] == "mailed"
+    rc, disk = monitor(capsys, r, db, at(1), "--alert-mail", "root@example.org")
+    assert disk["alert"] is None
+    mail = spool.read_text()
+    assert mail.startswith("-oi -t\nTo: root@example.org\nSubject: diskimg: ")
+    assert f"Subject: diskimg: {r.node} (HGST HUS724020ALA640) is now WARN: " \
+           "5 Reallocated_Sector_Ct: 54\n" in mail
+    assert mail.count("Subject:") == 1
