@@ -279,6 +279,13 @@ class History:
             return None
         return self.readings(drive, since=row[0], with_reasons=with_reasons)[-1]
 
+    def last_hours(self, drive: int) -> tuple[int, float] | None:
+        """(power-on hours, time) of the drive's newest reading that had them."""
+        row = self.db.execute(
+            "SELECT power_on_hours, taken FROM readings WHERE drive = ? AND power_on_hours IS "
+            "NOT NULL ORDER BY taken DESC, id DESC LIMIT 1", (drive,)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def last_verdict(self, device: str) -> tuple[str, float] | None:
         """The verdict of the newest reading through ``device`` (any drive behind it)."""
         row = self.db.execute(

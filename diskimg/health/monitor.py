@@ -78,7 +78,7 @@ def _identify(history: History, device: str, report: HealthReport,
     if drive is None:
         return history.add_drive(device, report.model, serial, report.interface, now), []
     why, reason = None, None
-    last = history.last_reading(drive.id)
+    last = history.last_hours(drive.id)
     if drive.serial and serial and drive.serial != serial:
         why = f"serial {serial}, was {drive.serial}"
         reason = Reason("drive", f"a different drive behind {device}: {why}", INFO,
@@ -87,13 +87,12 @@ def _identify(history: History, device: str, report: HealthReport,
         why = f"model {report.model}, was {drive.model}"
         reason = Reason("drive", f"a different drive behind {device}: {why}", INFO,
                         "the disk was replaced; its history starts here")
-    elif last is not None and last.power_on_hours is not None \
-            and report.power_on_hours is not None \
-            and report.power_on_hours < last.power_on_hours - 1:
-        why = (f"power-on hours {report.power_on_hours}, were {last.power_on_hours} at "
-               f"{trends.fmt_time(last.taken)}")
-        reason = Reason("power-on hours", f"{report.power_on_hours} h, were "
-                        f"{last.power_on_hours} h at {trends.fmt_time(last.taken)}", WARN,
+    elif last is not None and report.power_on_hours is not None \
+            and report.power_on_hours < last[0] - 1:
+        hours, when = last
+        why = f"power-on hours {report.power_on_hours}, were {hours} at {trends.fmt_time(when)}"
+        reason = Reason("power-on hours", f"{report.power_on_hours} h, were {hours} h at "
+                        f"{trends.fmt_time(when)}", WARN,
                         f"power-on hours went backwards: a different drive behind {device} "
                         "(or its counters were reset); its history starts here")
     if why is None:

@@ -381,3 +381,24 @@ def test_alert_mail_through_sendmail(tmp_path, monkeypatch, capsys):
     assert f"Subject: diskimg: {r.node} (HGST HUS724020ALA640) is now WARN: " \
            "5 Reallocated_Sector_Ct: 54\n" in mail
     assert mail.count("Subject:") == 1
+
+
+def test_skip_standby_leaves_a_sleeping_disk_alone(tmp_path, monkeypatch, capsys):
+    """smartctl -n standby answers exit 2 and "Device is in STANDBY mode" for a spun-down disk
+    (smartctl's own text, written for this test: no recording of a sleeping disk was at hand);
+    neither the reading nor the scheduled test wakes it."""
+    r = _selftest_replay(tmp_path, monkeypatch)
+    db = tmp_path / "health.db"
+    rc, disk = monitor(capsys, r, db, at(0))
+    asleep = r.dir / "_-d_sat_-n_standby_-i__dev_sda"
+    asleep.write_text("smartctl 7.3 2022-02-28 r5338 [x86_64-linux] (local build)\n"
+                      "Copyright (C) 2002-22, Bruce Allen, Christian Franke, "
+                      "www.smartmontools.org\n\nDevice is in STANDBY mode, exit(2)\n")
+    (r.dir / (asleep.name + ".rc")).write_text("2")
+    before = len(_calls(r))
+    rc, disk = monitor(capsys, r, db, at(1), "--skip-standby", "-d", "sat", "--schedule",
+                       "S/../.././..")
+    assert disk["selftest"] == "skipped: the disk is in standby"
+    assert [x["what"] for x in disk["reasons"]] == ["standby"]
+    assert (rc, disk["verdict"]) == (0, "PASS")          # the last verdict stands
+    assert _calls(r)[before:] == ["-d sat -n standby -i /dev/sda"]
