@@ -38,7 +38,6 @@ def units(argv: list[str], interval_seconds: int) -> dict[str, str]:
     service = (
         "[Unit]\n"
         "Description=diskimg disk health monitor: SMART history, trends, self-tests, alerts\n"
-        "Documentation=https://github.com/diskimg/diskimg\n"
         "After=local-fs.target\n\n"
         "[Service]\n"
         "Type=oneshot\n"
