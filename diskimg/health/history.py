@@ -139,13 +139,19 @@ class History:
                 if not os.path.exists(path):
                     raise HistoryError(path, "no health history here (run diskimg monitor "
                                              "first, or give --db PATH)")
+                if not os.access(path, os.R_OK):
+                    raise PermissionDenied(path, "read the health history")
                 self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
             else:
                 parent = os.path.dirname(os.path.abspath(path))
                 os.makedirs(parent, exist_ok=True)
+                if not os.access(path if os.path.exists(path) else parent, os.R_OK | os.W_OK):
+                    raise PermissionDenied(path, "write the health history")
                 self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
             self.db.execute("PRAGMA foreign_keys = ON")
             self._check_schema(readonly)
+        except sqlite3.OperationalError as e:
+            raise HistoryError(path, f"cannot use the health history: {e}") from e
         except sqlite3.DatabaseError as e:
             raise HistoryError(path, f"not a diskimg health history ({e})") from e
         except OSError as e:
