@@ -294,7 +294,7 @@ def _image_section(m: BlockMap) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in m.counts.items() if v)
     legend = "".join(f'<span><i style="background:{KIND_COLOURS[k]}"></i>{k} '
                      f'{m.counts[k]}</span>' for k in KINDS
-                     if m.counts[k] or k in ("stored", "zero", "unreadable"))
+                     if m.counts[k] or k == "unreadable")
     return (f'<section class="image"><h3>{_e(m.path)}</h3>'
             f'<div class="meta">{_e(m.kind)} image of {_e(m.source or "an unnamed source")}, '
             f'created {_e(m.created)}; {m.blocks} blocks of {m.block_size // 1024} KiB '
