@@ -258,6 +258,14 @@ class SmartUnavailable(OperationFailed):
     """SMART could not be read: no smartctl, or no SMART on the device (exit 3)."""
 
 
+class HistoryError(OperationFailed):
+    """The health history database cannot be opened, read or written: not an SQLite file, a
+    newer schema, a disk full (exit 3).  ``path``: the database."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}", path=path)
+
+
 class PermissionDenied(DiskimgError):
     """The system refused access to a file, device or directory (EACCES or EPERM; exit 4).
     ``operation`` says what was tried: "read", "write", "create the image in", ..."""

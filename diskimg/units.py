@@ -24,3 +24,19 @@ def parse_size(text: str) -> int:
         return int(t[:-1] if mult > 1 else t) * mult
     except ValueError:
         raise ValueError(f"invalid size {text!r} (use e.g. 1M, 4MiB, 65536)") from None
+
+
+_DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'30m', '1h', '7d', '2w', '90s', '3600' -> seconds.  Raises ValueError."""
+    t = text.strip().lower()
+    mult = _DURATIONS.get(t[-1:], None)
+    try:
+        n = int(t[:-1] if mult else t)
+    except ValueError:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 90s, 30m, 1h, 7d, 2w)") from None
+    if n <= 0:
+        raise ValueError(f"invalid duration {text!r}: must be positive")
+    return n * (mult or 1)

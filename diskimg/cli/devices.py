@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 
+from diskimg.cli import monitor
 from diskimg.cli.lazy import devices, health, render
 from diskimg.cli.options import common
-from diskimg.errors import EXIT_FAILED, EXIT_OK, EXIT_PROBLEM
+from diskimg.errors import EXIT_FAILED, EXIT_OK, EXIT_PROBLEM, UsageError
 
 # --------------------------------------------------------------------------------------------
 # list
@@ -50,10 +51,32 @@ def _add_health(sub) -> None:
                        "the reasons. Exit 0 PASS, 1 WARN or FAIL, 3 SMART unreadable.")
     _smart_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--db", metavar="PATH", default=None,
+                   help="the health history (default with --history and --ack: "
+                   f"{monitor.DEFAULT_DB}); given without them, the reading is stored there and "
+                   "judged with the drive's history")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--history", action="store_true",
+                   help="print the drive's stored readings as a table (no SMART is read)")
+    g.add_argument("--ack", action="append", metavar="ATTR",
+                   help="accept a counter's current value as its baseline (5, "
+                   "Reallocated_Sector_Ct, media_errors, grown_defects...): it stays quiet "
+                   "until it grows past it; repeatable")
+    p.add_argument("--since", type=monitor.since_arg, default=None, metavar="WHEN",
+                   help="with --history: only readings since WHEN (30d, 12h, 2026-11-01)")
+    monitor.clock_option(p)
     p.set_defaults(func=_cmd_health)
 
 
-def _cmd_health(args: argparse.Namespace) -> render.HealthDone:
+def _cmd_health(args: argparse.Namespace):
+    if args.since is not None and not args.history:
+        raise UsageError("--since goes with --history")
+    if args.history:
+        return monitor.health_history(args)
+    if args.ack:
+        return monitor.health_ack(args)
+    if args.db:
+        return monitor.health_observe(args)
     report = health.check(args.device, smartctl=args.smartctl, interface=args.device_type)
     code = (EXIT_FAILED if report.verdict == health.UNKNOWN
             else EXIT_OK if report.verdict == health.PASS else EXIT_PROBLEM)

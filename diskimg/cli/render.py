@@ -672,3 +672,187 @@ class SelfTestDone:
         return [f"{self.device}: {entry.type}: {entry.status}"
                 + (f" (first error at LBA {entry.lba})" if entry.lba and entry.lba != "-"
                    else "")]
+
+
+# --------------------------------------------------------------------------------------------
+# health history: monitor, health --history / --ack, timer, report
+
+def _when(t: float | None) -> str | None:
+    import time as _time
+    return None if t is None else _time.strftime("%Y-%m-%d %H:%M", _time.localtime(t))
+
+
+def _iso(t: float | None) -> str | None:
+    from datetime import datetime, timezone
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat()
+
+
+def observation_json(o) -> dict:
+    r = o.report
+    return {
+        "device": o.device, "time": _iso(o.taken), "verdict": o.verdict,
+        "previous_verdict": o.previous, "previous_time": _iso(o.previous_taken),
+        "changed": o.changed,
+        "model": (r.model if r else None) or (o.drive.model if o.drive else None),
+        "serial": o.drive.serial if o.drive else None,
+        "interface": r.interface if r else None,
+        "temperature": r.temperature if r else None,
+        "power_on_hours": r.power_on_hours if r else None,
+        "wear": o.wear, "values": o.values or {},
+        "reasons": to_json(o.reasons), "error": o.error,
+        "selftest": o.selftest, "alert": o.alert,
+    }
+
+
+def observation_lines(o) -> list[str]:
+    r = o.report
+    serial = o.drive.serial if o.drive else None
+    ident = ", ".join(x for x in ((r.model, serial and f"serial {serial}", r.interface)
+                                  if r else ()) if x)
+    head = f"{o.device}: {o.verdict}"
+    if o.previous and o.previous != o.verdict:
+        head += f", was {o.previous} at {_when(o.previous_taken)}"
+    lines = [head + (f"  ({ident})" if ident else "")]
+    if o.error:
+        lines.append(f"  SMART unreadable: {o.error}")
+    for x in o.reasons:
+        if o.error and x.what == "SMART":
+            continue
+        lines.append(f"  {x.severity:<4}  {x.what}: {x.value}")
+        lines.append(f"        {x.why}")
+    if o.selftest:
+        lines.append(f"  self-test: {o.selftest}")
+    if o.alert:
+        lines.append(f"  alert: {o.alert}")
+    return lines
+
+
+@dataclass(frozen=True)
+class MonitorDone:
+    """``monitor`` (one pass) and ``health --db``: the observations; exit 0 all PASS, 1 any
+    WARN or FAIL, 3 SMART unreadable."""
+
+    observations: tuple
+    exit_code: int
+
+    def json(self) -> dict:
+        return {"disks": [observation_json(o) for o in self.observations]}
+
+    def lines(self) -> list[str]:
+        return [line for o in self.observations for line in observation_lines(o)]
+
+
+_VALUE_ORDER = ("5", "10", "184", "187", "188", "196", "197", "198", "199", "media_errors",
+                "grown_defects", "uncorrected_read", "uncorrected_write", "uncorrected_verify",
+                "percentage_used", "available_spare", "critical_warning", "error_log_entries",
+                "endurance_used", "177.value", "202.value", "231.value", "233.value")
+
+
+@dataclass(frozen=True)
+class HistoryDone:
+    """``health DEV --history``: (drive, readings) for each drive seen behind DEV."""
+
+    device: str
+    drives: tuple
+    since: str | None
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"device": self.device, "since": self.since, "drives": [
+            dict(to_json(d), first_seen=_iso(d.first_seen), last_seen=_iso(d.last_seen),
+                 readings=[{"time": _iso(r.taken), "verdict": r.verdict,
+                            "temperature": r.temperature, "power_on_hours": r.power_on_hours,
+                            "wear": r.wear, "values": r.values} for r in readings])
+            for d, readings in self.drives]}
+
+    def lines(self) -> list[str]:
+        out = []
+        for d, readings in self.drives:
+            ident = ", ".join(x for x in (d.model, d.serial and f"serial {d.serial}") if x)
+            if d.follows is not None:
+                out.append(f"-- a different drive from {_when(d.first_seen)}: {d.why}")
+            if not readings:
+                out.append(f"{self.device}: no readings" + (f" since {self.since}"
+                                                           if self.since else "")
+                           + (f"  ({ident})" if ident else ""))
+                continue
+            out.append(f"{self.device}: {len(readings)} readings from "
+                       f"{_when(readings[0].taken)} to {_when(readings[-1].taken)}"
+                       + (f"  ({ident})" if ident else ""))
+            keys = [k for k in _VALUE_ORDER if any(k in r.values for r in readings)]
+            keys += sorted({k for r in readings for k in r.values} - set(keys))
+            cols = ["time", "verdict", "temp", "hours", "wear"] + keys
+            rows = [[_when(r.taken), r.verdict,
+                     "" if r.temperature is None else str(r.temperature),
+                     "" if r.power_on_hours is None else str(r.power_on_hours),
+                     "" if r.wear is None else f"{r.wear}%"]
+                    + [str(r.values[k]) if k in r.values else "" for k in keys]
+                    for r in readings]
+            keep = [i for i, c in enumerate(cols) if i < 2 or any(row[i] for row in rows)]
+            cols = [cols[i] for i in keep]
+            rows = [[row[i] for i in keep] for row in rows]
+            widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+            out.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+            out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
+                    for row in rows]
+        return out
+
+
+@dataclass(frozen=True)
+class AckDone:
+    """``health DEV --ack ATTR``: what was acknowledged, and the verdict with it."""
+
+    observation: Any
+    acked: tuple
+    exit_code: int
+
+    def json(self) -> dict:
+        return dict(observation_json(self.observation),
+                    acknowledged=[{"attribute": k, "value": v} for k, v in self.acked])
+
+    def lines(self) -> list[str]:
+        return [f"{self.observation.device}: {k} acknowledged at {v}" for k, v in self.acked] \
+            + observation_lines(self.observation)
+
+
+@dataclass(frozen=True)
+class TimerDone:
+    """``monitor timer install``: the unit files written."""
+
+    paths: tuple
+    exec_start: str
+    interval: int
+    system_dir: bool
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"units": list(self.paths), "exec_start": self.exec_start,
+                "interval_seconds": self.interval}
+
+    def lines(self) -> list[str]:
+        out = [f"wrote {p}" for p in self.paths]
+        out.append(f"  ExecStart={self.exec_start}")
+        if self.system_dir:
+            out.append("enable it with: systemctl daemon-reload && systemctl enable --now "
+                       "diskimg-monitor.timer")
+        return out
+
+
+@dataclass(frozen=True)
+class ReportDone:
+    """``report``: the page written and what it shows; exit 1 when an image could not be
+    drawn (the page says why)."""
+
+    result: Any
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PROBLEM if self.result.errors else EXIT_OK
+
+    def json(self) -> dict:
+        return to_json(self.result)
+
+    def lines(self) -> list[str]:
+        r = self.result
+        return [f"wrote {r.path}: {len(r.disks)} disk(s), {len(r.images)} image(s), "
+                f"{human(r.size)}"] + [f"  {path}: {why}" for path, why in r.errors]

@@ -101,6 +101,11 @@ class SmartFacts:
     scsi_endurance_used: int | None = None
     temperature: int | None = None
     power_on_hours: int | None = None
+    # the drive's own temperature limits (NVMe warning/critical composite thresholds, SCSI trip
+    # temperature, ATA 190's threshold read as 100 - limit), for health history
+    temperature_warning: int | None = None
+    temperature_critical: int | None = None
+    selftest_remaining: int | None = None      # percent left of a self-test running now
 
 
 # --------------------------------------------------------------------------------------------

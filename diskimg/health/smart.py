@@ -32,7 +32,7 @@ from diskimg.health.rules import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check", "find_smartctl", "precheck"]
+__all__ = ["check", "find_smartctl", "precheck", "read"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +234,27 @@ def read_facts(dev, lines: list[str]) -> SmartFacts:
     if f.kind == "scsi" and f.temperature == 0 and not f.smart_available:
         f.temperature = None
     f.selftests.extend(selftest_entry(t) for t in dev.tests or [])
+    _limits_and_running(f, text)
     return f
+
+
+def _limits_and_running(f: SmartFacts, text: str) -> None:
+    """The drive's own temperature limits and a self-test running now, from the text."""
+    f.temperature_warning = _int_field(text, r"^Warning\s+Comp\. Temp\. Threshold:\s*(\d+)")
+    f.temperature_critical = _int_field(text, r"^Critical Comp\. Temp\. Threshold:\s*(\d+)")
+    if f.kind == "scsi":
+        f.temperature_critical = _int_field(text, r"^Drive Trip Temperature:\s*(\d+)")
+    airflow = f.attributes.get(190)
+    if f.temperature_warning is None and airflow is not None and airflow.thresh \
+            and 0 < airflow.thresh < 100:
+        # 190 Airflow_Temperature_Cel: VALUE is 100 - temperature, THRESH 100 - the limit
+        f.temperature_warning = 100 - airflow.thresh
+    m = re.search(r"Self-test routine in progress\.\.\.\s*(\d+)% of test remaining", text)
+    if m is None:   # NVMe: "Self-test status: Extended self-test in progress (42% completed)"
+        m2 = re.search(r"self-test in progress \((\d+)% completed\)", text, re.I)
+        f.selftest_remaining = 100 - int(m2.group(1)) if m2 else None
+    else:
+        f.selftest_remaining = int(m.group(1))
 
 
 def selftest_entry(t) -> SelfTest:
@@ -264,6 +284,12 @@ def check(path: str, smartctl: str | None = None, interface: str | None = None) 
 
     Raises UsageError when ``path`` does not exist, SmartUnavailable when smartctl is missing.
     """
+    return read(path, smartctl, interface)[0]
+
+
+def read(path: str, smartctl: str | None = None,
+         interface: str | None = None) -> tuple[HealthReport, SmartFacts]:
+    """``check``'s report and the facts behind it (what health history stores)."""
     dev, sm = open_device(path, smartctl, interface)
     facts = read_facts(dev, sm.last_all)
     verdict, reasons = evaluate(facts)
@@ -275,7 +301,7 @@ def check(path: str, smartctl: str | None = None, interface: str | None = None) 
         verdict=verdict, reasons=tuple(reasons), smart_overall=facts.overall,
         temperature=facts.temperature, power_on_hours=facts.power_on_hours,
         selftests=tuple(facts.selftests), firmware=dev.firmware,
-    )
+    ), facts
 
 
 _DETECTED = re.compile(r"Device of type '[^']+' .*(detected|opened)")
@@ -336,3 +362,20 @@ def require_smart(dev, sm, path: str) -> None:
     """Refuse a device without SMART (what a self-test needs)."""
     if not read_facts(dev, sm.last_all).smart_available:
         raise SmartUnavailable(f"{path}: no SMART on this device (cannot run self-tests)")
+
+
+def in_standby(path: str, smartctl: str | None = None, interface: str | None = None) -> bool:
+    """Whether the disk is spun down (``smartctl -n standby -i``: exit 2 and "STANDBY"), asked
+    without waking it, as smartd's ``-n standby`` does.  False when it cannot tell."""
+    import subprocess
+    binary = find_smartctl(smartctl)
+    if binary is None:
+        return False
+    argv = [binary] + (["-d", interface] if interface else []) + ["-n", "standby", "-i",
+                                                                  os.path.abspath(path)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.debug("%s: standby check failed: %s", path, e)
+        return False
+    return proc.returncode == 2 and "STANDBY" in proc.stdout.upper()

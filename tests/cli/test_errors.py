@@ -547,6 +547,9 @@ def test_startup_imports_only_what_the_command_needs(tmp_path):
     assert not {"pySMART", "pyudev", "tqdm", "diskimg.ops.imaging", "diskimg.health.smart"} & got
     got = _imported("image", str(tmp_path / "a.raw"), str(tmp_path / "b.dimg"), cwd=tmp_path)
     assert "diskimg.ops.imaging" in got and not {"pySMART", "tqdm"} & got
+    # health history (issue 17): nothing of it unless asked
+    assert not {"sqlite3", "diskimg.health.history", "diskimg.health.monitor",
+                "diskimg.report"} & got
     got = _imported("health", str(tmp_path / "nonexistent"), cwd=tmp_path)
     assert not {"zstandard", "pyudev", "diskimg.ops.imaging"} & got
     got = _imported("list", cwd=tmp_path)
