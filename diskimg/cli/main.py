@@ -16,7 +16,7 @@ import sys
 from typing import Callable
 
 from diskimg import __version__, errors
-from diskimg.cli import devices, images
+from diskimg.cli import backup, devices, images
 from diskimg.cli.lazy import render
 from diskimg.cli.options import common
 from diskimg.errors import (
@@ -35,7 +35,8 @@ log = logging.getLogger("diskimg")
 
 
 # each command group's parser builders, in the order of --help
-ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *devices.ADDERS]
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *devices.ADDERS,
+                                                              *backup.ADDERS]
 
 
 class _UsageExit(Exception):

@@ -36,7 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "devices": BASE | {"disk"},
     "health": BASE,
     "ops": LOW | {"image", "devices", "health"},
-    "cli": LOW | {"image", "ops", "devices", "health"},
+    "backup": LOW | {"image", "ops", "devices", "health"},
+    "cli": LOW | {"image", "ops", "devices", "health", "backup"},
     "__main__": {"cli"},
 }
 # What the package's lazy re-exports may reach (diskimg/__init__.py's __getattr__).
