@@ -83,8 +83,8 @@ def plan(cat: Catalogue, rules: Keep) -> Plan:
         chain = cat.chain_of(p)
         for i in range(len(chain) - 2, -1, -1):
             parent, child = chain[i], chain[i + 1]
-            why = f"kept as the parent of {child.name}" + (
-                "" if child.uuid == p.uuid else f", which {p.name} needs")
+            # the direct dependency: the child's own line says why it is kept
+            why = f"kept as the parent of {child.name}"
             if parent.uuid in reasons and why not in reasons[parent.uuid] and \
                     parent.uuid not in by_rule:
                 reasons[parent.uuid].append(why)

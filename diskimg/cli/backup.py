@@ -202,9 +202,10 @@ class _Restarting:
 
     def start(self, total: int, unit: str = "B") -> None:
         self.bar.start(total, unit)
-        if self.total and self.bar.bar is not None:
-            self.bar.bar.total += total
-            self.bar.bar.refresh()
+        shown = self.bar.bar
+        if self.total and getattr(shown, "total", None) is not None:   # a tqdm bar
+            shown.total += total
+            shown.refresh()
         self.total += total
 
     def advance(self, n: int) -> None:
