@@ -169,12 +169,13 @@ def run_job(job: Job, *, now: Clock = system_clock, level: str | None = None,
         if status["result"] in ("success", "problem"):
             status["last_success"] = status["end"]
             status["last_success_epoch"] = ended_at.timestamp()
-        _write_status(job, status, textfile)
-        if result is not None:
+        written = _write_status(job, status, textfile)
+        if result is not None:    # (frozen: filled in here, once the run has ended)
             object.__setattr__(result, "ended", status["end"])
+            object.__setattr__(result, "textfile", written)
 
 
-def _write_status(job: Job, status: dict, textfile: str | None) -> None:
+def _write_status(job: Job, status: dict, textfile: str | None) -> str | None:
     import json
     try:
         os.makedirs(job.state_dir, exist_ok=True)
@@ -183,7 +184,8 @@ def _write_status(job: Job, status: dict, textfile: str | None) -> None:
     except (OSError, DiskimgError) as err:
         log.warning("warning: cannot write the status of job %s: %s", job.name, err)
     if textfile:
-        metrics.write_textfile(textfile, status)
+        return metrics.write_textfile(textfile, status)
+    return None
 
 
 def _run(job: Job, now: Clock, started_at: datetime, started: float, level: str | None,
