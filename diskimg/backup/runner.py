@@ -267,7 +267,18 @@ def _remove_leftovers(dest: Destination, cat: Catalogue, notify: Notify) -> tupl
             continue
         notify(f"removed {dest.path(name)}, left by an interrupted run")
         removed.append(name)
+        _delete_beside(dest, name.removesuffix(cat_mod.PARTIAL_SUFFIX), (MAP_SUFFIX,))
     return tuple(removed)
+
+
+MAP_SUFFIX = ".map"     # a rescue's GNU ddrescue mapfile, beside its image
+
+
+def _delete_beside(dest: Destination, image: str, suffixes: tuple[str, ...]) -> None:
+    """The small files that belong to `image` (its verification, its rescue map)."""
+    for suffix in suffixes:
+        if dest.store.exists(image + suffix):
+            dest.delete(image + suffix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,12 +426,11 @@ def prune_job(job: Job, rules: Keep | None = None, *, dry_run: bool = False,
         for d in plan.remove:
             dest.delete(d.point.name)
             removed.append(d.point.name)
-            side = d.point.name + cat_mod.VERIFIED_SUFFIX
-            if dest.store.exists(side):
-                dest.delete(side)
+            _delete_beside(dest, d.point.name, (cat_mod.VERIFIED_SUFFIX, MAP_SUFFIX))
         for name in plan.leftovers:
             dest.delete(name)
             removed.append(name)
+            _delete_beside(dest, name.removesuffix(cat_mod.PARTIAL_SUFFIX), (MAP_SUFFIX,))
     return PruneResult(job.name, plan, False, tuple(removed))
 
 

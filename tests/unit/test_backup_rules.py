@@ -55,7 +55,8 @@ def test_config_reads_every_key():
     ('full-every = "fortnightly"', "jobs.root.full-every: a period expected"),
     ('health = "pray"', "jobs.root.health: one of stop, rescue, ignore expected"),
     ('destination = "s3://bucket/root"', "jobs.root.destination: s3://bucket/root: object "
-                                         "storage (s3://) is not supported"),
+                                         "storage is not supported yet"),
+    ('block-size = "3M"', "jobs.root.block-size: "),
     ('destination = "backups"', "jobs.root.destination: an absolute directory expected"),
     ('source = { serial = "A", wwn = "B" }', "jobs.root.source: a table with exactly one of"),
     ("compression-level = 30", "jobs.root.compression-level: 1 to 22 expected, got 30"),
