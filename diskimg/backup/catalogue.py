@@ -128,6 +128,7 @@ class Point:
     problem: str | None = None
     verified: Verification | None = None
     source: str | None = None   # the device it was read from
+    identity: dict | None = None   # what the header records of the source (serial, fs UUID...)
 
     @property
     def restorable(self) -> bool:
@@ -211,6 +212,7 @@ def scan(dest: Destination, job: str) -> Catalogue:
             chain=tuple(header.chain or (header.uuid,)), size=header.size,
             rescue=bool(header.extra.get("rescue")), source=header.source.get("path")
             if isinstance(header.source, dict) else None,
+            identity=header.source if isinstance(header.source, dict) else None,
             verified=_verification(dest, name))
         try:
             reader = dest.open_image(name)

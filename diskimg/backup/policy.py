@@ -5,7 +5,9 @@ In order, the first that applies:
 
 1. ``--level`` given: that level (a changed-block level needs a full image to build on);
 2. no restorable full image yet: full;
-3. the source's size differs from the last full's (a replaced, larger disk): full;
+3. the source's size differs from the last full's (a replaced, larger disk), or it is not the
+   last full's disk (its serial, WWN, partition-table id or filesystem UUID differ: a disk
+   replaced, a filesystem made again): full, saying so;
 4. ``full-every`` is due since the last full: full.  A calendar period ("monthly") is due when
    the month (day, ISO week, year) has changed, an interval ("4w") when that many whole days
    have passed, by UTC date, so that a timer's random delay does not push a full to the next
@@ -66,7 +68,9 @@ def _age(last: datetime, now: datetime) -> str:
 
 
 def choose(policy: LevelPolicy, cat: Catalogue, now: datetime, source_size: int | None = None,
-           override: str | None = None) -> Decision:
+           override: str | None = None, mismatch=None) -> Decision:
+    """The next run's level.  `mismatch(full) -> str | None` says why the source is not the
+    disk a full image was made from (None: it is)."""
     points = cat.restore_points
     latest = points[-1] if points else None
     fulls = [p for p in points if p.level == "full"]
@@ -82,6 +86,9 @@ def choose(policy: LevelPolicy, cat: Catalogue, now: datetime, source_size: int 
             raise UsageError(f"job {cat.job}: --level {override}: the source's size "
                              f"({source_size} bytes) differs from the full image's "
                              f"({full.size}); make a full image")
+        why = mismatch(full) if mismatch else None
+        if why:
+            raise UsageError(f"job {cat.job}: --level {override}: {why}; make a full image")
         if override == "differential":
             return Decision("differential", full, "--level differential")
         return Decision("incremental", latest, "--level incremental")
@@ -91,6 +98,9 @@ def choose(policy: LevelPolicy, cat: Catalogue, now: datetime, source_size: int 
     if source_size is not None and source_size != full.size:
         return Decision("full", None, f"the source's size ({source_size} bytes) differs from "
                                       f"the last full image's ({full.size})")
+    why = mismatch(full) if mismatch else None
+    if why:
+        return Decision("full", None, f"{why}: not the disk of the last full image")
     if due(policy.full_every, full.time, now):
         return Decision("full", None, f"full-every {policy.full_every}: the last full "
                                       f"{full.name} is {_age(full.time, now)}")

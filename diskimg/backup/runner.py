@@ -97,14 +97,6 @@ def status_path(job: Job) -> str:
     return os.path.join(job.state_dir, f"{job.name}.status.json")
 
 
-def _device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def _health_gate(job: Job, device: str, notify: Notify) -> tuple[str | None, bool]:
     """(verdict or None, rescue?): raises HealthGateFailed on FAIL when the job says stop."""
     import stat
@@ -203,7 +195,8 @@ def _run(job: Job, now: Clock, started_at: datetime, started: float, level: str 
         if rescue:
             decision = policy.Decision("full", None, "health FAIL: a rescue image")
         else:
-            decision = policy.choose(job.levels, cat, started_at, _device_size(device), level)
+            size, mismatch = _probe(device)
+            decision = policy.choose(job.levels, cat, started_at, size, level, mismatch)
         status.update(level=decision.level, reason=decision.reason)
         name = cat_mod.image_name(job.name, started_at, decision.level)
         if dest.store.exists(name) or dest.store.exists(dest.store.partial_name(name)):
@@ -229,9 +222,10 @@ def _run(job: Job, now: Clock, started_at: datetime, started: float, level: str 
             from diskimg.defaults import DEFAULT_LEVEL
             from diskimg.ops.imaging import ImageOptions, create_image
             kwargs = dict(level=job.compression_level or DEFAULT_LEVEL,
-                          block_size=job.block_size, digest=job.digest,
                           all_blocks=job.all_blocks, clock=now, extra=extra,
                           search=(dest.location,), **job.image_options)
+            if decision.level == "full":   # a changed-block image takes its parent's
+                kwargs.update(block_size=job.block_size, digest=job.digest)
             if threads:
                 kwargs["threads"] = threads
             if decision.level == "incremental":
@@ -253,6 +247,21 @@ def _run(job: Job, now: Clock, started_at: datetime, started: float, level: str 
             bytes_stored=made.stored_bytes, image_bytes=made.image_bytes, health=verdict,
             rescue=rescue, unreadable_bytes=unreadable, removed_leftovers=removed,
             restore_points=points, status_file=status_path(job), textfile=None, exit_code=code)
+
+
+def _probe(device: str) -> tuple[int, Callable[[Point], str | None]]:
+    """The source's size, and why it is not the disk a full image was made from, as imaging
+    would refuse a changed-block image of it (serial, WWN, partition-table id, filesystem
+    UUID); None when it is."""
+    from diskimg.disk.blockdev import open_source
+    from diskimg.disk.identity import source_mismatch
+    from diskimg.ops.imaging import source_identity
+    source = open_source(device)
+    try:
+        size, ident = source.size, source_identity(source)
+    finally:
+        source.close()
+    return size, lambda full: source_mismatch(ident, full.identity, device, full.path)
 
 
 def _remove_leftovers(dest: Destination, cat: Catalogue, notify: Notify) -> tuple[str, ...]:
