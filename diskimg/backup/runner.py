@@ -440,6 +440,12 @@ def prune_job(job: Job, rules: Keep | None = None, *, dry_run: bool = False,
             dest.delete(name)
             removed.append(name)
             _delete_beside(dest, name.removesuffix(cat_mod.PARTIAL_SUFFIX), (MAP_SUFFIX,))
+        # verification records whose image is gone (a check that ran while a prune removed)
+        names = set(dest.names())
+        for name in names:
+            image = name.removesuffix(cat_mod.VERIFIED_SUFFIX)
+            if name != image and image.startswith(job.name + "-") and image not in names:
+                dest.delete(name)
     return PruneResult(job.name, plan, False, tuple(removed))
 
 

@@ -139,7 +139,8 @@ def _cmd_run(args: argparse.Namespace):
     job = _load(args).job(args.job)
     quiet = args.no_progress or args.json
     with render.Bar("imaging", quiet) as bar, render.RescueBar("rescuing", quiet) as rbar:
-        result = runner.run_job(job, level=args.level, textfile=args.textfile,
+        textfile = os.path.abspath(args.textfile) if args.textfile else None
+        result = runner.run_job(job, level=args.level, textfile=textfile,
                                 notify=render.note, progress=bar, rescue_progress=rbar,
                                 threads=_threads(args))
     return brender.RunDone(result)

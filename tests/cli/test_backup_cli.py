@@ -194,3 +194,34 @@ def test_image_commands_do_not_import_the_backup_package(tmp_path):
              if ln.startswith("import time:") and "|" in ln}
     assert "diskimg.ops.imaging" in names
     assert not {n for n in names if n.startswith(("diskimg.backup", "diskimg.cli.backup_"))}
+
+
+def test_broken_chains_and_cut_images_are_listed_but_no_restore_points(setup):
+    tmp, disk, config = setup
+    import time
+    assert cli("backup", "run", "files", "--config", config).rc == 0
+    for _ in range(2):
+        time.sleep(1.1)
+        assert cli("backup", "run", "files", "--config", config).rc == 0
+    full, inc1, inc2 = sorted((tmp / "dest").iterdir())
+    assert full.name.endswith("-full.dimg") and inc2.name.endswith("-incremental.dimg")
+    # the last image cut short (a copy that stopped), the first one gone
+    with open(inc2, "r+b") as f:
+        f.truncate(inc2.stat().st_size - 10)
+    listing = cli("backup", "list", "files", "--config", config, "--json").json
+    images = {i["name"]: i for i in listing["jobs"][0]["images"]}
+    assert images[inc2.name]["restore_point"] is False
+    assert images[inc2.name]["problem"].startswith("not complete: ")
+    assert listing["jobs"][0]["restore_points"] == 2
+    full.unlink()
+    text = cli("backup", "list", "files", "--config", config).out
+    assert "job files: 0 restore points" in text
+    assert f"NOT A RESTORE POINT: chain broken: image " in text
+    r = cli("backup", "restore", "files", tmp / "t.raw", "--at", "latest", "--config", config)
+    assert r.rc == 2 and "job files has no restore point" in r.err
+    # prune leaves what it cannot judge alone; the next run starts a new full
+    r = cli("backup", "prune", "files", "--config", config)
+    assert r.rc == 0 and f"left    {inc1.name}: not a restore point: chain broken" in r.out
+    assert inc1.exists() and inc2.exists()
+    r = cli("backup", "run", "files", "--config", config, "--json")
+    assert r.json["level"] == "full" and r.json["reason"] == "no restorable full image yet"
