@@ -12,24 +12,7 @@ import os
 import socket
 from datetime import datetime, timezone
 
-from diskimg.errors import DiskimgError, PermissionDenied, UsageError, is_permission_error
-
-
-class JobLocked(DiskimgError):
-    """Another run holds the job's lock (exit 2: refused, nothing done)."""
-
-    exit_code = 2
-
-    def __init__(self, path: str, job: str, holder: dict | None) -> None:
-        who = "another run"
-        if holder:
-            who = (f"pid {holder.get('pid')} on {holder.get('host')} since "
-                   f"{holder.get('since')} ({holder.get('what')})")
-        super().__init__(f"{path}: job {job} is busy: held by {who}")
-        self.path, self.job, self.holder = path, job, holder
-
-    def to_dict(self) -> dict:
-        return {"job": self.job, "holder": self.holder}
+from diskimg.errors import JobBusy, PermissionDenied, UsageError, is_permission_error
 
 
 class JobLock:
@@ -52,7 +35,7 @@ class JobLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise JobLocked(self.path, self.job, holder) from None
+            raise JobBusy(self.path, self.job, holder) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "what": self.what}

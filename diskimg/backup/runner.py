@@ -34,6 +34,7 @@ from diskimg.errors import (
     EXIT_OK,
     EXIT_PROBLEM,
     DiskimgError,
+    HealthGateFailed,
     SmartUnavailable,
     UsageError,
 )
@@ -50,19 +51,6 @@ def system_clock() -> datetime:
 
 def _quiet(line: str) -> None:
     log.info("%s", line)
-
-
-class HealthGateFailed(DiskimgError):
-    """The source's health verdict is FAIL and the job says stop (exit 1: a check found a
-    problem)."""
-
-    exit_code = EXIT_PROBLEM
-
-    def __init__(self, path: str, job: str, reasons: list[str]) -> None:
-        why = "; ".join(reasons[:3]) or "SMART verdict FAIL"
-        super().__init__(f"{path}: health FAIL, job {job} not run ({why}); set health = "
-                         f"\"rescue\" in the job or image it with `diskimg image --rescue`")
-        self.path, self.job, self.reasons = path, job, reasons
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +117,7 @@ def _health_gate(job: Job, device: str, notify: Notify) -> tuple[str | None, boo
 def run_job(job: Job, *, now: Clock = system_clock, level: str | None = None,
             textfile: str | None = None, notify: Notify = _quiet, progress=None,
             rescue_progress=None, threads: int | None = None) -> RunResult:
-    """Make the job's next image.  Raises the imaging errors, JobLocked (exit 2) and
+    """Make the job's next image.  Raises the imaging errors, JobBusy (exit 2) and
     HealthGateFailed (exit 1); the status file (and textfile) are written in every case."""
     started_at = now()
     started = time.monotonic()
@@ -449,6 +437,6 @@ def prune_job(job: Job, rules: Keep | None = None, *, dry_run: bool = False,
     return PruneResult(job.name, plan, False, tuple(removed))
 
 
-__all__ = ["CheckResult", "Checked", "HealthGateFailed", "PruneResult", "RunResult",
+__all__ = ["CheckResult", "Checked", "PruneResult", "RunResult",
            "Verification", "catalogue", "check_job", "find_point", "parse_at", "prune_job",
            "restore_job", "run_job", "system_clock"]

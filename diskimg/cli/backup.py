@@ -22,6 +22,9 @@ timer = LazyModule("diskimg.backup.timer")
 brender = LazyModule("diskimg.cli.backup_render")
 
 LEVELS = ("full", "differential", "incremental")
+# whether this command line may be a backup command (main sets it): if not, only the `backup`
+# entry of the command list is made, not its eleven parsers
+wanted = True
 
 
 def _config_option() -> argparse.ArgumentParser:
@@ -41,6 +44,8 @@ def _add_backup(sub) -> None:
                        description="Backup jobs defined in a TOML file: images made on a "
                        "schedule at the level a policy chooses, pruned by keep rules that never "
                        "break a chain, verified, restored by time.")
+    if not wanted:
+        return
     bsub = p.add_subparsers(dest="backup_command", metavar="ACTION", required=True)
     cfg = _config_option()
 

@@ -22,13 +22,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import LoopDevices
 from helpers import cli, run, sha256_of
 
 from diskimg.backup import runner
 from diskimg.backup.config import load_config
-from diskimg.backup.lock import JobLocked
-from diskimg.errors import SourceError
+from diskimg.errors import JobBusy, SourceError
 
 pytestmark = pytest.mark.root
 
@@ -89,6 +87,34 @@ run_job(job, now=lambda: when, progress=Stall(), threads=1)
 """
 
 
+class Loops:
+    """Loop devices for the module's month (the `loops` fixture is per test), always
+    detached."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.devices: list[str] = []
+
+    def attach(self, backing: Path) -> str:
+        dev = run("losetup", "--find", "--show", str(backing)).stdout.strip()
+        self.devices.append(dev)
+        return dev
+
+    def create(self, size: int, name: str) -> tuple[str, Path]:
+        backing = self.root / f"{name}.img"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        return self.attach(backing), backing
+
+    def detach(self, dev: str) -> None:
+        run("losetup", "-d", dev)
+        self.devices.remove(dev)
+
+    def cleanup(self) -> None:
+        for dev in reversed(self.devices):
+            run("losetup", "-d", dev, check=False)
+
+
 class Month:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -120,7 +146,7 @@ def month(tmp_path_factory):
         return real_probe(path) if ok else {}
 
     root = tmp_path_factory.mktemp("month")
-    lo = LoopDevices(root)
+    lo = Loops(root)
     mp = pytest.MonkeyPatch()
     mp.setattr(devices, "probe_fs", probe)
     try:
@@ -130,7 +156,7 @@ def month(tmp_path_factory):
         lo.cleanup()
 
 
-def _simulate(root: Path, lo: LoopDevices) -> Month:
+def _simulate(root: Path, lo: Loops) -> Month:
     m = Month(root)
     m.dest.mkdir()
     m.mnt.mkdir()
@@ -162,8 +188,7 @@ keep-weekly = 2
                 runner.run_job(job, now=lambda: when)
             m.ambiguous = str(e.value)
             # ... then the old node goes away: the disk moved from `dev` to `new`
-            run("losetup", "-d", dev)
-            lo.devices.remove(dev)
+            lo.detach(dev)
             m.moved_from, m.moved_to, dev = dev, new, new
         result = runner.run_job(job, now=lambda: when, threads=2)
         m.results[day] = result
@@ -187,7 +212,7 @@ def _killed_run(m: Month, job, when: datetime) -> None:
             time.sleep(0.05)
         try:
             runner.run_job(job, now=lambda: when)
-        except JobLocked as err:
+        except JobBusy as err:
             m.locked_message = f"{err} [{proc.pid}]"
         before = runner.catalogue(job)
         m.list_while_killed = [p.name for p in before.restore_points]
