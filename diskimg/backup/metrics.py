@@ -1,6 +1,7 @@
 """node_exporter textfile metrics of a job's last run, and the JSON status they come from.
 
-One file per job, ``DIR/diskimg_backup_JOB.prom``, so that jobs never overwrite each other's,
+One file per job, ``DIR/diskimg_backup_JOB.prom`` (and ``DIR/diskimg_backup_check_JOB.prom`` for
+its last ``backup check``), so that jobs never overwrite each other's,
 written to a temporary name in DIR and renamed: node_exporter's textfile collector never reads
 half a file.  The job's name is the label ``backup_job`` rather than ``job``, which Prometheus
 sets itself (to the scrape job) and would rename to ``exported_job``.
@@ -67,6 +68,35 @@ def render(status: dict) -> str:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         lines += [f"{name}{{{labels}}} {_number(v)}" for labels, v in values[name]]
     return "\n".join(lines) + "\n"
+
+
+_CHECK_METRICS = {
+    "diskimg_backup_last_check_timestamp_seconds": ("gauge", "When the job's last check ended."),
+    "diskimg_backup_last_check_images": ("gauge", "Images the job's last check verified."),
+    "diskimg_backup_last_check_failed_images": (
+        "gauge", "Images the job's last check found damaged."),
+    "diskimg_backup_unverified_restore_points": (
+        "gauge", "Restore points of the job never verified."),
+}
+
+
+def render_check(job: str, ended: float, checked: int, failed: int, unverified: int) -> str:
+    """The textfile of one job's last `backup check`."""
+    label = f'backup_job="{_escape(job)}"'
+    lines = []
+    for (name, (kind, help_text)), value in zip(_CHECK_METRICS.items(),
+                                                (ended, checked, failed, unverified)):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+                  f"{name}{{{label}}} {_number(float(value))}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_check_textfile(directory: str, job: str, ended: float, checked: int, failed: int,
+                         unverified: int) -> str:
+    path = os.path.join(directory, f"diskimg_backup_check_{job}.prom")
+    write_atomic(path, render_check(job, ended, checked, failed, unverified).encode(),
+                 "metrics textfile")
+    return path
 
 
 def _number(v: float) -> str:

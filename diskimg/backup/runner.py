@@ -343,6 +343,8 @@ class CheckResult:
     checked: tuple[Checked, ...]
     chosen: tuple[str, ...]            # the images asked for (a sample), whose chains were checked
     points: int
+    unverified: int = 0                # restore points never verified, after this check
+    textfile: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -362,7 +364,8 @@ def choose_sample(points: list[Point], pct: float | None) -> list[Point]:
 
 
 def check_job(job: Job, *, sample: float | None = None, now: Clock = system_clock,
-              notify: Notify = _quiet, progress=None, threads: int | None = None) -> CheckResult:
+              notify: Notify = _quiet, progress=None, threads: int | None = None,
+              textfile: str | None = None) -> CheckResult:
     """Verify the job's images (all, or a sample) with their chains, and record each image's
     result beside it (NAME.verified.json) for `list` and for the level policy."""
     from diskimg.ops.verify import verify_image
@@ -391,8 +394,15 @@ def check_job(job: Job, *, sample: float | None = None, now: Clock = system_cloc
             dest.write_sidecar(member.name + cat_mod.VERIFIED_SUFFIX, {
                 "time": when, "ok": checked.ok, "errors": checked.errors,
                 "message": checked.message, "uuid": uuid})
+    unverified = sum(1 for p in cat.restore_points if p.verified is None and p.uuid not in done)
+    written = None
+    if textfile:
+        written = metrics.write_check_textfile(
+            textfile, job.name, now().timestamp(), len(done),
+            sum(1 for c in done.values() if not c.ok), unverified)
     return CheckResult(job=job.name, checked=tuple(done.values()),
-                       chosen=tuple(p.name for p in chosen), points=len(cat.restore_points))
+                       chosen=tuple(p.name for p in chosen), points=len(cat.restore_points),
+                       unverified=unverified, textfile=written)
 
 
 # --------------------------------------------------------------------------------------------

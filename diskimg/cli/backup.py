@@ -107,6 +107,8 @@ def _add_backup(sub) -> None:
     ck.add_argument("job", metavar="JOB")
     ck.add_argument("--sample", type=float, default=None, metavar="PCT",
                     help="verify PCT%% of the restore points this time")
+    ck.add_argument("--textfile", metavar="DIR",
+                    help="write node_exporter textfile metrics of the check into DIR")
     ck.add_argument("--threads", type=int, default=None, metavar="N")
     ck.add_argument("--no-progress", action="store_true", help="no progress bar")
     ck.add_argument("--json", action="store_true", help="print JSON")
@@ -195,7 +197,9 @@ def _cmd_check(args: argparse.Namespace):
     job = _load(args).job(args.job)
     with render.Bar("verifying", args.no_progress or args.json) as bar:
         result = runner.check_job(job, sample=args.sample, notify=render.note,
-                                  progress=_Restarting(bar), threads=_threads(args))
+                                  progress=_Restarting(bar), threads=_threads(args),
+                                  textfile=os.path.abspath(args.textfile) if args.textfile
+                                  else None)
     return brender.CheckDone(result)
 
 

@@ -164,7 +164,8 @@ class CheckDone:
         bad = sum(not c.ok for c in r.checked)
         yield (f"{r.job}: {len(r.checked)} image(s) verified ({len(r.chosen)} of {r.points} "
                f"restore points chosen, with their chains)"
-               + (f"; {bad} FAILED" if bad else "; all ok"))
+               + (f"; {bad} FAILED" if bad else "; all ok")
+               + (f"; {r.unverified} never verified yet" if r.unverified else ""))
 
 
 @dataclass(frozen=True)

@@ -225,3 +225,36 @@ def test_broken_chains_and_cut_images_are_listed_but_no_restore_points(setup):
     assert inc1.exists() and inc2.exists()
     r = cli("backup", "run", "files", "--config", config, "--json")
     assert r.json["level"] == "full" and r.json["reason"] == "no restorable full image yet"
+
+
+def test_check_records_results_and_writes_its_metrics(setup):
+    tmp, disk, config = setup
+    import time
+    assert cli("backup", "run", "files", "--config", config).rc == 0
+    time.sleep(1.1)
+    assert cli("backup", "run", "files", "--config", config).rc == 0
+    tf = tmp / "tf"
+    tf.mkdir()
+    r = cli("backup", "check", "files", "--sample", "50", "--config", config, "--textfile", tf,
+            "--json")
+    assert r.rc == 0, r.err
+    out = r.json
+    # 50% of 2 points: the oldest never verified, the full
+    assert out["ok"] and out["chosen"] == [out["checked"][0]["name"]]
+    assert out["chosen"][0].endswith("-full.dimg") and out["unverified"] == 1
+    prom = (tf / "diskimg_backup_check_files.prom").read_text()
+    assert 'diskimg_backup_last_check_images{backup_job="files"} 1' in prom
+    assert 'diskimg_backup_unverified_restore_points{backup_job="files"} 1' in prom
+    assert 'diskimg_backup_last_check_failed_images{backup_job="files"} 0' in prom
+    if shutil.which("promtool"):
+        p = subprocess.run(["promtool", "check", "metrics"], input=prom, text=True,
+                           capture_output=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+    # the next sample takes the one never verified, checked with its chain
+    r = cli("backup", "check", "files", "--sample", "50", "--config", config, "--json")
+    assert r.json["chosen"][0].endswith("-incremental.dimg") and len(r.json["checked"]) == 2
+    assert r.json["unverified"] == 0
+    listing = cli("backup", "list", "files", "--config", config, "--json").json
+    assert all(i["verified"]["ok"] for i in listing["jobs"][0]["images"])
+    r = cli("backup", "check", "files", "--sample", "0", "--config", config)
+    assert r.rc == 2 and "--sample 0: a percentage above 0" in r.err
