@@ -141,6 +141,9 @@ def run_job(job: Job, *, now: Clock = system_clock, level: str | None = None,
     except DiskimgError as err:
         status.update(exit_code=err.exit_code, error=str(err))
         raise
+    except Exception as err:     # an OSError the library did not wrap, a bug: still recorded
+        status.update(error=f"{type(err).__name__}: {err}")
+        raise
     finally:
         ended_at = now()
         status["end"] = format_time(ended_at)
