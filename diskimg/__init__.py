@@ -42,7 +42,8 @@ _LAZY = {
 # the errors are the API too
 _LAZY.update({name: ("diskimg.errors", name) for name in (
     "BlockError", "ChainError", "ChecksumMismatch", "CorruptImage", "DiskimgError",
-    "DiskIOError", "IncompleteImage", "Interrupted", "MetadataError", "MissingParent",
+    "DiskIOError", "HealthGateFailed", "IncompleteImage", "Interrupted", "JobBusy",
+    "MetadataError", "MissingParent",
     "NotAnImage", "OperationFailed", "PermissionDenied", "ReadError", "RestoreFailed",
     "SegmentError", "SmartUnavailable", "SourceError", "TruncatedImage", "UnsafeTarget",
     "UsageError")})

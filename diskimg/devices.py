@@ -444,7 +444,7 @@ def _unescape_blkid(value: str) -> str:
 
 
 def probe_fs(path: str) -> dict[str, str]:
-    """TYPE, LABEL, UUID and PTTYPE of what is on a device or file, from ``blkid -p`` (the superblocks
+    """TYPE, LABEL, UUID, PTTYPE and PTUUID of what is on a device or file, from ``blkid -p`` (the superblocks
     themselves, not blkid's cache); {} when nothing is recognised or blkid is missing or
     cannot read the device (not root)."""
     blkid = _blkid()
@@ -459,7 +459,7 @@ def probe_fs(path: str) -> dict[str, str]:
     result = {}
     for line in proc.stdout.splitlines():
         key, sep, value = line.partition("=")
-        if sep and key in ("TYPE", "LABEL", "UUID", "PTTYPE"):
+        if sep and key in ("TYPE", "LABEL", "UUID", "PTTYPE", "PTUUID"):
             result[key] = _unescape_blkid(value)
     return result
 

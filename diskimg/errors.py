@@ -299,6 +299,36 @@ class Interrupted(DiskimgError):
     exit_code = EXIT_INTERRUPTED
 
 
+class JobBusy(UsageError):
+    """A backup job's lock is held by another run (exit 2: refused, nothing done).  ``path``
+    is the lock file, ``job`` the job, ``holder`` what the holder wrote of itself (pid, host,
+    since, what) or None."""
+
+    def __init__(self, path: str, job: str, holder: dict | None) -> None:
+        who = "another run"
+        if holder:
+            who = (f"pid {holder.get('pid')} on {holder.get('host')} since "
+                   f"{holder.get('since')} ({holder.get('what')})")
+        super().__init__(f"{path}: job {job} is busy: held by {who}")
+        self.path, self.job, self.holder = path, job, holder
+
+    def to_dict(self) -> dict:
+        return {"job": self.job, "holder": self.holder}
+
+
+class HealthGateFailed(DiskimgError):
+    """A backup job's source has the health verdict FAIL and the job says stop (exit 1: a
+    check found a problem).  ``path`` is the device, ``reasons`` the FAIL and WARN reasons."""
+
+    exit_code = EXIT_PROBLEM
+
+    def __init__(self, path: str, job: str, reasons: list[str]) -> None:
+        why = "; ".join(reasons[:3]) or "SMART verdict FAIL"
+        super().__init__(f"{path}: health FAIL, job {job} not run ({why}); set health = "
+                         f"\"rescue\" in the job or image it with `diskimg image --rescue`")
+        self.path, self.job, self.reasons = path, job, reasons
+
+
 class RestoreFailed(DiskimgError):
     """A restore that stopped part way (a bad block, an I/O error, Ctrl-C): the error that
     stopped it (`cause`) and what was left on the target, so that the user knows whether the

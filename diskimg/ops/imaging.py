@@ -22,7 +22,7 @@ import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 from diskimg import __version__, devices, ranges
 from diskimg.disk import identity
@@ -80,6 +80,11 @@ class ImageOptions:
     search: tuple[str, ...] = ()
     all_blocks: bool = False            # read every block, even free space (exact copy)
     digest: str | None = None           # block digest; None: the parent's, or DEFAULT_DIGEST
+    # the clock the header's `created` and `completed` times are read from (a backup job
+    # passes its own, so that a schedule can be tested day by day); None: the system clock
+    clock: Callable[[], datetime] | None = None
+    # more metadata for the header's `extra` object (a backup job records its name and level)
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,10 @@ class ImageResult:
     unreadable_blocks: int = 0          # a rescue: blocks holding unreadable sectors (zeros)
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utc_now(clock: Callable[[], datetime] | None = None) -> str:
+    """The time now (or `clock`'s) as the header records it: ISO 8601 UTC, to the second."""
+    now = clock() if clock is not None else datetime.now(timezone.utc)
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def check_block_size(size: int) -> None:
@@ -472,9 +479,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     transforms = writing_chain(opts.level)
     header = fmt.Header(
         uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=ident,
-        created=utc_now(), tool_version=__version__, parent=parent, chain=chain,
+        created=utc_now(opts.clock), tool_version=__version__, parent=parent, chain=chain,
         compression={"codec": "zstd", "level": opts.level},
-        extra={"all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
+        extra={**opts.extra, "all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
         transforms=transforms.table,
         digest=ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST,
@@ -512,7 +519,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         unchanged, unchanged_zero = stats.parent_blocks, stages.unchanged_zero
         changed = header.blocks - unchanged - unchanged_zero if ref is not None else header.blocks
         meta = {
-            "completed": utc_now(),
+            "completed": utc_now(opts.clock),
             "stats": {
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": stats.unused_blocks,

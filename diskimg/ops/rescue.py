@@ -29,8 +29,9 @@ import os
 import signal
 import time
 from array import array
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable, Protocol
 
 from diskimg import __version__, devices, ranges
 from diskimg import format as fmt
@@ -81,6 +82,8 @@ class RescueOptions:
     direct: bool | None = None        # O_DIRECT; default: on for block devices
     command: str = ""                 # recorded in the mapfile's header
     digest: str | None = None         # the block digest; None: the default (a resume keeps its own)
+    clock: Callable[[], datetime] | None = None   # header times (ImageOptions.clock)
+    extra: dict = field(default_factory=dict)     # more header metadata (ImageOptions.extra)
 
 
 @dataclass(frozen=True)
@@ -448,9 +451,9 @@ def _new(image: str, source: Source, opts: RescueOptions, identity: dict,
     new_uuid = fmt.new_image_uuid()
     header = fmt.Header(
         uuid=new_uuid, kind="full", size=source.size, block_size=opts.block_size,
-        source=identity, created=utc_now(), tool_version=__version__, parent=None,
+        source=identity, created=utc_now(opts.clock), tool_version=__version__, parent=None,
         chain=(new_uuid,), compression={"codec": "zstd", "level": opts.level},
-        extra={"rescue": True, **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
+        extra={**opts.extra, "rescue": True, **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
         transforms=writing_chain(opts.level).table, digest=opts.digest or fmt.DEFAULT_DIGEST,
     )
     return (ImageWriter(image, header), RescueMap.new(source.size),
@@ -525,7 +528,7 @@ def rescue_image(source_path: str, image_path: str, opts: RescueOptions = Rescue
             s.close()
         stats = writer.stats
         meta = {
-            "completed": utc_now(),
+            "completed": utc_now(opts.clock),
             "stats": {
                 "stored_blocks": stats.stored_blocks, "stored_bytes": stats.stored_bytes,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": 0, "unchanged_blocks": 0,

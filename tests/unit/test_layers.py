@@ -37,7 +37,8 @@ ALLOWED: dict[str, set[str]] = {
     "health": BASE,
     "ops": LOW | {"image", "devices", "health"},
     "report": LOW | {"image", "health"},
-    "cli": LOW | {"image", "ops", "devices", "health", "report"},
+    "backup": LOW | {"image", "ops", "devices", "health"},
+    "cli": LOW | {"image", "ops", "devices", "health", "report", "backup"},
     "__main__": {"cli"},
 }
 # What the package's lazy re-exports may reach (diskimg/__init__.py's __getattr__).
