@@ -41,6 +41,7 @@ from diskimg.disk.blockdev import (
 )
 from diskimg.image.chain import open_chain, parent_ref
 from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (the library's names)
+from diskimg import defaults
 from diskimg.errors import (
     ChainError,
     DiskimgError,
@@ -81,6 +82,7 @@ class ImageOptions:
     search: tuple[str, ...] = ()
     all_blocks: bool = False            # read every block, even free space (exact copy)
     digest: str | None = None           # block digest; None: the parent's, or DEFAULT_DIGEST
+    parity: float | None = None         # percent of Reed-Solomon parity (0: none; None: default)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,19 @@ class ImageResult:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parity_fields(pct: float | None) -> dict:
+    """The header fields of an image with `pct` percent of parity (none for 0, the default
+    for None); raises UsageError for a percentage out of range."""
+    if pct is None:
+        pct = defaults.DEFAULT_PARITY
+    if not pct:
+        return {}
+    try:
+        return {"features": ("parity",), "parity": fmt.Geometry.for_percent(pct)}
+    except ValueError as err:
+        raise UsageError(f"--parity {pct:g}: must be 0 (none) or from 0.5 to 100") from err
 
 
 def check_block_size(size: int) -> None:
@@ -479,6 +494,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
         transforms=transforms.table,
         digest=ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST,
+        **parity_fields(opts.parity),
     )
     used_map = None
     if opts.all_blocks:
