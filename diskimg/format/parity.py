@@ -27,7 +27,10 @@ WINDOW_DATA = 32 << 20       # target data bytes per window (memory: two windows
 CRC_NAME = "crc32"
 
 TABLE_MAGIC = b"DIPC"
-_TABLE_HEAD = struct.Struct("<4sQI")          # magic, window, count | count x u32 | u32 crc
+# magic, window, count, the geometry (k u16, m u16, depth u32, slice u32) | count x u32 | u32 crc:
+# every table names the geometry, so that the layout can be found from a table near the end of
+# the file when the header and both tail copies are lost
+_TABLE_HEAD = struct.Struct("<4sQIHHII")
 TAIL_MAGIC = b"DIPARITY"
 _TAIL_HEAD = struct.Struct("<8sIII")          # magic, json len, header len, table len | ... | crc
 PTRAILER_MAGIC = b"DIPTEND\x00"
@@ -217,21 +220,39 @@ class Layout:
                 "windows": self.windows}
 
 
-def pack_table(window: int, crcs: list[int]) -> bytes:
-    body = _TABLE_HEAD.pack(TABLE_MAGIC, window, len(crcs)) + struct.pack(f"<{len(crcs)}I", *crcs)
+def pack_table(window: int, crcs: list[int], geom: Geometry) -> bytes:
+    body = _TABLE_HEAD.pack(TABLE_MAGIC, window, len(crcs), geom.k, geom.m, geom.depth,
+                            geom.slice) + struct.pack(f"<{len(crcs)}I", *crcs)
     return body + struct.pack("<I", slice_crc(body))
 
 
-def unpack_table(buf: bytes, window: int, count: int) -> list[int]:
+def unpack_table(buf: bytes, window: int, count: int, geom: Geometry) -> list[int]:
     """The CRC list of window `window`'s table in `buf`; raises ParityLayoutError."""
     size = _TABLE_HEAD.size + 4 * count + 4
     if len(buf) < size:
         raise ParityLayoutError("checksum table truncated")
-    magic, w, n = _TABLE_HEAD.unpack_from(buf)
+    magic, w, n, k, m, depth, sl = _TABLE_HEAD.unpack_from(buf)
     (crc,) = struct.unpack_from("<I", buf, size - 4)
-    if magic != TABLE_MAGIC or w != window or n != count or crc != slice_crc(buf[:size - 4]):
+    if magic != TABLE_MAGIC or w != window or n != count or crc != slice_crc(buf[:size - 4]) \
+            or (k, m, depth, sl) != (geom.k, geom.m, geom.depth, geom.slice):
         raise ParityLayoutError(f"checksum table of window {window} damaged")
     return list(struct.unpack_from(f"<{count}I", buf, _TABLE_HEAD.size))
+
+
+def geometry_in_table(buf: bytes, pos: int) -> Geometry | None:
+    """The geometry a checksum table at `pos` of `buf` names, when it is whole and its CRC
+    holds; else None."""
+    if pos + _TABLE_HEAD.size > len(buf):
+        return None
+    magic, _, n, k, m, depth, sl = _TABLE_HEAD.unpack_from(buf, pos)
+    end = pos + _TABLE_HEAD.size + 4 * n
+    if magic != TABLE_MAGIC or end + 4 > len(buf) or \
+            struct.unpack_from("<I", buf, end)[0] != slice_crc(buf[pos:end]):
+        return None
+    try:
+        return Geometry(k, m, depth, sl)
+    except ParityLayoutError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Iterator
 from diskimg import format as fmt
 from diskimg.disk.blockdev import file_kind as _kind
 from diskimg.errors import BlockError, ChecksumMismatch, CorruptImage, DecodeError
-from diskimg.errors import DigestMismatch, DiskimgError, IncompleteImage, NotAnImage
+from diskimg.errors import DigestMismatch, DiskimgError, DiskIOError, IncompleteImage
+from diskimg.errors import NotAnImage
 from diskimg.errors import PermissionDenied, TruncatedImage, UsageError
 from diskimg.store import Store, StoreReader, StoreSink, open_store
 from diskimg.image.records import decode_verified
@@ -119,7 +120,8 @@ class ImageReader:
         try:
             header, start = fmt.read_header(self.reader, self.path)
             failed = None
-        except (CorruptImage, NotAnImage) as err:
+        except (CorruptImage, NotAnImage, DiskIOError) as err:
+            # damaged or unreadable: an image with parity has it again (healed, or its copy)
             header, failed = None, err
         if failed is not None or header.parity is not None:
             from diskimg.image.parity import open_healing
@@ -153,13 +155,15 @@ class ImageReader:
         copy = healing.tail.header
         if failed is None:
             return fmt.read_header(self.reader, self.path)
-        healing.heal(0, max(len(copy), 1))
+        healing.heal(0, len(copy) or 1 << 16)
         try:
             got = fmt.read_header(self.reader, self.path)
             self._note_healed(None, "header")
             return got
-        except (CorruptImage, NotAnImage, IncompleteImage):
+        except (CorruptImage, NotAnImage, IncompleteImage, DiskIOError):
             pass
+        if not copy:
+            raise failed
         from diskimg.store import BytesReader
         got = fmt.read_header(BytesReader(copy, self.path), self.path)
         self._note_healed(None, "header (from its copy at the end of the file)")
@@ -379,7 +383,8 @@ class ImageWriter:
                 with store.open(store.partial_name(name)) as raw:
                     resume_at, resume = parity.resume_point(raw, header.parity, resume_at)
             self.sink = parity.ParitySink(store.create(name, resume_at=resume_at),
-                                          header.parity, header.pack(), resume)
+                                          header.parity, header.pack(), resume,
+                                          write_through=header.extra.get("rescue") is True)
         if resume_at is None:
             try:
                 self.sink.write([header.pack()])

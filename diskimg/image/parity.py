@@ -57,9 +57,14 @@ class ParitySink(StoreSink):
     docstring.  `header` is the packed image header (its copy goes into the tail)."""
 
     def __init__(self, inner: StoreSink, geom: pf.Geometry, header: bytes,
-                 resume: tuple[int, bytes, bytes] | None = None) -> None:
+                 resume: tuple[int, bytes, bytes] | None = None,
+                 write_through: bool = False) -> None:
         """With `resume` (window, its data so far, the previous window's packed table: see
-        resume_point), go on from where an interrupted writer left off."""
+        resume_point), go on from where an interrupted writer left off.  With `write_through`
+        (a rescue, which must find after a kill -9 every record it wrote) every byte goes to
+        the inner sink at once and each window's parity is computed when it fills, not behind
+        the next one."""
+        self.write_through = write_through
         self.inner = inner
         self.geom = geom
         self.header = header
@@ -90,6 +95,9 @@ class ParitySink(StoreSink):
                 n = min(len(mv), cap - self._fill)
                 self._buf[self._fill:self._fill + n] = mv[:n]
                 self._fill += n
+                if self.write_through:
+                    self.inner.write([mv[:n]])
+                    self._flushed = self._fill
                 mv = mv[n:]
                 if self._fill == cap:
                     self._window_full()
@@ -101,6 +109,8 @@ class ParitySink(StoreSink):
         win = layout.window(self._win)
         buf, flushed = self._buf, self._flushed
         self._pending = self._pool.submit(self._encode, win, buf, flushed)
+        if self.write_through:
+            self._drain()
         self._buf, self._spare = self._spare, buf
         self._win += 1
         self._fill = self._flushed = 0
@@ -108,7 +118,7 @@ class ParitySink(StoreSink):
     def _encode(self, win: pf.Window, buf: bytearray, flushed: int
                 ) -> tuple[pf.Window, bytearray, int, list[bytes], bytes]:
         par, crcs = encode_window(win, memoryview(buf)[:win.data_bytes])
-        return win, buf, flushed, par, pf.pack_table(win.index, crcs)
+        return win, buf, flushed, par, pf.pack_table(win.index, crcs, self.geom)
 
     def _drain(self) -> None:
         """Write the window being encoded, once its parity is ready."""
@@ -154,7 +164,7 @@ class ParitySink(StoreSink):
         buf = self._buf
         buf[self._fill:win.data_bytes] = bytes(win.data_bytes - self._fill)
         par, crcs = encode_window(win, memoryview(buf)[:win.data_bytes])
-        table = pf.pack_table(win.index, crcs)
+        table = pf.pack_table(win.index, crcs, self.geom)
         self._write_window(win, memoryview(buf)[self._flushed:win.data_bytes], par, table,
                            last=True)
         tail = pf.pack_tail(layout, self.header, table)
@@ -249,12 +259,12 @@ def resume_point(raw: StoreReader, geom: pf.Geometry, logical: int
         try:
             size = geom.table_len(win.slots)
             packed = raw.pread(size, win.table_phys)
-            pf.unpack_table(packed, w - 1, win.slots)
+            pf.unpack_table(packed, w - 1, win.slots, geom)
             prev = packed
         except (DiskIOError, pf.ParityLayoutError):
             crcs = [rs.slice_crc(raw.pread(geom.slice, win.slot_phys(i)))
                     for i in range(win.slots)]
-            prev = pf.pack_table(w - 1, crcs)
+            prev = pf.pack_table(w - 1, crcs, geom)
     return base + rel, (w, data, prev)
 
 
@@ -281,6 +291,27 @@ class PartialParityReader(StoreReader):
 
 # -- reading ---------------------------------------------------------------------------------
 
+def read_tolerant(raw: StoreReader, length: int, offset: int) -> bytes:
+    """`length` bytes at `offset`, unreadable pieces (EIO, or a short read running into a bad
+    sector) as zeros: for looking for a structure by its magic in damaged parts of a file."""
+    try:
+        buf = raw.pread(length, offset)
+        if len(buf) == length or offset + len(buf) >= raw.size:
+            return buf
+    except DiskIOError:
+        pass
+    out = bytearray()
+    piece = 4096
+    for pos in range(offset, offset + length, piece):
+        n = min(piece, offset + length - pos)
+        try:
+            got = raw.pread(n, pos)
+        except DiskIOError:
+            got = b""
+        out += got + bytes(n - len(got))
+    return bytes(out)
+
+
 def find_tail(raw: StoreReader, damage: list[str] | None = None) -> pf.Tail | None:
     """The parity tail of the file `raw`, or None when it is not an image with parity (or both
     tail copies are gone).  Found through the parity trailer; when that is damaged, by looking
@@ -306,16 +337,7 @@ def find_tail(raw: StoreReader, damage: list[str] | None = None) -> pf.Tail | No
     if damage is not None:
         damage.append("parity trailer damaged (the tail was found by its magic)")
     start = max(0, size - pf.TAIL_SCAN)
-    try:
-        buf = raw.pread(size - start, start)
-    except DiskIOError:
-        buf = b""   # an unreadable end: read it in pieces, skipping what fails
-        for pos in range(start, size, 1 << 16):
-            try:
-                piece = raw.pread(min(1 << 16, size - pos), pos)
-            except DiskIOError:
-                piece = bytes(min(1 << 16, size - pos))
-            buf += piece
+    buf = read_tolerant(raw, size - start, start)
     i = len(buf)
     while True:
         i = buf.rfind(pf.TAIL_MAGIC, 0, i)
@@ -324,6 +346,45 @@ def find_tail(raw: StoreReader, damage: list[str] | None = None) -> pf.Tail | No
         tail = _tail_at(raw, start + i, size)
         if tail is not None:
             return tail
+
+
+def geometry_from_tables(raw: StoreReader, limit: int = 72 << 20) -> pf.Geometry | None:
+    """The geometry named by the checksum table nearest the end of the file (the last window's,
+    which lies before its parity, or the one after that parity), looking back at most `limit`
+    bytes; None when there is none."""
+    size = raw.size
+    chunk = 1 << 20
+    end = size
+    while end > 0 and size - end < limit:
+        start = max(0, end - chunk)
+        # a little past `end`, so that a table starting just before it is whole
+        buf = read_tolerant(raw, min(size, end + (64 << 10)) - start, start)
+        i = end - start
+        while True:
+            i = buf.rfind(pf.TABLE_MAGIC, 0, i)
+            if i < 0:
+                break
+            geom = pf.geometry_in_table(buf, i)
+            if geom is None:
+                try:
+                    geom = _table_geometry_at(raw, start + i)
+                except DiskIOError:
+                    geom = None
+            if geom is not None:
+                return geom
+        end = start
+    return None
+
+
+def _table_geometry_at(raw: StoreReader, pos: int) -> pf.Geometry | None:
+    """The geometry of a table too long for the piece read around it."""
+    head = raw.pread(16, pos)
+    if len(head) < 16:
+        return None
+    n = int.from_bytes(head[12:16], "little")
+    if n > 1 << 20:
+        return None
+    return pf.geometry_in_table(raw.pread(28 + 4 * n + 4, pos), 0)
 
 
 def recover_layout(raw: StoreReader, geom: pf.Geometry, trailer_crc: Callable[[bytes], int]
@@ -336,10 +397,7 @@ def recover_layout(raw: StoreReader, geom: pf.Geometry, trailer_crc: Callable[[b
     size = raw.size
     wfull, cap = geom.full_window_bytes, geom.window_data
     start = max(0, size - wfull - pf.TAIL_SCAN)
-    try:
-        buf = raw.pread(size - start, start)
-    except DiskIOError:
-        return None
+    buf = read_tolerant(raw, size - start, start)
     i = len(buf)
     while True:
         i = buf.rfind(b"DIMGEND\x00", 0, i)
@@ -421,14 +479,18 @@ class HealingReader(StoreReader):
             offset += n
 
     def pread(self, length: int, offset: int) -> bytes:
+        want = max(0, min(offset + length, self.layout.logical_size) - offset)
         try:
             parts = [self.raw.pread(n, win.phys + rel)
                      for win, rel, _, n in self._pieces(length, offset)]
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
         except DiskIOError:
+            data = None
+        if data is None or len(data) != want:
+            # unreadable (EIO, or a short read running into a bad sector): heal what can be
             self.heal(offset, length)
-            parts = [self._read_healed(win, rel, n)
-                     for win, rel, _, n in self._pieces(length, offset)]
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+            data = b"".join(self._read_healed(win, rel, n)
+                            for win, rel, _, n in self._pieces(length, offset))
         if self._fixed:
             data = self._patch(data, length, offset)
         return data
@@ -447,9 +509,10 @@ class HealingReader(StoreReader):
                 out += fixed[off:off + take]
             else:
                 try:
-                    out += self.raw.pread(take, win.phys + pos)
+                    got = self.raw.pread(take, win.phys + pos)
                 except DiskIOError:
-                    out += bytes(take)
+                    got = b""
+                out += got + bytes(take - len(got))     # beyond repair: zeros, the checks fail
             pos += take
         return bytes(out)
 
@@ -496,7 +559,8 @@ class HealingReader(StoreReader):
             crcs = None
             for i, copy in enumerate((own, second)):
                 try:
-                    crcs = pf.unpack_table(bytes(copy or b""), w, win.slots)
+                    crcs = pf.unpack_table(bytes(copy or b""), w, win.slots,
+                                           self.geom)
                     break
                 except pf.ParityLayoutError:
                     if i == 0:
@@ -540,7 +604,7 @@ class HealingReader(StoreReader):
                 if mask >> bit & 1:
                     trial[pos:pos + s] = b[pos:pos + s]
             try:
-                return pf.unpack_table(bytes(trial), w, count)
+                return pf.unpack_table(bytes(trial), w, count, self.geom)
             except pf.ParityLayoutError:
                 continue
         return None
@@ -669,6 +733,8 @@ def open_healing(raw: StoreReader, geom: pf.Geometry | None = None,
     tail copies lost, by `geom` from its header, see recover_layout), else None."""
     damage: list[str] = []
     tail = find_tail(raw, damage)
+    if tail is None and geom is None and trailer_crc is not None:
+        geom = geometry_from_tables(raw)     # the header is damaged too
     if tail is None and geom is not None and trailer_crc is not None:
         tail = recover_layout(raw, geom, trailer_crc)
         if tail is not None:

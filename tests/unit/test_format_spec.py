@@ -226,7 +226,7 @@ def unwrap_parity(buf: bytes, geom: dict, heal: bool = False) -> bytes:
     assert meta["windows"] == windows
 
     def table_len(x: int) -> int:
-        return 16 + 4 * x + 4
+        return 28 + 4 * x + 4
 
     def pad(x: int) -> int:
         return -(-x // s) * s
@@ -248,10 +248,11 @@ def unwrap_parity(buf: bytes, geom: dict, heal: bool = False) -> bytes:
         parity_at = table_at + pad(table_len(count))
         parity = buf[parity_at:parity_at + m * d * s]
         table = buf[table_at:table_at + table_len(count)]
-        if table[:4] != b"DIPC" or struct.unpack_from("<QI", table, 4) != (w, count) or \
+        if table[:4] != b"DIPC" or struct.unpack_from("<QIHHII", table, 4) != \
+                (w, count, k, m, depth, s) or \
                 _u32(table, len(table) - 4) != crc32(table[:-4]):
             raise SpecError(f"window {w}: checksum table damaged")
-        crcs = struct.unpack_from(f"<{count}I", table, 16)
+        crcs = struct.unpack_from(f"<{count}I", table, 28)
         slot = [data[i * s:(i + 1) * s] for i in range(n * d)] + \
                [parity[i * s:(i + 1) * s] for i in range(m * d)]
         good = [crc32(x) == crcs[i] for i, x in enumerate(slot)]
@@ -705,7 +706,7 @@ def test_parity_image_read_from_the_spec_alone(tmp_path):
     for slot in (0, 1, 3):
         buf[slot * 4096:(slot + 1) * 4096] = rnd.randbytes(4096)
     table = n_data * 4096
-    parity_at = table + -(-(20 + 4 * (n_data + 4) + 4) // 4096) * 4096
+    parity_at = table + -(-(28 + 4 * (n_data + 4) + 4) // 4096) * 4096
     buf[parity_at + 5] ^= 0xFF
     (tmp_path / "bad.img").write_bytes(buf)
     with pytest.raises(SpecError):
