@@ -71,8 +71,10 @@ class ParitySink(StoreSink):
         self.path = inner.path
         self.partial_path = inner.partial_path
         self._win = 0                                   # index of the window being filled
-        self._spare = bytearray(geom.window_data)
-        self._buf = bytearray(geom.window_data)
+        # the window being filled and the one being encoded: grown as data comes (an image
+        # smaller than a window touches no more memory than it needs), then reused
+        self._buf = bytearray()
+        self._spare = bytearray()
         self._fill = 0
         self._flushed = 0        # bytes of this window's data already written (sync)
         self._prev_table = b""   # the previous window's packed table (its second copy)
@@ -98,6 +100,11 @@ class ParitySink(StoreSink):
                 if self.write_through:
                     self.inner.write([mv[:n]])
                     self._flushed = self._fill
+                elif self._pending is None or self._pending.done():
+                    # the data goes out as it comes (the store's write-behind keeps the disk
+                    # busy); only while the previous window's parity is being computed does
+                    # it wait here, since that parity must come first in the file
+                    self._flush_data()
                 mv = mv[n:]
                 if self._fill == cap:
                     self._window_full()
@@ -147,11 +154,17 @@ class ParitySink(StoreSink):
 
     def sync(self) -> None:
         """Make every byte written so far durable (its parity follows with its window)."""
-        self._flush_data()
+        self._drain()
+        self._write_data()
         self.inner.sync()
 
     def _flush_data(self) -> None:
         self._drain()
+        if self._fill - self._flushed >= (1 << 20) or self.write_through or \
+                self._fill == self.geom.window_data:
+            self._write_data()
+
+    def _write_data(self) -> None:
         if self._fill > self._flushed:
             self.inner.write([memoryview(self._buf)[self._flushed:self._fill]])
             self._flushed = self._fill
@@ -179,7 +192,8 @@ class ParitySink(StoreSink):
     def close(self) -> None:
         """Stop, keeping what was written (complete windows and the data of the last one)."""
         try:
-            self._flush_data()
+            self._drain()
+            self._write_data()
         finally:
             self._pool.shutdown()
             self.inner.close()
