@@ -533,6 +533,13 @@ class InfoDone:
         yield (f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
                + (f" level {level}" if level is not None else ""))
         yield f"digest:      {info['digest']}"
+        par = info.get("parity")
+        if par:
+            yield (f"parity:      {par['percent']:g}% Reed-Solomon, {par['data']}+{par['parity']} "
+                   f"slices of {human(par['slice'])} per group, {par['depth']} groups per full "
+                   f"window, {par['windows']} window(s)")
+        elif "parity" in info:
+            yield "parity:      none"
         yield f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})"
         yield f"created:     {info['created']} by diskimg {info['tool_version']}"
         yield f"completed:   {info['completed'] or 'unknown'}"

@@ -630,6 +630,12 @@ def describe(reader: ImageReader) -> dict:
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)
         "source_mounted_rw": list(h.extra.get("source_mounted_rw", [])),
+        # Reed-Solomon parity (format feature "parity"), or None
+        "parity": None if reader.healing is None else {
+            "percent": round(reader.healing.geom.percent, 2), "data": reader.healing.geom.k,
+            "parity": reader.healing.geom.m, "depth": reader.healing.geom.depth,
+            "slice": reader.healing.geom.slice, "windows": reader.healing.layout.windows,
+            "logical_bytes": reader.file_size},
     }
 
 

@@ -2,7 +2,7 @@
 whose configured byte ranges fail with EIO as a dying disk's would, and restore, verify and
 incrementals reading through them with parity filling the unreadable ranges.
 
-Windows are made small (1 MiB of data, depth 4 at the default 64+4: a burst of up to 15 slices
+Windows are made small (1 MiB of data, depth 8 at the default 32+2: a burst of up to 15 slices
 of 4 KiB per window is within capacity) so that a few-MiB image spans several windows."""
 from __future__ import annotations
 

@@ -695,18 +695,21 @@ def test_parity_image_read_from_the_spec_alone(tmp_path):
     make_image(tmp_path / "src", tmp_path / "p.img", "--parity", "6.25")
     img = SpecReader(tmp_path / "p.img")
     assert img.version == 3 and img.header["features"] == ["parity"]
-    assert img.header["parity"] == {"slice": 4096, "data": 64, "parity": 4, "depth": 128,
+    assert img.header["parity"] == {"slice": 4096, "data": 32, "parity": 2, "depth": 256,
                                     "checksum": "crc32"}
     assert read_chain(tmp_path / "p.img") == data
     buf = bytearray((tmp_path / "p.img").read_bytes())
-    # the small image is one window of depth 2: slot 0 (the header; group 0), slots 1 and 3
-    # (group 1), and a byte of the first parity slot (group 0)
-    n_data = -(-len(img.buf) // 4096)
-    n_data = -(-n_data // 2) * 2
-    for slot in (0, 1, 3):
+    # the small image is one short window: depth d = ceil(slots / k), n = ceil(slots / d) data
+    # slices per group (16.2); damage slot 0 (the header; group 0), slot 1 (group 1) and a byte
+    # of the first parity slot (group 0): two bad slots in group 0, m = 2
+    slots = -(-len(img.buf) // 4096)
+    d = -(-slots // 32)
+    n = -(-slots // d)
+    assert d > 1
+    for slot in (0, 1):
         buf[slot * 4096:(slot + 1) * 4096] = rnd.randbytes(4096)
-    table = n_data * 4096
-    parity_at = table + -(-(28 + 4 * (n_data + 4) + 4) // 4096) * 4096
+    table = n * d * 4096
+    parity_at = table + -(-(28 + 4 * ((n + 2) * d) + 4) // 4096) * 4096
     buf[parity_at + 5] ^= 0xFF
     (tmp_path / "bad.img").write_bytes(buf)
     with pytest.raises(SpecError):

@@ -3,8 +3,8 @@ trips of every kind, damage within the documented capacity restored byte-identic
 beyond it named exactly with nothing unverified written, `diskimg repair`, and a property test
 of the container (any erasures within capacity decode to the original).
 
-The window size is made small here (1 MiB of data per window instead of 32 MiB, so depth 4 at
-the default 64+4) so that a few-MiB source spans several windows; every other parameter is the
+The window size is made small here (1 MiB of data per window instead of 32 MiB, so depth 8 at
+the default 32+2) so that a few-MiB source spans several windows; every other parameter is the
 default's.  Capacity, as the README states it: in each window, any `m` damaged slices (4 KiB
 sectors), or one burst of up to (m * depth - 1) slices."""
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_full_image_has_parity_by_default_and_round_trips(image, source, tmp_pat
     with ImageReader(str(image)) as r:
         assert r.header.features == ("parity",)
         assert r.header.format_version == 3
-        assert r.header.parity == pf.Geometry(64, 4, 4)
+        assert r.header.parity == pf.Geometry(32, 2, 8)
         assert r.healing.layout.windows >= 6
         logical = r.file_size
     # parity + checksums: about 6.25% + 0.7% of the image at these small windows
