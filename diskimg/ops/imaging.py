@@ -549,6 +549,13 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     finally:
         if direct_fd is not None:
             os.close(direct_fd)
+    healing = getattr(ref, "healing", None)
+    if healing is not None and healing.repairs.repaired:
+        # the parent's index was read healed: say so, the parent file itself is still damaged
+        log.warning("%s: parity repaired %d damaged slice(s) (%d KiB) while reading its index; "
+                    "the file itself is still damaged: run `diskimg repair %s`", ref.path,
+                    len(healing.repairs.repaired),
+                    len(healing.repairs.repaired) * healing.geom.slice // 1024, ref.path)
     return ImageResult(
         path=image_path, uuid=new_uuid, kind=kind, size=source.size, block_size=bs,
         blocks=header.blocks, stored_blocks=stats.stored_blocks, zero_blocks=stats.zero_blocks,

@@ -139,6 +139,21 @@ def test_incremental_and_differential_with_parity(small_windows, image, source, 
         assert "full.img" in out
 
 
+def test_incremental_reads_a_damaged_parent_index_healed_and_says_so(small_windows, image,
+                                                                     source, tmp_path):
+    parent = tmp_path / "full.img"
+    shutil.copyfile(image, parent)
+    with ImageReader(str(parent)) as r:
+        seg_off, _ = r.segments[0]
+        layout = r.healing.layout
+    with open(parent, "r+b") as f:
+        flip(f, _logical_to_phys(layout, seg_off + 40))
+    res = cli("image", source, tmp_path / "inc.img", "--incremental", parent, "--no-progress")
+    assert res.rc == 0, res.err
+    assert "parity repaired 1 damaged slice(s)" in res.err and "diskimg repair" in res.err
+    restored_identical(tmp_path / "inc.img", source, tmp_path)
+
+
 def test_parity_zero_writes_the_old_layout(small_windows, source, tmp_path):
     img = tmp_path / "plain.img"
     assert cli("image", source, img, "--parity", "0", "--no-progress").rc == 0
