@@ -640,10 +640,9 @@ class HealingReader(StoreReader):
                                                                     (rel + n - 1) // s + 1)}):
                 self.heal_group(win, group)
 
-    def heal_group(self, win: pf.Window, group: int, data: dict | None = None) -> bool:
-        """Check group `group` of `win` whole and rebuild its bad data slices.  `data`, when
-        given, holds slots already read (slot -> bytes or None).  True when every data slice of
-        the group is good or rebuilt."""
+    def heal_group(self, win: pf.Window, group: int) -> bool:
+        """Check group `group` of `win` whole and rebuild its bad data slices.  True when every
+        data slice of the group is good or rebuilt."""
         key = (win.index, group)
         with self._lock:
             if key in self.repairs.checked:
@@ -660,7 +659,7 @@ class HealingReader(StoreReader):
         shares: dict[int, bytes] = {}
         bad: list[int] = []
         for i, slot in enumerate(data_slots + parity_slots):
-            buf = data.get(slot) if data is not None and slot in data else self._slot(win, slot)
+            buf = self._slot(win, slot)
             share = i if i < win.n else g.k + (i - win.n)
             if buf is None or rs.slice_crc(buf) != crcs[slot]:
                 bad.append(slot)
@@ -692,7 +691,7 @@ class HealingReader(StoreReader):
         for w in range(self.layout.windows):
             win = self.layout.window(w)
             crcs = self.table(w)     # None: both copies lost, damage there cannot be located
-            bad_groups: dict[int, dict[int, bytes | None]] = {}
+            bad_groups: set[int] = set()
             first = 0
             while first < win.slots:
                 # data and parity are two runs of slots: one read per chunk of either
@@ -709,8 +708,7 @@ class HealingReader(StoreReader):
                     piece = buf[j * s:(j + 1) * s] if buf is not None else self._slot(win, slot)
                     if crcs is not None and (piece is None or len(piece) != s
                                              or rs.slice_crc(piece) != crcs[slot]):
-                        grp = slot % win.depth
-                        bad_groups.setdefault(grp, {})
+                        bad_groups.add(slot % win.depth)
                 first += count
                 if progress:
                     progress(count * s)
