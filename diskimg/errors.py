@@ -194,6 +194,23 @@ class SegmentError(CorruptImage):
         self.reason = f"index segment {reason}"
 
 
+class BeyondRepair(CorruptImage):
+    """`diskimg repair` refused: damage exceeds what the image's parity repairs (exit 1).
+    ``path``: the image; ``blocks``: the blocks whose records are lost, as (first, last)
+    ranges; ``parts``: other lost parts ("index segment 0", "footer and trailer", ...)."""
+
+    def __init__(self, path: str, blocks: tuple[tuple[int, int], ...],
+                 parts: tuple[str, ...] = ()) -> None:
+        self.blocks = blocks
+        self.parts = parts
+        named = [f"block {a}" if a == b else f"blocks {a}-{b}" for a, b in blocks[:20]]
+        if len(blocks) > 20:
+            named.append(f"and {len(blocks) - 20} more ranges")
+        what = ", ".join(list(parts) + named) or "damage the block checks do not place"
+        super().__init__(f"{path}: damage beyond what parity repairs: {what}; nothing written "
+                         f"(`diskimg restore --salvage` restores the rest)", path=path)
+
+
 class OperationFailed(DiskimgError):
     """An operation that failed for reasons outside the input: I/O error, disk full (exit 3).
     ``path``: the file or device, or None.  A failed system call is a DiskIOError."""

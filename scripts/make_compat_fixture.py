@@ -17,7 +17,11 @@ deterministic and compressible, so the images are a few KiB):
   algorithm (from version 2), the SHA-256 and size
   of the raw contents a restore must give, and the SHA-256 of the image file itself.
 
-Usage: .venv/bin/python scripts/make_compat_fixture.py
+A format feature's fixtures (docs/FORMAT.md section 13) go to ``fixtures/compat/vN-FEATURE/``:
+``scripts/make_compat_fixture.py parity`` writes images with the default parity.  Without a
+feature, images are written without any (``--parity 0``).
+
+Usage: .venv/bin/python scripts/make_compat_fixture.py [FEATURE]
 """
 from __future__ import annotations
 
@@ -87,8 +91,17 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+FEATURES = {"": {"parity": 0}, "parity": {}}   # feature -> the ImageOptions that give it
+
+
 def main() -> int:
-    out = ROOT / "fixtures" / "compat" / f"v{fmt.FORMAT_VERSION}"
+    feature = sys.argv[1] if len(sys.argv) > 1 else ""
+    if feature not in FEATURES:
+        print(f"unknown feature {feature!r}: one of {', '.join(f for f in FEATURES if f)}",
+              file=sys.stderr)
+        return 2
+    out = ROOT / "fixtures" / "compat" / (f"v{fmt.FORMAT_VERSION}"
+                                          + (f"-{feature}" if feature else ""))
     if out.exists():
         print(f"{out} exists: fixtures of a released format version are never regenerated",
               file=sys.stderr)
@@ -101,7 +114,8 @@ def main() -> int:
             src.write_bytes(data)
             parent = str(out / "full.img") if name == "incremental.img" else None
             create_image(str(src), str(out / name),
-                         ImageOptions(block_size=BS, threads=1, incremental=parent))
+                         ImageOptions(block_size=BS, threads=1, incremental=parent,
+                                      **FEATURES[feature]))
     images = []
     for name, data in contents.items():
         with ImageReader(str(out / name)) as r:

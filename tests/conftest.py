@@ -99,3 +99,16 @@ def loops(tmp_path):
         yield lo
     finally:
         lo.cleanup()
+
+
+@pytest.fixture(scope="module")
+def no_default_parity():
+    """Images made in-process without parity, as before parity became the default: for the
+    tests that damage or craft bytes at fixed places of the layout of format versions 1 and 2,
+    which every image made with --parity 0 (and every older image) still has.  Images with
+    parity are tested in tests/*/test_parity*.py.  Use as
+    ``pytestmark = pytest.mark.usefixtures("no_default_parity")``."""
+    from diskimg import defaults
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(defaults, "DEFAULT_PARITY", 0)
+        yield

@@ -17,6 +17,7 @@ from diskimg.cli.lazy import (
     imagefile,
     imaging,
     render,
+    repair,
     rescue,
     restore,
     verify,
@@ -43,6 +44,10 @@ def _add_image(sub) -> None:
                    help=f"block digest (default: {defaults.DEFAULT_DIGEST}; a changed-block "
                         f"image uses its parent's; sha256 images stay readable by a diskimg "
                         f"older than the choice)")
+    p.add_argument("--parity", type=_percent, default=None, metavar="PCT",
+                   help=f"Reed-Solomon parity, percent of the image (default: "
+                        f"{defaults.DEFAULT_PARITY:g}; 0: none): the image repairs its own bit "
+                        f"rot and bad sectors when read (README: Parity)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--incremental", metavar="PARENT",
                       help="store only the blocks changed since the image PARENT")
@@ -73,7 +78,9 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
     opts = imaging.ImageOptions(
         block_size=args.block_size, level=args.level, threads=threads(args), force=args.force,
         incremental=args.incremental, differential=args.differential,
-        search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest)
+        search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest,
+        parity=args.parity)
+    imaging.parity_fields(args.parity)   # a percentage out of range: refused before any work
     if opts.block_size is not None:
         imaging.check_block_size(opts.block_size)
     if args.rescue and args.all_blocks:
@@ -96,7 +103,7 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
                         block_size=opts.block_size or defaults.DEFAULT_BLOCK_SIZE,
                         level=opts.level, force=opts.force, search=opts.search,
                         retries=args.retries, mapfile=args.mapfile, direct=args.direct,
-                        command=" ".join(sys.argv), digest=args.digest),
+                        command=" ".join(sys.argv), digest=args.digest, parity=args.parity),
                     progress=bar)
                 probe.finish()
             return render.ImageDone(args.source, rescued.image, rescued)
@@ -177,6 +184,16 @@ class _HealthProbe:
         with self._lock:
             self._say()
             self._closed = True
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage") from None
+    if value != value or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,4 +294,28 @@ def _cmd_info(args: argparse.Namespace) -> render.InfoDone | render.InfoTruncate
         return render.InfoDone(args.image, imagefile.describe(reader))
 
 
-ADDERS = [_add_image, _add_restore, _add_verify, _add_info]
+# --------------------------------------------------------------------------------------------
+# repair
+
+def _add_repair(sub) -> None:
+    p = sub.add_parser("repair", parents=[common()],
+                       help="rewrite an image with parity, healed",
+                       description="Check IMAGE whole and rewrite it with the damage its parity "
+                                   "repairs healed: written to IMAGE.repair, verified, then "
+                                   "renamed over IMAGE. Refuses (exit 1, nothing written) when "
+                                   "damage exceeds what parity repairs, naming the lost blocks.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="hashing and decompression threads (default: the CPUs available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_repair)
+
+
+def _cmd_repair(args: argparse.Namespace) -> render.RepairDone:
+    with render.Bar("repairing", args.no_progress or args.json) as bar:
+        result = repair.repair_image(args.image, threads=threads(args), progress=bar)
+    return render.RepairDone(args.image, result)
+
+
+ADDERS = [_add_image, _add_restore, _add_verify, _add_repair, _add_info]

@@ -388,6 +388,10 @@ class RestoreDone:
             lost = sum(s.length for s in result.salvaged)
             yield (f"  SALVAGED: {lost} bytes ({human(lost)}) in {len(result.salvaged)} "
                    f"range(s) could not be restored and read as zeros")
+        for h in getattr(result, "repaired", ()):
+            yield (f"  REPAIRED on the fly by parity: {h.slices} damaged slice(s), "
+                   f"{human(h.bytes)}, in {h.path}; the file itself is still damaged: "
+                   f"run `diskimg repair {h.path}`")
         if result.verified:
             how = "O_DIRECT" if result.verify_direct else "page cache dropped"
             for m in result.verify_errors[:20]:
@@ -415,6 +419,8 @@ def verify_error_json(e) -> dict:
         d["last_block"] = e.last_block
     if e.overridden_by is not None:
         d["overridden_by"] = e.overridden_by
+    if e.repairable is not None:
+        d["repairable"] = e.repairable
     return d
 
 
@@ -445,9 +451,10 @@ class VerifyDone:
             where = "" if e.block is None else (
                 f"blocks {e.block}-{e.last_block}: " if e.last_block is not None
                 else f"block {e.block} (byte {e.offset}): ")
-            note_ = "" if e.affects_restore else (
+            note_ = "" if e.affects_restore or e.overridden_by is None else (
                 f" (overridden by {e.overridden_by}: does not affect restoring {self.image})")
-            yield f"BAD {e.path}: {where}{e.reason}{note_}"
+            tag = {None: "BAD", True: "REPAIRABLE", False: "LOST"}[e.repairable]
+            yield f"{tag} {e.path}: {where}{e.reason}{note_}"
         if result.ok:
             yield (f"OK: {result.blocks_checked} blocks, {human(result.bytes_checked)} of data "
                    f"verified in {result.seconds:.1f} s")
@@ -456,6 +463,43 @@ class VerifyDone:
         yield (f"FAILED: {len(result.errors)} error(s) in {self.image}"
                + ("" if matter == len(result.errors) else
                   f"; {matter or 'none'} of them affect{'s' if matter == 1 else ''} restoring it"))
+        fixable = sorted({e.path for e in result.errors if e.repairable})
+        if fixable and not any(e.repairable is False for e in result.errors):
+            for path in fixable:
+                yield (f"all damage in {path} is within what its parity repairs: restore heals "
+                       f"it on the fly; `diskimg repair {path}` rewrites the file healed")
+
+
+# --------------------------------------------------------------------------------------------
+# repair
+
+@dataclass(frozen=True)
+class RepairDone:
+    """``repair``: a repair.RepairResult."""
+
+    image: str
+    result: Any
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        out = to_json(self.result)
+        out["repaired_bytes"] = self.result.bytes
+        return out
+
+    def lines(self) -> Iterator[str]:
+        r = self.result
+        if not r.written:
+            yield f"OK: {self.image} has no damage; left as it was ({r.seconds:.1f} s)"
+            return
+        for what in r.parts:
+            yield f"  repaired: {what}"
+        if r.blocks:
+            shown = ", ".join(map(str, r.blocks[:20])) + (
+                f" and {len(r.blocks) - 20} more" if len(r.blocks) > 20 else "")
+            yield f"  repaired: records of block(s) {shown}"
+        yield (f"REPAIRED {self.image}: {r.slices} damaged slice(s) ({human(r.bytes)}) "
+               f"rebuilt from parity; the rewritten image verified clean and replaced it "
+               f"({human(r.image_bytes)}, {r.seconds:.1f} s)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,6 +546,13 @@ class InfoDone:
         yield (f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
                + (f" level {level}" if level is not None else ""))
         yield f"digest:      {info['digest']}"
+        par = info.get("parity")
+        if par:
+            yield (f"parity:      {par['percent']:g}% Reed-Solomon, {par['data']}+{par['parity']} "
+                   f"slices of {human(par['slice'])} per group, {par['depth']} groups per full "
+                   f"window, {par['windows']} window(s)")
+        elif "parity" in info:
+            yield "parity:      none"
         yield f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})"
         yield f"created:     {info['created']} by diskimg {info['tool_version']}"
         yield f"completed:   {info['completed'] or 'unknown'}"

@@ -43,6 +43,7 @@ from diskimg.format.digest import (
     digest_fn,
     zero_digest,
 )
+from diskimg.format.parity import Geometry, ParityLayoutError
 from diskimg.transforms import (
     FIXED_IDS,
     IMPLICIT_TABLE,
@@ -66,7 +67,7 @@ FORMAT_VERSION = 3                 # the newest version this diskimg reads and w
 SUPPORTED_VERSIONS = (1, 2, 3)
 # the required features this diskimg reads (section 13 of docs/FORMAT.md); each feature that
 # changes how bytes are read adds its name here, with its section in docs/FORMAT.md
-KNOWN_FEATURES: frozenset[str] = frozenset()
+KNOWN_FEATURES: frozenset[str] = frozenset({"parity"})   # "parity": section 16
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 ENTRIES_PER_SEGMENT = 16384
@@ -392,6 +393,8 @@ class Header:
     digest: str = LEGACY_DIGEST
     # what a reader must understand to read this image (section 13), sorted; empty for most
     features: tuple[str, ...] = ()
+    # the parity geometry (feature "parity", section 16; diskimg.format.parity), or None
+    parity: Geometry | None = None
 
     @property
     def format_version(self) -> int:
@@ -430,6 +433,7 @@ class Header:
                            for cid, names in sorted(self.transforms.items())},
             "digest": self.digest,
             **({"features": list(self.features)} if self.features else {}),
+            **({"parity": self.parity.to_json()} if self.parity is not None else {}),
         }
 
     @classmethod
@@ -472,11 +476,18 @@ class Header:
             raise MetadataInvalid("extra.source_mounted_rw", mounted_rw,
                                   "a list of mountpoints (strings)")
         transforms = _transforms(d)
+        parity = None
+        if "parity" in features:
+            try:
+                parity = Geometry.from_json(d.get("parity", _Missing))
+            except ParityLayoutError as err:
+                raise MetadataInvalid("parity", d.get("parity", _Missing),
+                                      f"the parity geometry ({err})") from None
         return cls(
             uuid=_str(d, "uuid", nonempty=True), kind=kind, size=_int(d, "size", 0, U63), block_size=block_size,
             source=source, created=_str(d, "created"), tool_version=_str(d, "tool_version"),
             parent=parent, chain=tuple(chain), compression=compression, extra=extra,
-            transforms=transforms, digest=digest, features=features,
+            transforms=transforms, digest=digest, features=features, parity=parity,
         )
 
     def pack(self) -> bytes:

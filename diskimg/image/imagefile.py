@@ -12,17 +12,22 @@ import hashlib
 import logging
 import mmap
 import stat
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from diskimg import format as fmt
 from diskimg.disk.blockdev import file_kind as _kind
 from diskimg.errors import BlockError, ChecksumMismatch, CorruptImage, DecodeError
-from diskimg.errors import DigestMismatch, DiskimgError, IncompleteImage, NotAnImage
+from diskimg.errors import DigestMismatch, DiskimgError, DiskIOError, IncompleteImage
+from diskimg.errors import NotAnImage
 from diskimg.errors import PermissionDenied, TruncatedImage, UsageError
 from diskimg.store import Store, StoreReader, StoreSink, open_store
 from diskimg.image.records import decode_verified
 from diskimg.transforms import reading_chain
+
+if TYPE_CHECKING:
+    from diskimg.image.parity import HealingReader
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +86,17 @@ class ImageReader:
             name = str(path)
         self.store, self.name = store, name
         self.path = store.path(name)
-        self.reader = store.open(name)
+        self.reader: StoreReader = store.open(name)
+        # an image with parity (format feature "parity"): the reader of its logical stream,
+        # which heals damaged slices when asked (diskimg.image.parity)
+        self.healing: HealingReader | None = None
+        self.healed: list[tuple[int | None, str]] = []   # (block or None, what was healed)
+        self._heal_lock = threading.Lock()
         try:
             _check_is_file(self.reader)
-            self.file_size = self.reader.size
+            self.physical_size = self.reader.size
             try:
-                self.header, self.data_start = fmt.read_header(self.reader, self.path)
-                self.footer = fmt.read_footer(self.reader, self.path, self.file_size,
-                                              self.header, self.data_start)
-                self.transforms = reading_chain(self.header.transforms)
+                self._open_parts()
             except IncompleteImage as err:
                 if self.path.endswith(".partial"):
                     raise
@@ -104,6 +111,85 @@ class ImageReader:
             self.reader.close()
             raise
         self._seg_cache: tuple[int, bytes] | None = None
+
+    def _open_parts(self) -> None:
+        """Header, footer and transform table; for an image with parity, through a healing
+        reader, healing what fails its checks (a damaged header at the start is also found
+        again through the tail's copy)."""
+        self.file_size = self.reader.size
+        try:
+            header, start = fmt.read_header(self.reader, self.path)
+            failed = None
+        except (CorruptImage, NotAnImage, DiskIOError) as err:
+            # damaged or unreadable: an image with parity has it again (healed, or its copy)
+            header, failed = None, err
+        if failed is not None or header.parity is not None:
+            from diskimg.image.parity import open_healing
+            healing = open_healing(self.reader, header.parity if header else None,
+                                   fmt.crc32c)
+            if healing is None:
+                if failed is not None:
+                    raise failed
+                # no tail, and no image trailer where the layout puts one: cut short
+                raise IncompleteImage(self.path, "image is incomplete (no parity tail and no "
+                                                 "trailer): it is still being written, was "
+                                                 "interrupted, or was cut short")
+            self.healing = self.reader = healing
+            self.file_size = healing.size
+            header, start = self._healed_header(failed)
+        self.header, self.data_start = header, start
+        try:
+            self.footer = fmt.read_footer(self.reader, self.path, self.file_size, header, start)
+        except (CorruptImage, IncompleteImage):
+            if self.healing is None:
+                raise
+            self._heal_footer()
+            self.footer = fmt.read_footer(self.reader, self.path, self.file_size, header, start)
+            self._note_healed(None, "footer or trailer")
+        self.transforms = reading_chain(self.header.transforms)
+
+    def _healed_header(self, failed: Exception | None) -> tuple[fmt.Header, int]:
+        """The header read through the healing reader: healed in place when it fails its
+        checks, or else taken from the tail's copy."""
+        healing = self.healing
+        copy = healing.tail.header
+        if failed is None:
+            return fmt.read_header(self.reader, self.path)
+        healing.heal(0, len(copy) or 1 << 16)
+        try:
+            got = fmt.read_header(self.reader, self.path)
+            self._note_healed(None, "header")
+            return got
+        except (CorruptImage, NotAnImage, IncompleteImage, DiskIOError):
+            pass
+        if not copy:
+            raise failed
+        from diskimg.store import BytesReader
+        got = fmt.read_header(BytesReader(copy, self.path), self.path)
+        self._note_healed(None, "header (from its copy at the end of the file)")
+        return got
+
+    def _heal_footer(self) -> None:
+        size = self.file_size
+        tsize = fmt.TRAILER_SIZE
+        self.healing.heal(size - tsize, tsize)
+        tr = self.reader.pread(tsize, size - tsize)
+        f_off = int.from_bytes(tr[8:16], "little")
+        f_len = int.from_bytes(tr[16:20], "little")
+        if tr[:8] == fmt.TRAILER_MAGIC and f_off + f_len + tsize == size:
+            self.healing.heal(f_off, f_len)
+
+    def _note_healed(self, block: int | None, what: str) -> None:
+        with self._heal_lock:
+            self.healed.append((block, what))
+
+    def scrub(self, progress=None):
+        """Check every slice of an image with parity against its checksum and rebuild what
+        parity can (later reads return the healed bytes); the repairs (ParityRepairs), or None
+        for an image without parity."""
+        if self.healing is None:
+            return None
+        return self.healing.scrub(progress)
 
     @property
     def uuid(self) -> str:
@@ -140,7 +226,14 @@ class ImageReader:
             return cache[1]
         first, count = self._segment_range(seg)
         off, length = self.segments[seg]
-        raw = fmt.read_segment(self.reader, self.path, off, length, first, count)
+        try:
+            raw = fmt.read_segment(self.reader, self.path, off, length, first, count)
+        except fmt.SegmentError:
+            if self.healing is None:
+                raise
+            self.healing.heal(off, length)
+            raw = fmt.read_segment(self.reader, self.path, off, length, first, count)
+            self._note_healed(None, f"index segment {seg}")
         self._seg_cache = (seg, raw)
         return raw
 
@@ -199,7 +292,32 @@ class ImageReader:
         """The uncompressed content of a DATA block, checked against the entry's SHA-256.  With
         `out` (at least a block long) the content is decompressed into it and a view of it is
         returned, so that a caller reusing its buffers allocates nothing per block.  Raises
-        ChecksumMismatch, BlockError (a damaged entry or record) or DiskIOError."""
+        ChecksumMismatch, BlockError (a damaged entry or record) or DiskIOError.
+
+        An image with parity heals a record that fails its checks and reads it again."""
+        try:
+            return self._read_block(block, entry, out)
+        except BlockError:
+            if self.healing is None:
+                raise
+            self.check_data_entry(block, entry)
+            span = fmt.RECORD_HEADER_SIZE + entry.stored_len
+            self.healing.heal(entry.offset, span)
+            try:
+                got = self._read_block(block, entry, out)
+            except BlockError as err:
+                lost = self.healing.slot_ranges(self.healing.repairs.lost)
+                if any(o < entry.offset + span and entry.offset < o + n for o, n in lost):
+                    g = self.header.parity
+                    raise self.block_error(block, f"{err.reason}; beyond what parity repairs "
+                                                  f"(more than {g.m} of the {g.k + g.m} "
+                                                  f"slices of a group damaged)") from err
+                raise
+            self._note_healed(block, "record")
+            return got
+
+    def _read_block(self, block: int, entry: fmt.IndexEntry,
+                    out: mmap.mmap | bytearray | None = None) -> bytearray | memoryview:
         length = self.header.block_length(block)
         self.check_data_entry(block, entry)
         buf = self.reader.pread(fmt.RECORD_HEADER_SIZE + entry.stored_len, entry.offset)
@@ -256,7 +374,17 @@ class ImageWriter:
         self.path = store.path(name)
         self.partial = store.path(store.partial_name(name))
         self.header = header
-        self.sink: StoreSink = store.create(name, resume_at=resume_at)
+        if header.parity is None:
+            self.sink: StoreSink = store.create(name, resume_at=resume_at)
+        else:
+            from diskimg.image import parity
+            resume = None
+            if resume_at is not None:   # the logical offset: cut where it lies in the file
+                with store.open(store.partial_name(name)) as raw:
+                    resume_at, resume = parity.resume_point(raw, header.parity, resume_at)
+            self.sink = parity.ParitySink(store.create(name, resume_at=resume_at),
+                                          header.parity, header.pack(), resume,
+                                          write_through=header.extra.get("rescue") is True)
         if resume_at is None:
             try:
                 self.sink.write([header.pack()])
@@ -276,7 +404,11 @@ class ImageWriter:
 
     def open_partial(self) -> StoreReader:
         """A reader of what was written so far (rescue reads back the records it stored)."""
-        return self.store.open(self.store.partial_name(self.name))
+        raw = self.store.open(self.store.partial_name(self.name))
+        if self.header.parity is not None:
+            from diskimg.image.parity import PartialParityReader
+            return PartialParityReader(raw, self.sink)
+        return raw
 
     def add_data(self, block: int, stored: bytes, codec: int, sha256: bytes,
                  flags: int = 0) -> None:
@@ -419,6 +551,10 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
             header, start = fmt.read_header(image, path)
         except IncompleteImage as err:
             raise TruncatedImage(path, size, err.reason) from err
+        if header.parity is not None:   # the records are in the logical stream
+            from diskimg.image.parity import UnfinishedReader
+            image = UnfinishedReader(image, header.parity)
+            size = image.size
         records = data_bytes = 0
         end, last = start, None
         seen: set[int] = set()
@@ -484,7 +620,7 @@ def describe(reader: ImageReader) -> dict:
         **_header_fields(h),
         **counts,
         "stored_bytes": stats.get("stored_bytes", 0),
-        "image_bytes": reader.file_size,
+        "image_bytes": reader.physical_size,
         "completed": f.get("completed"),
         "compression_level": (h.compression or {}).get("level"),
         "rescue": rescue,
@@ -494,6 +630,12 @@ def describe(reader: ImageReader) -> dict:
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)
         "source_mounted_rw": list(h.extra.get("source_mounted_rw", [])),
+        # Reed-Solomon parity (format feature "parity"), or None
+        "parity": None if reader.healing is None else {
+            "percent": round(reader.healing.geom.percent, 2), "data": reader.healing.geom.k,
+            "parity": reader.healing.geom.m, "depth": reader.healing.geom.depth,
+            "slice": reader.healing.geom.slice, "windows": reader.healing.layout.windows,
+            "logical_bytes": reader.file_size},
     }
 
 

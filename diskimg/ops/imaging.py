@@ -40,6 +40,7 @@ from diskimg.disk.blockdev import (
 )
 from diskimg.image.chain import open_chain, parent_ref
 from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (the library's names)
+from diskimg import defaults
 from diskimg.errors import (
     ChainError,
     DiskimgError,
@@ -85,6 +86,7 @@ class ImageOptions:
     clock: Callable[[], datetime] | None = None
     # more metadata for the header's `extra` object (a backup job records its name and level)
     extra: dict = field(default_factory=dict)
+    parity: float | None = None         # percent of Reed-Solomon parity (0: none; None: default)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,19 @@ def utc_now(clock: Callable[[], datetime] | None = None) -> str:
     """The time now (or `clock`'s) as the header records it: ISO 8601 UTC, to the second."""
     now = clock() if clock is not None else datetime.now(timezone.utc)
     return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parity_fields(pct: float | None) -> dict:
+    """The header fields of an image with `pct` percent of parity (none for 0, the default
+    for None); raises UsageError for a percentage out of range."""
+    if pct is None:
+        pct = defaults.DEFAULT_PARITY
+    if not pct:
+        return {}
+    try:
+        return {"features": ("parity",), "parity": fmt.Geometry.for_percent(pct)}
+    except ValueError as err:
+        raise UsageError(f"--parity {pct:g}: must be 0 (none) or from 0.5 to 100") from err
 
 
 def check_block_size(size: int) -> None:
@@ -485,6 +500,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
         transforms=transforms.table,
         digest=ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST,
+        **parity_fields(opts.parity),
     )
     used_map = None
     if opts.all_blocks:
@@ -539,6 +555,13 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     finally:
         if direct_fd is not None:
             os.close(direct_fd)
+    healing = getattr(ref, "healing", None)
+    if healing is not None and healing.repairs.repaired:
+        # the parent's index was read healed: say so, the parent file itself is still damaged
+        log.warning("%s: parity repaired %d damaged slice(s) (%d KiB) while reading its index; "
+                    "the file itself is still damaged: run `diskimg repair %s`", ref.path,
+                    len(healing.repairs.repaired),
+                    len(healing.repairs.repaired) * healing.geom.slice // 1024, ref.path)
     return ImageResult(
         path=image_path, uuid=new_uuid, kind=kind, size=source.size, block_size=bs,
         blocks=header.blocks, stored_blocks=stats.stored_blocks, zero_blocks=stats.zero_blocks,

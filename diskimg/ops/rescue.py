@@ -47,6 +47,7 @@ from diskimg.ops.imaging import (
     check_image_path,
     check_no_children,
     check_source_mounted,
+    parity_fields,
     utc_now,
 )
 from diskimg.disk.identity import source_mismatch
@@ -84,6 +85,8 @@ class RescueOptions:
     digest: str | None = None         # the block digest; None: the default (a resume keeps its own)
     clock: Callable[[], datetime] | None = None   # header times (ImageOptions.clock)
     extra: dict = field(default_factory=dict)     # more header metadata (ImageOptions.extra)
+    parity: float | None = None       # percent of Reed-Solomon parity (None: the default; a
+                                      # resume keeps its own)
 
 
 @dataclass(frozen=True)
@@ -409,6 +412,9 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
     stored = store.open(store.partial_name(name))
     try:
         header, start = fmt.read_header(stored, partial)
+        if header.parity is not None:   # records are found in the logical stream
+            from diskimg.image.parity import UnfinishedReader
+            stored = UnfinishedReader(stored, header.parity)
         if header.size != source.size or header.extra.get("rescue") is not True:
             raise UsageError(f"{partial}: left by another run (not a rescue of this "
                              f"{source.size}-byte source); remove it to start over")
@@ -455,6 +461,7 @@ def _new(image: str, source: Source, opts: RescueOptions, identity: dict,
         chain=(new_uuid,), compression={"codec": "zstd", "level": opts.level},
         extra={**opts.extra, "rescue": True, **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
         transforms=writing_chain(opts.level).table, digest=opts.digest or fmt.DEFAULT_DIGEST,
+        **parity_fields(opts.parity),
     )
     return (ImageWriter(image, header), RescueMap.new(source.size),
             array("q", [NO_RECORD]) * header.blocks)

@@ -152,6 +152,35 @@ class RestoreResult:
     verify_errors: tuple[VerifyMismatch, ...] = ()
     verify_seconds: float = 0.0
     verify_direct: bool = False               # the read-back bypassed the page cache (O_DIRECT)
+    repaired: tuple[Healed, ...] = ()         # images with parity that healed damage on the way
+
+
+@dataclass(frozen=True)
+class Healed:
+    """What parity repaired while one image of the chain was read: its damaged slices
+    (`slices`, of `slice_bytes` bytes each) rebuilt in memory; the image file is unchanged
+    (`diskimg repair` rewrites it)."""
+
+    path: str
+    slices: int
+    slice_bytes: int
+    blocks: tuple[int, ...]                   # blocks whose record was healed
+
+    @property
+    def bytes(self) -> int:
+        return self.slices * self.slice_bytes
+
+
+def healed_images(images) -> tuple[Healed, ...]:
+    """The Healed of each image (ImageReader) whose parity repaired something."""
+    out = []
+    for img in images:
+        h = getattr(img, "healing", None)
+        if h is None or not h.repairs.repaired:
+            continue
+        blocks = tuple(sorted({b for b, _ in img.healed if b is not None}))
+        out.append(Healed(img.path, len(h.repairs.repaired), h.geom.slice, blocks))
+    return tuple(out)
 
 
 def check_target(target: str, size: int) -> tuple[bool, bool, int]:
@@ -247,6 +276,9 @@ class _TruncatedImage:
         self.reader = store.open(name)
         try:
             self.header, start = fmt.read_header(self.reader, path)
+            if self.header.parity is not None:   # the records are in the logical stream
+                from diskimg.image.parity import UnfinishedReader
+                self.reader = UnfinishedReader(self.reader, self.header.parity)
             end = self.reader.size
             self.records: dict[int, tuple[int, fmt.RecordHeader]] = {}
             pos = start
@@ -399,7 +431,7 @@ def restore_image(image: str, target: str, *, search: Iterable[str] = (),
                 target_size=target_size, blocks=header.blocks, seconds=written - started,
                 unreadable=unreadable, salvaged=tuple(salvaged),
                 truncated=isinstance(chain, _TruncatedChain), verified=verify,
-                **checked, **counts,
+                repaired=healed_images(chain.images), **checked, **counts,
             )
     except BaseException as exc:
         if done:

@@ -13,6 +13,7 @@ the restore of the requested image when every block it touches is held by a late
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import threading
@@ -46,6 +47,9 @@ class VerifyError:
     # restoring the requested image never reads them; `overridden_by` names such an image
     affects_restore: bool = True
     overridden_by: str | None = None
+    # images with parity: True, damage that parity repairs (restore heals it on the fly,
+    # `diskimg repair` rewrites the file); False, damage beyond it; None: an image without parity
+    repairable: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,7 @@ def _verify_one(img: ImageReader, threads: int,
                            last_block=last if count > 1 else None)
 
     checked = nbytes = 0
+    repairs = img.scrub()    # parity: every slice against its checksum, rebuilt where it can be
     for block, count, entry, block_error in ordered_map(
             work, _runs(img, errors), threads, depth=depth_for(h.block_size, threads),
             inline=lambda item: item[2].kind != fmt.DATA):
@@ -254,8 +259,80 @@ def _verify_one(img: ImageReader, threads: int,
     if digest_ok and img.index_digest() != img.index_sha256:
         errors.append(VerifyError(img.uuid, img.path, None, None,
                                   "index digest differs from the footer's"))
+    if repairs is not None:
+        errors = [dataclasses.replace(e, repairable=False) for e in errors]
+        errors += _parity_errors(img, repairs)
     errors.sort(key=lambda e: (e.block if e.block is not None else -1))
     return errors, checked, nbytes
+
+
+def _parity_errors(img: ImageReader, repairs) -> list[VerifyError]:
+    """What the parity scrub of `img` found and rebuilt, named by what the damaged bytes
+    belong to: a block's record, an index segment, the header, the footer; and damage of the
+    parity data itself.  Damage beyond repair shows in the block checks (reported as not
+    repairable) and is named here only where no block check sees it."""
+    h = img.healing
+    out: list[VerifyError] = []
+    bs = img.header.block_size
+    fixed = h.slot_ranges(repairs.repaired)
+    lost = h.slot_ranges(repairs.lost)
+    note = "damaged in the image file; parity repairs it (restore heals it on the fly)"
+
+    def overlaps(ranges: list[tuple[int, int]], off: int, length: int) -> bool:
+        i = bisect.bisect_right(ranges, (off + length, -1))
+        return any(o < off + length and off < o + n for o, n in ranges[max(0, i - 2):i])
+
+    areas = [("header", 0, img.data_start)]
+    areas += [(f"index segment {i}", off, n) for i, (off, n) in enumerate(img.segments)]
+    areas.append(("footer and trailer", img.footer.offset, img.file_size - img.footer.offset))
+    for ranges, ok in ((fixed, True), (lost, False)):
+        if not ranges:
+            continue
+        for what, off, n in areas:
+            if overlaps(ranges, off, n):
+                if not ok and what == "header" and h.tail.header:
+                    out.append(VerifyError(img.uuid, img.path, None, None,
+                                           "header: damaged beyond what parity repairs; its "
+                                           "copy in the parity tail is intact and used",
+                                           affects_restore=False, repairable=True))
+                    continue
+                out.append(VerifyError(img.uuid, img.path, None, None,
+                                       f"{what}: " + (note if ok else "damaged beyond what "
+                                                                     "parity repairs"),
+                                       affects_restore=not ok, repairable=ok))
+    if fixed:
+        try:
+            for block, e in img.iter_entries():
+                if e.kind == fmt.DATA and overlaps(fixed, e.offset,
+                                                   fmt.RECORD_HEADER_SIZE + e.stored_len):
+                    out.append(VerifyError(img.uuid, img.path, block, block * bs,
+                                           f"record {note}", affects_restore=False,
+                                           repairable=True))
+        except fmt.SegmentError:
+            pass   # reported by the block checks
+    parity_slots = sum(1 for w, sl in repairs.repaired
+                       if sl >= h.layout.window(w).data_slots)
+    if parity_slots:
+        out.append(VerifyError(img.uuid, img.path, None, None,
+                               f"parity data: {parity_slots} parity slice(s) damaged; "
+                               f"`diskimg repair` rewrites them", affects_restore=False,
+                               repairable=True))
+    tables = repairs.tables - repairs.lost_tables
+    if tables:
+        out.append(VerifyError(img.uuid, img.path, None, None,
+                               f"parity checksum table of window(s) "
+                               f"{', '.join(map(str, sorted(tables)))} damaged; its second copy "
+                               f"is intact", affects_restore=False, repairable=True))
+    if repairs.lost_tables:
+        out.append(VerifyError(img.uuid, img.path, None, None,
+                               f"both copies of the parity checksum table of window(s) "
+                               f"{', '.join(map(str, sorted(repairs.lost_tables)))} damaged: "
+                               f"damage there cannot be located", affects_restore=False,
+                               repairable=False))
+    for what in h.tail_damage:
+        out.append(VerifyError(img.uuid, img.path, None, None, what, affects_restore=False,
+                               repairable=True))
+    return out
 
 
 def _scan_truncated(err: TruncatedImage) -> tuple[list[VerifyError], int, int]:

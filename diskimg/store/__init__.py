@@ -25,7 +25,8 @@ from typing import Iterable
 
 from diskimg.errors import DiskimgError, UsageError
 
-__all__ = ["Store", "StoreReader", "StoreSink", "StoreStat", "open_store", "open_directory"]
+__all__ = ["Store", "StoreReader", "StoreSink", "StoreStat", "BytesReader", "open_store",
+           "open_directory"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,26 @@ class StoreReader(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BytesReader(StoreReader):
+    """Bytes in memory read like an object (a copy of a header kept elsewhere in a file)."""
+
+    def __init__(self, data: bytes, path: str) -> None:
+        self.data = bytes(data)
+        self.path = path
+        self.stat = StoreStat(size=len(self.data))
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.data[offset:offset + length]
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
+        got = self.data[offset:offset + len(buf)]
+        memoryview(buf).cast("B")[:len(got)] = got
+        return len(got)
+
+    def close(self) -> None:
+        pass
 
 
 class StoreSink(ABC):
@@ -153,6 +174,11 @@ class Store(ABC):
     @abstractmethod
     def delete(self, name: str) -> None:
         """Remove `name`; raises NotAnImage when there is no such name."""
+
+    def rename(self, src: str, dst: str) -> None:
+        """Put `src` in the place of `dst` atomically and durably (a repaired image replaces
+        the damaged one).  Raises UsageError where the store cannot."""
+        raise UsageError(f"{self.path(dst)}: this store cannot replace an image in place")
 
     def exists(self, name: str) -> bool:
         """Whether `name` holds something (an error to look counts as not)."""

@@ -207,6 +207,18 @@ class LocalStore(Store):
     def create(self, name: str, resume_at: int | None = None) -> LocalSink:
         return LocalSink(self.path(name), self.path(self.partial_name(name)), resume_at)
 
+    def rename(self, src: str, dst: str) -> None:
+        path = self.path(dst)
+        try:
+            os.replace(self.path(src), path)
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as err:
+            raise _failed(err, path, "replace the image", "replace the image") from err
+
     def delete(self, name: str) -> None:
         path = self.path(name)
         try:

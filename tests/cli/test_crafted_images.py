@@ -25,6 +25,9 @@ from imagecraft import (
     write_header_json,
 )
 
+# these tests damage or craft bytes at fixed places of the layout without parity
+pytestmark = pytest.mark.usefixtures("no_default_parity")
+
 BS = 64 * 1024
 NBLOCKS = 12
 SIZE = NBLOCKS * BS + 1000          # a short last block

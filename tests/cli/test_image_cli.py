@@ -22,6 +22,9 @@ from diskimg import format as fmt
 from diskimg.image.imagefile import ImageReader
 from helpers import PYTHON, REPO, cli, compressible, flip_byte, read_at
 
+# these tests damage or craft bytes at fixed places of the layout without parity
+pytestmark = pytest.mark.usefixtures("no_default_parity")
+
 BS = 64 * 1024
 NBLOCKS = 24
 TAIL = 1000                        # the source is not a multiple of the block size

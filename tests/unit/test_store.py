@@ -225,6 +225,20 @@ def test_delete(store):
     assert store.list() == ["b"] and not store.exists("a")
 
 
+def test_rename_puts_one_object_in_the_place_of_another(store):
+    """`diskimg repair` publishes the repaired image so; a store that cannot says so."""
+    _put(store, "a", b"new")
+    _put(store, "b", b"old")
+    try:
+        store.rename("a", "b")
+    except UsageError as err:
+        assert "cannot replace an image in place" in str(err)
+        return
+    assert store.list() == ["b"]
+    with store.open("b") as r:
+        assert r.pread(10, 0) == b"new"
+
+
 # -- permission: exit 4, naming the path ------------------------------------------------------
 
 def test_permission_errors_exit_4(backend):
