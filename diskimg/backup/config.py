@@ -270,7 +270,11 @@ def _image_options(r: _Reader) -> dict:
     out: dict = {}
     parity = r.get("parity")
     if parity is not None:
-        out["parity"] = parity
+        if isinstance(parity, bool) or not isinstance(parity, (int, float)) or \
+                not (parity == 0 or 0.5 <= parity <= 100):
+            raise r.fail("parity", f"0 (none) or 0.5 to 100 (percent) expected, got "
+                                   f"{_show(parity)}")
+        out["parity"] = float(parity)
     enc = r.get("encryption")
     if enc is not None:
         if not isinstance(enc, dict):

@@ -206,7 +206,8 @@ def _run(job: Job, now: Clock, started_at: datetime, started: float, level: str 
                 block_size=job.block_size or DEFAULT_BLOCK_SIZE,
                 level=job.compression_level or DEFAULT_LEVEL, digest=job.digest,
                 mapfile=dest.path(name) + ".map", clock=now, extra=extra,
-                command=f"diskimg backup run {job.name}"), progress=rescue_progress)
+                command=f"diskimg backup run {job.name}", **rescue_options(job.image_options)),
+                progress=rescue_progress)
             made = rescued.image
             unreadable = sum(n for _, n in rescued.unreadable)
         else:
@@ -453,3 +454,18 @@ def prune_job(job: Job, rules: Keep | None = None, *, dry_run: bool = False,
 __all__ = ["CheckResult", "Checked", "PruneResult", "RunResult",
            "Verification", "catalogue", "check_job", "find_point", "parse_at", "prune_job",
            "restore_job", "run_job", "system_clock"]
+
+
+def rescue_options(wanted: dict) -> dict:
+    """The job's image settings (parity, encryption) for a rescue run: the same as for an
+    image, so that a job switched to --rescue by its health gate still writes what it was asked
+    to (an encrypted job never writes in plaintext); a setting a rescue cannot honour stops the
+    run."""
+    import dataclasses
+
+    from diskimg.ops.rescue import RescueOptions
+    have = {f.name for f in dataclasses.fields(RescueOptions)}
+    missing = sorted(set(wanted) - have)
+    if missing:
+        raise UsageError(f"a rescue cannot apply the job's {', '.join(missing)} setting")
+    return dict(wanted)

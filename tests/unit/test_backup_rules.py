@@ -62,7 +62,8 @@ def test_config_reads_every_key():
     ("compression-level = 30", "jobs.root.compression-level: 1 to 22 expected, got 30"),
     ('encryption = { key-file = "/k" }', "jobs.root.encryption: this diskimg cannot make "
                                          "encrypted images yet"),
-    ("parity = 5", "jobs.root.parity: this diskimg cannot make parity images yet"),
+    ("parity = 200", "jobs.root.parity: 0 (none) or 0.5 to 100 (percent) expected, got 200"),
+    ('parity = "5"', "jobs.root.parity: 0 (none) or 0.5 to 100 (percent) expected, got \"5\""),
 ])
 def test_config_errors_name_the_file_and_the_key(change, message):
     key = change.split(" =")[0]
