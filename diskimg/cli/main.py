@@ -16,7 +16,7 @@ import sys
 from typing import Callable
 
 from diskimg import __version__, errors
-from diskimg.cli import devices, images
+from diskimg.cli import devices, images, mounts
 from diskimg.cli.lazy import render
 from diskimg.cli.options import common
 from diskimg.errors import (
@@ -35,7 +35,7 @@ log = logging.getLogger("diskimg")
 
 
 # each command group's parser builders, in the order of --help
-ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *devices.ADDERS]
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *mounts.ADDERS, *devices.ADDERS]
 
 
 class _UsageExit(Exception):
@@ -93,7 +93,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 # argument names that hold paths; with --json they are made absolute before the command runs,
 # so that every path the JSON echoes (image, target, chain_paths, ...) is absolute
-_PATH_ARGS = ("source", "image", "target", "incremental", "differential", "mapfile")
+_PATH_ARGS = ("source", "image", "target", "incremental", "differential", "mapfile",
+              "mountpoint", "out")
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:

@@ -659,3 +659,47 @@ class SelfTestDone:
         return [f"{self.device}: {entry.type}: {entry.status}"
                 + (f" (first error at LBA {entry.lba})" if entry.lba and entry.lba != "-"
                    else "")]
+
+
+# --------------------------------------------------------------------------------------------
+# mount, umount, export, serve
+
+@dataclass(frozen=True)
+class MountDone:
+    """``mount``: an ops.mount.Mounted, ready (daemonised, or in the foreground)."""
+
+    mounted: Any
+    foreground: bool
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"ok": True, **to_json(self.mounted)}
+
+    def lines(self) -> Iterator[str]:
+        m = self.mounted
+        names = ", ".join(os.path.basename(f) for f in m.files)
+        yield f"mounted {m.image} on {m.mountpoint} ({human(m.size)}): {names}"
+        for f in m.filesystems:
+            yield f"  {f.mountpoint}: {f.fstype} (read-only)"
+        for s in m.skipped:
+            yield f"  {s}"
+        if self.foreground:
+            yield "serving in the foreground; Ctrl-C or SIGTERM unmounts"
+        else:
+            yield f"unmount with: diskimg umount {m.mountpoint}"
+
+
+@dataclass(frozen=True)
+class Unmounted:
+    """``umount`` (and the end of a foreground ``mount``)."""
+
+    mountpoint: str
+    filesystems: list
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"ok": True, "mountpoint": self.mountpoint, "filesystems": self.filesystems}
+
+    def lines(self) -> Iterator[str]:
+        inner = f" and {len(self.filesystems)} filesystem(s) inside" if self.filesystems else ""
+        yield f"unmounted {self.mountpoint}{inner}"
