@@ -11,12 +11,8 @@ has imported zstandard and started threads is not safe.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
-import subprocess
 import sys
-import threading
 
 from diskimg.cli.lazy import LazyModule, render
 from diskimg.cli.options import chain_options, common, threads
@@ -52,6 +48,9 @@ def _add_mount(sub) -> None:
 
 
 def _cmd_mount(args: argparse.Namespace):
+    import json
+    import signal
+    import threading
     if not args.foreground:
         return render.MountDone(_spawn_mount(args), foreground=False)
     stop = threading.Event()
@@ -96,6 +95,8 @@ class _ChildFailed(DiskimgError):
 
 def _spawn_mount(args: argparse.Namespace):
     """Run `mount --foreground` detached and wait until it is mounted or has failed."""
+    import json
+    import subprocess
     from diskimg.ops.mount import Mounted, MountedFs
     for name in ("image", "mountpoint"):
         setattr(args, name, os.path.abspath(getattr(args, name)))
@@ -147,4 +148,73 @@ def _cmd_umount(args: argparse.Namespace):
     return render.Unmounted(os.path.abspath(args.mountpoint), fs)
 
 
-ADDERS = [_add_mount, _add_umount]
+# --------------------------------------------------------------------------------------------
+# export
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", parents=[common()], help="write an image as a VM disk",
+                       description="Write IMAGE (any point of a chain) to OUT as a raw (sparse), "
+                                   "qcow2, vmdk or vhdx disk; '-' writes raw or qcow2 to "
+                                   "standard output.  Every block is verified.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--format", "-O", dest="format", required=True,
+                   choices=("raw", "qcow2", "vmdk", "vhdx"),
+                   help="raw and qcow2 are written by diskimg; vmdk and vhdx through qemu-img")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT file")
+    chain_options(p)
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace):
+    quiet = args.no_progress or args.json or args.out == "-"
+    with render.Bar("exporting", quiet) as bar:
+        result = export.export_image(args.image, args.out, args.format, search=args.search,
+                                     threads=threads(args), force=args.force, progress=bar)
+    return render.ExportDone(result)
+
+
+# --------------------------------------------------------------------------------------------
+# serve
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", parents=[common()], help="serve an image read-only over NBD",
+                       description="Export IMAGE (any point of a chain) read-only over NBD "
+                                   "until Ctrl-C or SIGTERM: qemu can boot it "
+                                   "(-drive file=nbd+unix:///?socket=S,snapshot=on), "
+                                   "nbdcopy and qemu-img read it.  Zero and unused blocks are "
+                                   "reported as holes; every block is verified.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--nbd", required=True, metavar="SOCKET|HOST:PORT",
+                   help="a unix socket path to create, or HOST:PORT to listen on (TCP: "
+                        "anyone who can reach it can read the disk)")
+    p.add_argument("--search", action="append", default=[], metavar="DIR",
+                   help="also look for parent images in DIR (repeatable)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="requests answered at once per client (default: 4)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace):
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be at least 1")
+    import signal
+    import threading
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set())
+                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+    def ready(uri: str) -> None:
+        render.say(f"serving {args.image} read-only on {uri}; Ctrl-C or SIGTERM stops")
+        sys.stdout.flush()
+
+    try:
+        uri = nbd.serve_image(args.image, args.nbd, search=args.search, stop=stop, ready=ready,
+                              threads=args.threads or 4)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return render.Served(args.image, uri)
+
+
+ADDERS = [_add_mount, _add_umount, _add_export, _add_serve]

@@ -703,3 +703,42 @@ class Unmounted:
     def lines(self) -> Iterator[str]:
         inner = f" and {len(self.filesystems)} filesystem(s) inside" if self.filesystems else ""
         yield f"unmounted {self.mountpoint}{inner}"
+
+
+@dataclass(frozen=True)
+class ExportDone:
+    """``export``: an ops.export.ExportResult."""
+
+    result: Any
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"ok": True, **to_json(self.result)}
+
+    def lines(self) -> Iterator[str]:
+        r = self.result
+        if r.out == "-":          # the data went to stdout: the summary goes to stderr
+            note(f"exported {r.image} as {r.format} to standard output: {human(r.size)} disk, "
+                 f"{human(r.data_bytes)} of data, {human(r.written_bytes)} written in "
+                 f"{r.seconds:.1f} s")
+            return
+        rate = r.size / r.seconds if r.seconds else 0
+        yield (f"exported {r.image} to {r.out} ({r.format}): {human(r.size)} disk in "
+               f"{r.seconds:.1f} s ({human(rate)}/s)")
+        yield (f"  data {human(r.data_bytes)}, zero or unused {human(r.zero_bytes)} (holes); "
+               f"{human(r.written_bytes)} written")
+
+
+@dataclass(frozen=True)
+class Served:
+    """``serve``, once stopped."""
+
+    image: str
+    uri: str
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"ok": True, "image": self.image, "uri": self.uri}
+
+    def lines(self) -> Iterator[str]:
+        yield f"stopped serving {self.image}"
