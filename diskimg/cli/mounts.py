@@ -65,6 +65,9 @@ def _cmd_mount(args: argparse.Namespace):
                                 + "\n").encode())
             os.close(ready_fd)
             ready_fd = None
+        elif args.json:
+            render.print_json(render.MountDone(mounted, foreground=True).json())
+            sys.stdout.flush()
         else:
             for line in render.MountDone(mounted, foreground=True).lines():
                 render.say(line)
@@ -119,8 +122,13 @@ def _spawn_mount(args: argparse.Namespace):
                                 start_new_session=True)
     finally:
         os.close(wfd)
-    with os.fdopen(rfd, "rb") as r:
-        line = r.readline()
+    try:
+        with os.fdopen(rfd, "rb") as r:
+            line = r.readline()
+    except BaseException:      # Ctrl-C while it mounts: it unmounts what it mounted and exits
+        proc.terminate()
+        proc.wait()
+        raise
     if not line:
         code = proc.wait()
         raise OperationFailed(f"{args.mountpoint}: the mount process exited with status {code} "

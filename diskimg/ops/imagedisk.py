@@ -13,6 +13,11 @@ module adds only what a disk has and an image does not say directly:
   expects says: the digest of zeros means a zero block in the parent.
 - `partitions()`: the MBR (with logical partitions) or GPT partitions of the device, parsed by
   the used-block scanner's parsers over the block view.
+- `read()` with `readahead`: a reader going through the disk in order (a sequential copy,
+  ``dd``, the kernel's read-ahead on a mount) has the next blocks decoded on worker threads
+  while it consumes this one, as restore decodes several blocks at once; they wait in the block
+  view's cache.  A reader asking for a block being decoded waits for that decode instead of
+  doing it twice.  Random readers start nothing.
 - `read_blocks()`: a byte range cut at block boundaries, each piece either its bytes or the
   error that made its block unreadable, so that a caller fails exactly the damaged range and
   serves the rest (FUSE answers EIO for a request that touches it, NBD an error chunk for
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -59,10 +65,15 @@ class ImageDisk:
     (or use it as a context manager) to close the chain's images."""
 
     def __init__(self, image: str, search: Iterable[str] = (),
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, readahead: int = 0) -> None:
+        """`readahead`: blocks decoded ahead of a sequential reader, on as many threads (0:
+        none; the view's cache must hold them, so it is grown to fit)."""
         self.image = image
         self.chain = open_chain(image, search)
         try:
+            bs = self.chain.leaf.header.block_size
+            if readahead:
+                cache_bytes = max(cache_bytes, (2 * readahead + 2) * bs)
             self.view = BlockView(self.chain, cache_bytes=cache_bytes)
         except BaseException:
             self.chain.close()
@@ -71,8 +82,16 @@ class ImageDisk:
         self.block_size: int = self.view.block_size
         self._reported: set[int] = set()
         self._lock = threading.Lock()
+        self._ahead = readahead
+        self._pool = ThreadPoolExecutor(readahead, thread_name_prefix="readahead") \
+            if readahead else None
+        self._inflight: dict[int, Future] = {}
+        self._warmed: dict[int, None] = {}      # blocks decoded ahead lately (bounded)
+        self._last = -2
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self.chain.close()
 
     def __enter__(self) -> ImageDisk:
@@ -86,7 +105,40 @@ class ImageDisk:
     def read(self, offset: int, length: int) -> bytes:
         """The bytes from `offset` (fewer at the end of the disk); raises what the block view
         raises for a damaged block (a DiskimgError)."""
+        if self._pool is not None and length > 0:
+            bs = self.block_size
+            first, last = offset // bs, (offset + length - 1) // bs
+            self._read_ahead(first, last)
+            for b in range(first, last + 1):
+                fut = self._inflight.get(b)
+                if fut is not None:
+                    fut.result()        # its decode is in the cache now (or failed: see below)
         return self.view.read(offset, length)
+
+    def _read_ahead(self, first: int, last: int) -> None:
+        with self._lock:
+            sequential = self._last <= first <= self._last + 1
+            self._last = last
+            if not sequential:
+                return
+            for b in range(last + 1, min(last + 1 + self._ahead, self.view.blocks)):
+                if b in self._inflight or b in self._warmed:
+                    continue
+                self._inflight[b] = self._pool.submit(self._warm, b)
+                self._warmed[b] = None
+            while len(self._warmed) > 4 * self._ahead:
+                del self._warmed[next(iter(self._warmed))]
+
+    def _warm(self, block: int) -> None:
+        """Decode `block` into the view's cache; a damaged block is left for the reader to
+        meet (and report) itself."""
+        try:
+            self.view.read(block * self.block_size, 1)
+        except DiskimgError:
+            pass
+        finally:
+            with self._lock:
+                self._inflight.pop(block, None)
 
     def read_blocks(self, offset: int, length: int) -> Iterator[Piece]:
         """The range cut at block boundaries, each piece read on its own: a damaged block
