@@ -8,9 +8,12 @@ from parity, images in object storage) reaches every way of opening an image at 
 module adds only what a disk has and an image does not say directly:
 
 - `extents()`: the device as runs of data and of zeros, from the leaf's index alone (no block
-  is read), so that raw exports get holes, qcow2 exports leave clusters unallocated and the NBD
-  server answers block-status queries.  A PARENT run is data or zeros as the digest the leaf
-  expects says: the digest of zeros means a zero block in the parent.
+  is read), so that raw exports get holes, qcow2 exports leave clusters unallocated, the NBD
+  server answers block-status queries and the mount answers reads of zeros at once.  A run is
+  zeros when the leaf's entry carries the digest of zeros, whatever its kind: the content must
+  hash to what the leaf expects, so that is the content (a PARENT run then needs no look into
+  the parent; a ZERO or UNUSED entry without that digest is damaged and left to the block view,
+  which reports it).
 - `partitions()`: the MBR (with logical partitions) or GPT partitions of the device, parsed by
   the used-block scanner's parsers over the block view.
 - `read()` with `readahead`: a reader going through the disk in order (a sequential copy,
@@ -192,7 +195,9 @@ class ImageDisk:
             elif entry.kind == fmt.PARENT:
                 zero = entry.sha256 == header.zero_digest(header.block_length(first))
             else:
-                zero = True        # ZERO, UNUSED (their digest is checked when read)
+                # ZERO, UNUSED: zeros only if the entry carries the digest of zeros; a damaged
+                # entry is left to the block view, which reads it as the error it is
+                zero = header.zero_run_ok(first, first + count - 1, entry.sha256)
             offset = first * bs
             length = min(count * bs, header.size - offset)
             if cur is not None and cur[2] == zero:

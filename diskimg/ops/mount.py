@@ -28,6 +28,7 @@ never races libfuse's own exit.  mfusepy is imported only here, only when mounti
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import logging
@@ -52,6 +53,8 @@ INFO_NAME = ".diskimg"
 # blocks decoded ahead of a sequential reader (ImageDisk): as many as restore's workers on the
 # 2-core machines this was measured on, one more so that one is always ready
 READAHEAD = 3
+# the kernel's read-ahead on the FUSE mount (see _widen_readahead)
+MOUNT_READAHEAD_KB = 1024
 
 # mount options for a filesystem opened read-only from a backup: never replay a journal (the
 # image must not change, and the loop device is read-only anyway)
@@ -118,6 +121,27 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+class _Zeros:
+    """The disk's zero extents, to answer reads inside them at once (a mostly empty disk is
+    mostly zero extents): the same immutable zero bytes for every request of a size."""
+
+    def __init__(self, disk: ImageDisk) -> None:
+        zero = [e for e in disk.extents() if e.zero]
+        self.starts = [e.offset for e in zero]
+        self.ends = [e.offset + e.length for e in zero]
+        self._by_size: dict[int, bytes] = {}
+
+    def covers(self, offset: int, size: int) -> bool:
+        i = bisect.bisect_right(self.starts, offset) - 1
+        return i >= 0 and offset + size <= self.ends[i]
+
+    def bytes(self, size: int) -> bytes:
+        z = self._by_size.get(size)
+        if z is None:
+            z = self._by_size[size] = bytes(size)
+        return z
+
+
 class _Fs:
     """The FUSE operations (mfusepy calls these by name; read-only, thread-safe)."""
 
@@ -128,6 +152,7 @@ class _Fs:
         self.files = files
         self.dirs = dirs
         self.info = b"{}"
+        self.zeros = _Zeros(disk)
         self.ready = threading.Event()
         try:
             stamp = datetime.fromisoformat(disk.view.header.created.replace("Z", "+00:00"))
@@ -180,6 +205,8 @@ class _Fs:
         if offset >= f.length:
             return b""
         size = min(size, f.length - offset)
+        if self.zeros.covers(f.offset + offset, size):
+            return self.zeros.bytes(size)     # zero or unused: no index lookup, no copy
         try:
             return self.disk.read(f.offset + offset, size)
         except DiskimgError:
@@ -292,6 +319,20 @@ def _teardown(real: str, fs_mounts: Iterable[str]) -> list[str]:
     return problems
 
 
+def _widen_readahead(real: str) -> None:
+    """Let the kernel read ahead 1 MiB on the mount instead of FUSE's 128 KiB: FUSE requests
+    stay 128 KiB (libfuse's buffer), but several are in flight at once, answered by several
+    threads while the next blocks are decoded; a sequential read got about 20% faster in
+    measurements.  Root only (sysfs); without it the mount works as well, only slower."""
+    try:
+        st = os.stat(os.path.join(real, "disk"))
+        with open(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb",
+                  "w") as f:
+            f.write(str(MOUNT_READAHEAD_KB))
+    except OSError as err:
+        log.debug("%s: read-ahead left as it is: %s", real, err)
+
+
 def mount_image(image: str, mountpoint: str, *, search: Iterable[str] = (), fs: bool = False,
                 stop: threading.Event, ready: Callable[[Mounted], None] | None = None) -> Mounted:
     """Mount `image` (its chain resolved through `search`) on `mountpoint` and serve it until
@@ -334,6 +375,7 @@ def mount_image(image: str, mountpoint: str, *, search: Iterable[str] = (), fs: 
         if session.error is not None or not thread.is_alive() and not is_fuse_mount(real):
             raise OperationFailed(f"{mountpoint}: FUSE mount failed: "
                                   f"{session.error or 'the FUSE session ended at once'}")
+        _widen_readahead(real)
         try:
             mounted, skipped = _mount_filesystems(real, names, session) if fs else ([], [])
             result = Mounted(os.path.abspath(image), real, os.getpid(), disk.size,
