@@ -292,16 +292,15 @@ def _loops_of(paths: Iterable[str]) -> list[str]:
 
 def _teardown(real: str, fs_mounts: Iterable[str]) -> list[str]:
     """Unmount what is mounted inside `real` (lazily when busy), detach loop devices left over
-    the files in it, then unmount the FUSE mount itself.  Returns what could not be undone."""
-    problems: list[str] = []
-    inside = [p for p, _ in _mountinfo() if p.startswith(real.rstrip("/") + "/")]
+    the files in it, then unmount the FUSE mount itself (lazily when something still holds it:
+    that detaches what is mounted inside too, as when the serving process died and every path
+    under `real` says "transport endpoint is not connected").  Returns what is still mounted."""
+    prefix = real.rstrip("/") + "/"
+    inside = [p for p, _ in _mountinfo() if p.startswith(prefix)]
     for target in reversed(list(dict.fromkeys([*fs_mounts, *inside]))):
-        if _run("umount", target).returncode != 0:
-            proc = _run("umount", "-l", target)
-            if proc.returncode != 0 and any(p == target for p, _ in _mountinfo()):
-                problems.append(f"{target}: {proc.stderr.strip()}")
-            else:
-                log.warning("%s: busy; detached lazily (unmounted once no longer in use)", target)
+        if _run("umount", target).returncode != 0 and \
+                _run("umount", "-l", target).returncode == 0:
+            log.warning("%s: busy; detached lazily (unmounted once no longer in use)", target)
     files = []
     try:
         files = [os.path.join(real, n) for n in os.listdir(real)]
@@ -309,14 +308,16 @@ def _teardown(real: str, fs_mounts: Iterable[str]) -> list[str]:
         pass
     for loop in _loops_of(files):
         _run("losetup", "-d", loop)
+    errors = []
     if is_fuse_mount(real):
         tool = shutil.which("fusermount3") or shutil.which("fusermount")
         cmd = [tool, "-u", real] if tool else ["umount", real]
         if _run(*cmd).returncode != 0:
             proc = _run(*([tool, "-u", "-z", real] if tool else ["umount", "-l", real]))
-            if proc.returncode != 0:
-                problems.append(f"{real}: {proc.stderr.strip()}")
-    return problems
+            errors.append(proc.stderr.strip())
+    left = [p for p, _ in _mountinfo() if p == real or p.startswith(prefix)]
+    return [f"{p} is still mounted" + (f" ({errors[0]})" if errors and errors[0] else "")
+            for p in left]
 
 
 def _widen_readahead(real: str) -> None:
@@ -407,7 +408,7 @@ def umount_image(mountpoint: str, timeout: float = 30.0) -> list[str]:
         with open(os.path.join(real, INFO_NAME)) as f:
             info = json.load(f)
     except OSError as err:
-        if err.errno != errno.ENOTCONN:   # not ours
+        if err.errno not in (errno.ENOTCONN, errno.ECONNABORTED):   # else: a dead FUSE mount
             raise UsageError(f"{mountpoint}: not a diskimg mount") from err
         info = None
     except ValueError as err:

@@ -206,6 +206,24 @@ def test_mount_fs_and_sigterm(ext4_chain, mounts, tmp_path):
         pytest.fail(f"mount process {pid} still running after SIGTERM")
 
 
+def test_umount_after_the_serving_process_died(ext4_chain, mounts, tmp_path):
+    """kill -9 of the serving process leaves a dead FUSE mount ("transport endpoint is not
+    connected") with an ext4 on top: `diskimg umount` still undoes all of it."""
+    m = mounts(ext4_chain.full, tmp_path / "m", "--fs")
+    os.kill(m.info["pid"], signal.SIGKILL)
+    for _ in range(100):
+        try:
+            os.listdir(m.dir)
+        except OSError as err:
+            assert err.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+            break
+        time.sleep(0.05)
+    res = m.umount()
+    assert "unmounted" in res.stdout
+    assert not _mounted(m.dir) and not _mounted(m.dir / "fs" / "disk")
+    assert os.listdir(m.dir) == []
+
+
 @pytest.fixture(scope="module", params=["mbr", "gpt"])
 def partitioned(request, tmp_path_factory, mloops):
     """A disk with an ext4 and an xfs partition under an MBR or a GPT, its trees, its image."""
