@@ -2,9 +2,10 @@
 ``serve``.
 
 ``mount`` without ``--foreground`` starts itself again as a detached process (a new session,
-cwd /, stdin/stdout/stderr on /dev/null, its log in syslog-less machines only with
-``--log-file``) and waits on a pipe until that process says the mount is ready or why it is
-not; so the command returns when DIR can be used, with the real error and exit code otherwise.
+cwd /, stdin/stdout/stderr on /dev/null: its log, damaged blocks included, goes to
+``--log-file`` when given) and waits on a pipe until that process says the mount is ready or
+why it is not; so the command returns when DIR can be used, with the real error and exit code
+otherwise.
 A fresh process rather than a fork: the FUSE session runs threads, and forking a process that
 has imported zstandard and started threads is not safe.
 """
