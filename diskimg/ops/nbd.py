@@ -268,8 +268,7 @@ class _Connection:
                 data = disk.read(offset, length)
             except Exception:       # name the damaged blocks in the log, fail the request
                 bad = [p for p in disk.read_blocks(offset, length) if p.error]
-                code = errno.EIO if bad else errno.EIO
-                self.error(handle, code, str(bad[0].error) if bad else "read failed")
+                self.error(handle, errno.EIO, str(bad[0].error) if bad else "read failed")
                 return
             if self.structured:
                 self.send(struct.pack(">IHHQIQ", STRUCTURED_MAGIC, REPLY_FLAG_DONE,
