@@ -16,7 +16,7 @@ import sys
 from typing import Callable
 
 from diskimg import __version__, errors
-from diskimg.cli import backup, devices, images, monitor
+from diskimg.cli import backup, devices, images, monitor, mounts
 from diskimg.cli.lazy import render
 from diskimg.cli.options import Parser, common
 from diskimg.errors import (
@@ -35,8 +35,9 @@ log = logging.getLogger("diskimg")
 
 
 # each command group's parser builders, in the order of --help
-ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *devices.ADDERS,
-                                                               *monitor.ADDERS, *backup.ADDERS]
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *mounts.ADDERS,
+                                                               *devices.ADDERS, *monitor.ADDERS,
+                                                               *backup.ADDERS]
 
 
 class _UsageExit(Exception):
@@ -97,7 +98,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 # argument names that hold paths; with --json they are made absolute before the command runs,
 # so that every path the JSON echoes (image, target, chain_paths, ...) is absolute
-_PATH_ARGS = ("source", "image", "target", "incremental", "differential", "mapfile")
+_PATH_ARGS = ("source", "image", "target", "incremental", "differential", "mapfile",
+              "mountpoint", "out")
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:

@@ -907,3 +907,83 @@ class ReportDone:
         r = self.result
         return [f"wrote {r.path}: {len(r.disks)} disk(s), {len(r.images)} image(s), "
                 f"{human(r.size)}"] + [f"  {path}: {why}" for path, why in r.errors]
+# mount, umount, export, serve
+
+@dataclass(frozen=True)
+class MountDone:
+    """``mount``: an ops.mount.Mounted, ready (daemonised, or in the foreground)."""
+
+    mounted: Any
+    foreground: bool
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"ok": True, **to_json(self.mounted)}
+
+    def lines(self) -> Iterator[str]:
+        m = self.mounted
+        names = ", ".join(os.path.basename(f) for f in m.files)
+        yield f"mounted {m.image} on {m.mountpoint} ({human(m.size)}): {names}"
+        for f in m.filesystems:
+            yield f"  {f.mountpoint}: {f.fstype} (read-only)"
+        for s in m.skipped:
+            yield f"  {s}"
+        if self.foreground:
+            yield "serving in the foreground; Ctrl-C or SIGTERM unmounts"
+        else:
+            yield f"unmount with: diskimg umount {m.mountpoint}"
+
+
+@dataclass(frozen=True)
+class Unmounted:
+    """``umount`` (and the end of a foreground ``mount``)."""
+
+    mountpoint: str
+    filesystems: list
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"ok": True, "mountpoint": self.mountpoint, "filesystems": self.filesystems}
+
+    def lines(self) -> Iterator[str]:
+        inner = f" and {len(self.filesystems)} filesystem(s) inside" if self.filesystems else ""
+        yield f"unmounted {self.mountpoint}{inner}"
+
+
+@dataclass(frozen=True)
+class ExportDone:
+    """``export``: an ops.export.ExportResult."""
+
+    result: Any
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"ok": True, **to_json(self.result)}
+
+    def lines(self) -> Iterator[str]:
+        r = self.result
+        if r.out == "-":          # the data went to stdout: the summary goes to stderr
+            note(f"exported {r.image} as {r.format} to standard output: {human(r.size)} disk, "
+                 f"{human(r.data_bytes)} of data, {human(r.written_bytes)} written in "
+                 f"{r.seconds:.1f} s")
+            return
+        rate = r.size / r.seconds if r.seconds else 0
+        yield (f"exported {r.image} to {r.out} ({r.format}): {human(r.size)} disk in "
+               f"{r.seconds:.1f} s ({human(rate)}/s)")
+        yield (f"  data {human(r.data_bytes)}, zero or unused {human(r.zero_bytes)} (holes); "
+               f"{human(r.written_bytes)} written")
+
+
+@dataclass(frozen=True)
+class Served:
+    """``serve``, once stopped."""
+
+    image: str
+    uri: str
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        return {"ok": True, "image": self.image, "uri": self.uri}
+
+    def lines(self) -> Iterator[str]:
+        yield f"stopped serving {self.image}"
