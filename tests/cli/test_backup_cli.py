@@ -207,7 +207,7 @@ def test_broken_chains_and_cut_images_are_listed_but_no_restore_points(setup):
     assert full.name.endswith("-full.dimg") and inc2.name.endswith("-incremental.dimg")
     # the last image cut short (a copy that stopped), the first one gone
     with open(inc2, "r+b") as f:
-        f.truncate(inc2.stat().st_size - 10)
+        f.truncate(inc2.stat().st_size // 2)   # 10 bytes less: its parity heals that
     listing = cli("backup", "list", "files", "--config", config, "--json").json
     images = {i["name"]: i for i in listing["jobs"][0]["images"]}
     assert images[inc2.name]["restore_point"] is False
