@@ -496,6 +496,11 @@ class InfoDone:
             yield (f"warning:     the source was mounted read-write on "
                    f"{', '.join(info['source_mounted_rw'])} while imaged (--force): the image "
                    f"may not be consistent")
+        for r in info.get("allocation_repaired", []):
+            owner = "reachable from directories" if r["kind"] == "vfat" else "owned by inodes"
+            yield (f"repaired:    allocation map repaired: {r['blocks']} blocks {owner} but "
+                   f"marked free ({r['kind']} at byte {r['offset']}, {r['block_size']}-byte "
+                   f"blocks; read all the same)")
         for r in info["unreadable"]:
             yield (f"unreadable:  bytes {r['offset']}-{r['offset'] + r['length'] - 1} "
                    f"({r['length']} bytes) read as zeros")

@@ -494,6 +494,8 @@ def describe(reader: ImageReader) -> dict:
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)
         "source_mounted_rw": list(h.extra.get("source_mounted_rw", [])),
+        # filesystems whose allocation map missed blocks their metadata owns (read all the same)
+        "allocation_repaired": list(h.extra.get("allocation_repaired", [])),
     }
 
 

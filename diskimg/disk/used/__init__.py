@@ -72,6 +72,10 @@ class Region:
     kind: str
     detail: str
     analysed: bool = False
+    # blocks (of ``block_size`` bytes) the filesystem's metadata owns but its allocation map
+    # marks free: read all the same (the cross-check of ext_check.py, fat.py)
+    repaired_blocks: int = 0
+    block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,13 @@ class UsedMap:
     def used_bytes_in(self, offset: int, length: int) -> int:
         """How many bytes of ``[offset, offset + length)`` are used (for "43% used" lines)."""
         return ranges.total(self.used_in(offset, length))
+
+    @property
+    def repaired(self) -> list[dict]:
+        """The regions whose allocation map was repaired: blocks owned but marked free."""
+        return [{"offset": r.offset, "kind": r.kind, "detail": r.detail,
+                 "blocks": r.repaired_blocks, "block_size": r.block_size}
+                for r in self.regions if r.repaired_blocks]
 
 
 
@@ -156,7 +167,11 @@ def _scan_content(rd: SourceReader, base: int, length: int, label: str,
             out.add(base + fs_bytes, length - fs_bytes)
             detail += f"; {human(length - fs_bytes, exact=True)} after the filesystem read fully"
         log.debug("%s: %s, %d of %d bytes used", label, kind, used, fs_bytes)
-        regions.append(Region(base, length, kind, detail, analysed=True))
+        repaired = getattr(fs, "repaired_blocks", 0)
+        if repaired:
+            detail += (f"; allocation map repaired: {repaired} blocks owned but marked free")
+        regions.append(Region(base, length, kind, detail, analysed=True,
+                              repaired_blocks=repaired, block_size=getattr(fs, "unit", 0)))
         return
     kind = _signature(rd, base, length)
     # An ext/FAT magic that failed its checks is worth a warning: the data may be damaged or the
