@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from diskimg import ranges
 from diskimg.disk.used.ext import ExtFs
 from diskimg.disk.used.fat import FatFs
+from diskimg.disk.used.xfs import XfsFs
 from diskimg.disk.used.partitions import (
     GPT_SIG,
     Partition,
@@ -132,6 +133,11 @@ _SIGNATURES = [
 ]
 
 
+# Each parser: a constructor that raises Unrecognised for anything not its own filesystem (cheap:
+# the superblock only), ``scan(out) -> (used bytes, filesystem bytes)``, ``kind``, ``detail``.
+_PARSERS = (("ext", ExtFs), ("FAT", FatFs), ("xfs", XfsFs))
+
+
 def _signature(rd: SourceReader, base: int, length: int) -> str:
     for off, magic, name in _SIGNATURES:
         if off + len(magic) <= length:
@@ -147,10 +153,11 @@ def _scan_content(rd: SourceReader, base: int, length: int, label: str,
                   out: RangeCollector, regions: list[Region]) -> None:
     """Recognise the filesystem in ``[base, base + length)`` and add its used ranges."""
     reasons = []
-    for name, cls in (("ext", ExtFs), ("FAT", FatFs)):
+    for name, cls in _PARSERS:
         try:
             fs = cls(rd, base, length)
-            used, fs_bytes = fs.scan(out)
+            sub = RangeCollector()      # a parser that fails half-way leaves nothing behind
+            used, fs_bytes = fs.scan(sub)
         except Unrecognised as err:
             reasons.append(f"{name}: {err}")
             continue
@@ -158,11 +165,13 @@ def _scan_content(rd: SourceReader, base: int, length: int, label: str,
             log.debug("parsing %s at byte %d failed", name, base, exc_info=True)
             reasons.append(f"{name}: unexpected structure ({type(err).__name__}: {err})")
             continue
+        for s, n in sub.merged(base + length):
+            out.add(s, n)
         if isinstance(fs, ExtFs):
             kind, detail = fs.kind, f"{label}, {fs.bs}-byte blocks" + (
                 f", {fs.cs}-byte clusters" if fs.ratio > 1 else "")
         else:
-            kind, detail = "vfat", f"{label}, {fs.detail}"
+            kind, detail = fs.kind, f"{label}, {fs.detail}"
         if fs_bytes < length:
             out.add(base + fs_bytes, length - fs_bytes)
             detail += f"; {human(length - fs_bytes, exact=True)} after the filesystem read fully"
@@ -281,7 +290,7 @@ def _scan_whole(rd: SourceReader, ss: int, out: RangeCollector, regions: list[Re
             mbr_error = None
     else:
         mbr_error = None
-    for cls in (ExtFs, FatFs):
+    for _, cls in _PARSERS:
         try:
             cls(rd, 0, size)
         except Unrecognised:

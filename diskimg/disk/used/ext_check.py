@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import logging
 import struct
+from itertools import compress
+
+from diskimg import ranges
 
 from diskimg.disk.used.raw import RangeCollector, SourceReader, Unrecognised, bit_runs, u16, u32
 
@@ -112,6 +115,16 @@ class _Walker:
                     self.indirect(p, level - 1)
 
 
+# The fields of an inode the walk needs: mode, size (low), dtime, links, flags, i_block[15],
+# file_acl (low), size (high), file_acl (high).  A whole table is unpacked by one Struct call
+# into a flat tuple (_NF values per inode) at C speed; the loop then only indexes into it.
+_INODE_FIELDS = "H2xI12xI2xH4xI4x15I4xII6xH"
+_INODE_LEN = struct.calcsize("<" + _INODE_FIELDS)     # 0x78
+_NF = 23
+_ONE_EXTENT = 1 << 16 | _EXT_MAGIC          # header word 0: magic, one entry
+_FAST_MASK = _EXTENTS_FL | _INLINE_DATA_FL
+
+
 def owned_blocks(rd: SourceReader, base: int, sb: bytes, *, bs: int, blocks: int,
                  first_data: int, ipg: int, inode_size: int, is64: bool, has_itable_unused: bool,
                  groups: list[GroupInodes]) -> tuple[tuple[int, int], ...]:
@@ -119,13 +132,18 @@ def owned_blocks(rd: SourceReader, base: int, sb: bytes, *, bs: int, blocks: int
     block.  Raises Unrecognised when the inodes' metadata does not parse."""
     out = RangeCollector()
     w = _Walker(rd, base, bs, blocks, first_data, out)
-    first_ino = u32(sb, 0x54) if u32(sb, 0x4C) >= 1 else 11
     if u32(sb, 0x60) & _INCOMPAT_MMP:
         mmp = int.from_bytes(sb[0x168:0x170], "little")
         if mmp:
             w._add(mmp)
-    fifteen = _FIFTEEN.unpack_from
     isz = inode_size
+    one = _INODE_FIELDS + f"{isz - _INODE_LEN}x"
+    structs: dict[int, struct.Struct] = {}
+    # Extents in i_block (a tree of depth 0: nearly every inode) are gathered as block
+    # numbers, checked and merged once at the end; everything else goes through _Walker.
+    found: list[tuple[int, int]] = []
+    add = found.append
+    nf = _NF
     for g in groups:
         if has_itable_unused and g.flags & _BG_INODE_UNINIT:
             continue
@@ -137,50 +155,73 @@ def owned_blocks(rd: SourceReader, base: int, sb: bytes, *, bs: int, blocks: int
         if g.bitmap < first_data or g.bitmap >= blocks or g.table + -(-n * isz // bs) > blocks:
             raise Unrecognised(f"group {g.group}: inode bitmap or table outside the filesystem")
         ibitmap = rd.read(base + g.bitmap * bs, bs)
-        marked = bytearray(n)
-        for s, c in bit_runs(ibitmap[:(n + 7) // 8]):
-            marked[s:min(n, s + c)] = b"\1" * (min(n, s + c) - s)
         table = rd.read(base + g.table * bs, n * isz)
-        ino0 = g.group * ipg + 1
-        for i in range(n):
-            o = i * isz
-            mode = table[o] | table[o + 1] << 8
-            ino = ino0 + i
-            if not marked[i]:
-                # e2fsck's pass 1 judges an inode by itself, not by the bitmap: one with links
-                # (or a mode and no deletion time) is in use even when its bit is clear
-                links = table[o + 0x1A] | table[o + 0x1B] << 8
-                if not links and not (mode and not any(table[o + 0x14:o + 0x18])):
-                    continue
-            if ino < first_ino:
-                if ino != 1 and not mode:
-                    continue
-            elif not mode:
+        st = structs.get(n)
+        if st is None:
+            st = structs[n] = struct.Struct("<" + one * n)
+        flat = st.unpack(table)
+        modes = flat[0::nf]
+        links = flat[3::nf]
+        first = g.group * ipg + 1              # inode number of slot 0
+        for i, mode, lk, fl, h0, h1, x, lo, acl in zip(
+                range(n), modes, links, flat[4::nf], flat[5::nf], flat[6::nf], flat[9::nf],
+                flat[10::nf], flat[20::nf]):
+            # the common inode first: linked, one extent in i_block, no xattr block
+            if (h0 == _ONE_EXTENT and lk and fl & _FAST_MASK == _EXTENTS_FL and not acl
+                    and not h1 >> 16 and not flat[i * nf + 22]
+                    and mode & _S_IFMT not in _NO_BLOCKS):
+                length = x & 0xFFFF
+                if length > 32768:
+                    length -= 32768
+                if length:
+                    add(((x >> 16) << 32 | lo, length))
                 continue
-            w.ino = ino
-            acl = u32(table, o + 0x68)
-            if is64:
-                acl |= u16(table, o + 0x76) << 32
+            b = i * nf
+            if not mode and (first + i != 1 or not any(flat[b + 5:b + 20])):
+                continue                        # free (the bad-blocks inode 1 has no mode)
+            if not lk and flat[b + 2] and not ibitmap[i >> 3] >> (i & 7) & 1:
+                # deleted; but e2fsck's pass 1 judges an inode by itself: one with links (or
+                # a mode and no deletion time) is in use even when its bitmap bit is clear
+                continue
+            acl |= flat[b + 22] << 32 if is64 else 0
             if acl:
+                w.ino = first + i
                 w._add(acl)
+            fl = flat[b + 4]
             fmt = mode & _S_IFMT
-            if fmt in _NO_BLOCKS:
+            if fmt in _NO_BLOCKS or fl & _INLINE_DATA_FL:
                 continue
-            flags = u32(table, o + 0x20)
-            if flags & _INLINE_DATA_FL:
+            w.ino = first + i
+            ib = flat[b + 5:b + 20]
+            if fl & _EXTENTS_FL:
+                w.extents(struct.pack("<15I", *ib), None)
                 continue
-            if flags & _EXTENTS_FL:
-                w.extents(table[o + 0x28:o + 0x64], None)
-                continue
-            if fmt == _S_IFLNK:
-                size = u32(table, o + 0x4) | u32(table, o + 0x6C) << 32
-                if size < 60:           # a fast symlink: the target is in i_block
-                    continue
-            ptrs = fifteen(table, o + 0x28)
-            for p in ptrs[:12]:
+            if fmt == _S_IFLNK and (flat[b + 1] | flat[b + 21] << 32) < 60:
+                continue                # a fast symlink: the target is in i_block
+            for p in ib[:12]:
                 if p:
-                    w._add(p)
-            for level, p in ((1, ptrs[12]), (2, ptrs[13]), (3, ptrs[14])):
+                    add((p, 1))
+            for level, p in ((1, ib[12]), (2, ib[13]), (3, ib[14])):
                 if p:
                     w.indirect(p, level)
-    return out.merged(base + blocks * bs)
+    merged: list[tuple[int, int]] = []
+    if found:
+        found.sort()
+        cur_s, cur_e = found[0][0], found[0][0] + found[0][1]
+        if cur_s < first_data:
+            raise Unrecognised(f"an inode owns block {cur_s}, outside the filesystem; the "
+                               "filesystem needs fsck")
+        for s, k in found:
+            if s > cur_e:
+                merged.append((base + cur_s * bs, (cur_e - cur_s) * bs))
+                cur_s, cur_e = s, s + k
+            elif s + k > cur_e:
+                cur_e = s + k
+        if cur_e > blocks:
+            raise Unrecognised(f"an inode owns blocks up to {cur_e - 1}, outside the "
+                               f"filesystem ({blocks} blocks); the filesystem needs fsck")
+        merged.append((base + cur_s * bs, (cur_e - cur_s) * bs))
+    walked = out.merged(base + blocks * bs)
+    if not walked:
+        return tuple(merged)
+    return tuple(ranges.merge([*merged, *walked]))

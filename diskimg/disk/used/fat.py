@@ -96,6 +96,8 @@ class FatFs:
             self.fsinfo = u16(bs, 0x30)
         self.boot = bs
 
+    kind = "vfat"
+
     @property
     def detail(self) -> str:
         return f"FAT{self.bits}, {self.clusters} clusters of {self.spc * self.bps} bytes"
