@@ -131,3 +131,75 @@ def test_xfs_damaged_or_dirty_is_read_fully(loops, tmp_path):
     dirty = scan_path(dev2)
     assert dirty.ranges == ((0, dirty.size),)
     assert "log" in dirty.regions[0].detail
+
+
+# --------------------------------------------------------------------------------------------
+# NTFS (this kernel has no NTFS driver: ntfs-3g's FUSE driver fills and reads it)
+
+def fuse_mount_ro(loops, fstype: str):
+    def mount_ro(dev: str, mnt: Path) -> dict:
+        loops.mount(dev, mnt, "-t", fstype, "-o", "ro")
+        try:
+            return tree_sha256(mnt)
+        finally:
+            loops.umount(mnt)
+    return mount_ro
+
+
+def _ntfs_first_lcn(dev: str, inode: int) -> int:
+    out = run("ntfsinfo", "-i", str(inode), "-v", dev).stdout
+    return int(re.search(r"^\s+0x0\s+(0x[0-9a-f]+)\s+0x", out, re.M).group(1), 16)
+
+
+@pytest.fixture
+def ntfs(loops, tmp_path):
+    need("mkntfs", "ntfs-3g", "ntfsfix", "ntfsinfo")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    dev, _ = loops.create(160 * MiB + 3 * 512, "ntfs")
+    run("mkntfs", "-q", "-F", "-Q", dev)
+    mnt = loops.mount(dev, tmp_path / "mnt", "-t", "ntfs-3g")
+    fill_tree(mnt, random.Random(11), budget=40 * MiB)
+    expect = tree_sha256(mnt)
+    loops.umount(mnt)
+    return dev, expect
+
+
+def test_ntfs_used_clusters_from_bitmap(loops, tmp_path, ntfs):
+    dev, expect = ntfs
+    used = prove(loops, tmp_path, dev, "ntfs", ["ntfsfix", "-n"], expect,
+                 fuse_mount_ro(loops, "ntfs-3g"), "partclone.ntfs")
+    assert used.used_bytes < 0.5 * used.size
+
+
+def test_ntfs_unclean_log_or_bitmap_disagreement_reads_fully(loops, tmp_path, ntfs):
+    dev, _ = ntfs
+    cs = 4096
+    # $LogFile's restart area with a client in use and no "clean" flag: what Windows leaves
+    # when it hibernates or shuts down with Fast Startup
+    log_lcn = _ntfs_first_lcn(dev, 2)
+    page = bytearray(4096)
+    page[0:4] = b"RSTR"
+    page[0x18:0x1A] = (0x30).to_bytes(2, "little")
+    page[0x30 + 0x0C:0x30 + 0x10] = bytes(4)       # client 0 in use, flags 0
+    with open(dev, "r+b") as f:
+        f.seek(log_lcn * cs)
+        saved = f.read(4096)
+        f.seek(log_lcn * cs)
+        f.write(page)
+    dirty = scan_path(dev)
+    assert dirty.ranges == ((0, dirty.size),)
+    assert "$LogFile is not clean" in dirty.regions[0].detail
+    with open(dev, "r+b") as f:
+        f.seek(log_lcn * cs)
+        f.write(saved)
+    assert scan_path(dev).regions[0].analysed
+
+    # the bits of the MFT's first clusters cleared in $Bitmap
+    bitmap_lcn, mft_lcn = _ntfs_first_lcn(dev, 6), _ntfs_first_lcn(dev, 0)
+    with open(dev, "r+b") as f:
+        f.seek(bitmap_lcn * cs + mft_lcn // 8)
+        f.write(b"\0")
+    bad = scan_path(dev)
+    assert bad.ranges == ((0, bad.size),)
+    assert "disagrees" in bad.regions[0].detail

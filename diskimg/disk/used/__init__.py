@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from diskimg import ranges
 from diskimg.disk.used.ext import ExtFs
 from diskimg.disk.used.fat import FatFs
+from diskimg.disk.used.ntfs import NtfsFs
 from diskimg.disk.used.xfs import XfsFs
 from diskimg.disk.used.partitions import (
     GPT_SIG,
@@ -135,7 +136,7 @@ _SIGNATURES = [
 
 # Each parser: a constructor that raises Unrecognised for anything not its own filesystem (cheap:
 # the superblock only), ``scan(out) -> (used bytes, filesystem bytes)``, ``kind``, ``detail``.
-_PARSERS = (("ext", ExtFs), ("FAT", FatFs), ("xfs", XfsFs))
+_PARSERS = (("ext", ExtFs), ("FAT", FatFs), ("xfs", XfsFs), ("NTFS", NtfsFs))
 
 
 def _signature(rd: SourceReader, base: int, length: int) -> str:
