@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from diskimg import ranges
 from diskimg.disk.used.ext import ExtFs
+from diskimg.disk.used.btrfs import BtrfsFs
 from diskimg.disk.used.exfat import ExfatFs
 from diskimg.disk.used.fat import FatFs
 from diskimg.disk.used.ntfs import NtfsFs
@@ -138,7 +139,7 @@ _SIGNATURES = [
 # Each parser: a constructor that raises Unrecognised for anything not its own filesystem (cheap:
 # the superblock only), ``scan(out) -> (used bytes, filesystem bytes)``, ``kind``, ``detail``.
 _PARSERS = (("ext", ExtFs), ("FAT", FatFs), ("xfs", XfsFs), ("NTFS", NtfsFs),
-            ("exFAT", ExfatFs))
+            ("exFAT", ExfatFs), ("btrfs", BtrfsFs))
 
 
 def _signature(rd: SourceReader, base: int, length: int) -> str:
