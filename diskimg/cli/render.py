@@ -483,7 +483,7 @@ class InfoDone:
             contents = "unknown (made before diskimg recorded it)"
         else:
             contents = ("all blocks (free space included: an exact copy)" if info["all_blocks"]
-                        else "used blocks (the free space of ext2/3/4 and FAT left out)")
+                        else "used blocks (the free space of recognised filesystems left out)")
         yield f"contents:    {contents}"
         level = info["compression_level"]
         yield (f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"

@@ -422,8 +422,9 @@ def test_mbr_disk_with_logical_partitions(tmp_path):
     analysed = [(r.kind, r.detail.split(",")[0], r.offset, r.length) for r in m.regions
                 if r.kind not in ("mbr", "ebr", "gap")]
     assert analysed == [("ext3", "partition 1", *p1), ("vfat", "partition 5", *l5),
-                        ("ext4", "partition 6", *l6), ("unknown", "partition 7: read fully: "
-                                                       "not ext2/3/4 or FAT (unknown)", *l7)]
+                        ("ext4", "partition 6", *l6),
+                        ("unknown", "partition 7: read fully: no filesystem whose used blocks "
+                                    "are known (unknown)", *l7)]
     # EBRs (the sector before each logical partition) are read
     for lp in (l5, l6, l7):
         assert m.is_used(lp[0] - 512, 512)

@@ -20,7 +20,14 @@ import logging
 import struct
 
 from diskimg import ranges
-from diskimg.disk.used.raw import RangeCollector, SourceReader, Unrecognised, crc32c_raw, u32
+from diskimg.disk.used.raw import (
+    NotThisFilesystem,
+    RangeCollector,
+    SourceReader,
+    Unrecognised,
+    crc32c_raw,
+    u32,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +68,10 @@ class BtrfsFs:
         self.base = base
         self.length = length
         if length < 0x10000 + 4096:
-            raise Unrecognised("too small for btrfs")
+            raise NotThisFilesystem("too small for btrfs")
         sb = rd.read(base + 0x10000, 4096)
         if sb[0x40:0x48] != _MAGIC:
-            raise Unrecognised("no btrfs superblock magic")
+            raise NotThisFilesystem("no btrfs superblock magic")
         self.csum_type = int.from_bytes(sb[0xC4:0xC6], "little")
         if self.csum_type != 0:
             raise Unrecognised(f"btrfs checksum type {self.csum_type} (only crc32c is checked)")

@@ -14,7 +14,15 @@ from __future__ import annotations
 import logging
 
 from diskimg import ranges
-from diskimg.disk.used.raw import RangeCollector, SourceReader, Unrecognised, bit_runs, u16, u32
+from diskimg.disk.used.raw import (
+    NotThisFilesystem,
+    RangeCollector,
+    SourceReader,
+    Unrecognised,
+    bit_runs,
+    u16,
+    u32,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,7 @@ class ExfatFs:
         self.base = base
         bs = rd.read(base, 512)
         if bs[3:11] != b"EXFAT   ":
-            raise Unrecognised("no exFAT boot sector signature")
+            raise NotThisFilesystem("no exFAT boot sector signature")
         if bs[510:512] != b"\x55\xaa" or any(bs[11:64]):
             raise Unrecognised("exFAT boot sector is malformed")
         self.volume_sectors = _u64(bs, 0x48)

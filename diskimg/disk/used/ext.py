@@ -13,6 +13,7 @@ from typing import Iterator
 from diskimg import ranges
 from diskimg.disk.used.ext_check import GroupInodes, owned_blocks
 from diskimg.disk.used.raw import (
+    NotThisFilesystem,
     FAST_CRC,
     RangeCollector,
     SourceReader,
@@ -78,7 +79,7 @@ class ExtFs:
         self.length = length
         sb = rd.read(base + 1024, 1024)
         if u16(sb, 0x38) != 0xEF53:
-            raise Unrecognised("no ext2/3/4 superblock magic")
+            raise NotThisFilesystem("no ext2/3/4 superblock magic")
         self.sb = sb
         self.compat = u32(sb, 0x5C)
         self.incompat = u32(sb, 0x60)

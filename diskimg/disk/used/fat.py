@@ -17,6 +17,7 @@ from array import array
 
 from diskimg.disk.used.raw import (
     NONZERO_RUNS,
+    NotThisFilesystem,
     RangeCollector,
     SourceReader,
     Unrecognised,
@@ -43,9 +44,9 @@ class FatFs:
         self.base = base
         bs = rd.read(base, 512)
         if bs[3:11] in (b"EXFAT   ", b"NTFS    "):
-            raise Unrecognised(f"{bs[3:7].decode().lower()} is not FAT")
+            raise NotThisFilesystem(f"{bs[3:7].decode().lower()} is not FAT")
         if bs[510:512] != b"\x55\xaa" or bs[0] not in (0xEB, 0xE9):
-            raise Unrecognised("no FAT boot sector")
+            raise NotThisFilesystem("no FAT boot sector")
         self.bps = bps = u16(bs, 0x0B)
         self.spc = spc = bs[0x0D]
         self.reserved = u16(bs, 0x0E)

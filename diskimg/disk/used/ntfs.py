@@ -17,7 +17,15 @@ from __future__ import annotations
 import logging
 
 from diskimg import ranges
-from diskimg.disk.used.raw import RangeCollector, SourceReader, Unrecognised, bit_runs, u16, u32
+from diskimg.disk.used.raw import (
+    NotThisFilesystem,
+    RangeCollector,
+    SourceReader,
+    Unrecognised,
+    bit_runs,
+    u16,
+    u32,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,7 @@ class NtfsFs:
         self.base = base
         bs = rd.read(base, 512)
         if bs[3:11] != b"NTFS    ":
-            raise Unrecognised("no NTFS boot sector signature")
+            raise NotThisFilesystem("no NTFS boot sector signature")
         if bs[510:512] != b"\x55\xaa":
             raise Unrecognised("NTFS boot sector has no 55AA end mark")
         self.bps = bps = u16(bs, 0x0B)

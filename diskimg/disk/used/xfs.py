@@ -22,7 +22,13 @@ import struct
 import sys
 from array import array
 
-from diskimg.disk.used.raw import RangeCollector, SourceReader, Unrecognised, crc32c_raw
+from diskimg.disk.used.raw import (
+    NotThisFilesystem,
+    RangeCollector,
+    SourceReader,
+    Unrecognised,
+    crc32c_raw,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ class XfsFs:
         self.base = base
         head = rd.read(base, 512)
         if head[:4] != b"XFSB":
-            raise Unrecognised("no xfs superblock magic")
+            raise NotThisFilesystem("no xfs superblock magic")
         self.bs = bs = _be32(head, 4)
         self.unit = bs
         self.dblocks = _be64(head, 8)
