@@ -13,8 +13,8 @@ from typing import Iterator
 from diskimg import ranges
 from diskimg.disk.used.ext_check import GroupInodes, owned_blocks
 from diskimg.disk.used.raw import (
-    NotThisFilesystem,
     FAST_CRC,
+    NotThisFilesystem,
     RangeCollector,
     SourceReader,
     Unrecognised,
