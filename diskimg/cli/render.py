@@ -497,7 +497,8 @@ class InfoDone:
                    f"{', '.join(info['source_mounted_rw'])} while imaged (--force): the image "
                    f"may not be consistent")
         for r in info.get("allocation_repaired", []):
-            owner = "reachable from directories" if r["kind"] == "vfat" else "owned by inodes"
+            owner = {"vfat": "reachable from directories", "exfat": "owned by files",
+                     "ntfs": "owned by MFT records"}.get(r["kind"], "owned by inodes")
             yield (f"repaired:    allocation map repaired: {r['blocks']} blocks {owner} but "
                    f"marked free ({r['kind']} at byte {r['offset']}, {r['block_size']}-byte "
                    f"blocks; read all the same)")

@@ -160,6 +160,7 @@ def ntfs(loops, tmp_path):
     run("mkntfs", "-q", "-F", "-Q", dev)
     mnt = loops.mount(dev, tmp_path / "mnt", "-t", "ntfs-3g")
     fill_tree(mnt, random.Random(11), budget=40 * MiB)
+    (mnt / "big.bin").write_bytes(random.Random(12).randbytes(2 * MiB))
     expect = tree_sha256(mnt)
     loops.umount(mnt)
     return dev, expect
@@ -170,6 +171,24 @@ def test_ntfs_used_clusters_from_bitmap(loops, tmp_path, ntfs):
     used = prove(loops, tmp_path, dev, "ntfs", ["ntfsfix", "-n"], expect,
                  fuse_mount_ro(loops, "ntfs-3g"), "partclone.ntfs")
     assert used.used_bytes < 0.5 * used.size
+
+
+def test_ntfs_bitmap_missing_a_files_clusters_is_repaired(loops, tmp_path, ntfs):
+    """Clear the $Bitmap bits of 8 of a file's clusters: the MFT walk still finds them."""
+    dev, _ = ntfs
+    before = scan_path(dev)
+    out = run("ntfsinfo", "-F", "/big.bin", "-v", dev).stdout
+    lcn, length = (int(x, 16) for x in re.search(
+        r"^\s+0x0\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)", out, re.M).groups())
+    assert length >= 24
+    bitmap_lcn = _ntfs_first_lcn(dev, 6)
+    with open(dev, "r+b") as f:
+        f.seek(bitmap_lcn * 4096 + lcn // 8 + 1)
+        f.write(b"\0")
+    after = scan_path(dev)
+    assert after.regions[0].analysed and after.regions[0].repaired_blocks == 8
+    assert after.ranges == before.ranges
+    assert "allocation map repaired: 8 blocks" in after.regions[0].detail
 
 
 def test_ntfs_unclean_log_or_bitmap_disagreement_reads_fully(loops, tmp_path, ntfs):

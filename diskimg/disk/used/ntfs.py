@@ -11,6 +11,12 @@ Startup leaves it so; a FUSE mount that was not unmounted too).  Self-checks: th
 ``$MFT``, ``$MFTMirr``, ``$LogFile`` and ``$Bitmap`` itself must all be marked used in the
 bitmap, and the bitmap must cover every cluster; the boot sector, its backup at the end of the
 volume and all of the MFT are read whatever the bitmap says.
+
+Cross-check, as for ext's inodes: every MFT record in use (base and extension records alike)
+is read and the runs of each of its non-resident attributes compared with ``$Bitmap``; a
+cluster a record owns but the bitmap marks free is read as well, counted in
+``repaired_blocks`` and logged.  A record in use that does not parse (torn, BAAD, runs outside
+the volume) means read fully.
 """
 from __future__ import annotations
 
@@ -112,9 +118,17 @@ class NtfsFs:
             first_lcn, first_len = mft_runs[0]
             if off + self.rec_size > first_len * self.cs:
                 raise Unrecognised(f"NTFS MFT record {n} is not in the MFT's first run")
-        rec = bytearray(self.rd.read(self.base + self.mft_lcn * self.cs + off, self.rec_size))
+        rec = self.rd.read(self.base + self.mft_lcn * self.cs + off, self.rec_size)
         if rec[:4] != b"FILE":
             raise Unrecognised(f"NTFS MFT record {n} has no FILE signature")
+        rec = self._fixed(rec, n)
+        if not u16(rec, 0x16) & 1:
+            raise Unrecognised(f"NTFS MFT record {n} is not in use")
+        return bytes(rec)
+
+    def _fixed(self, raw: bytes, n: int) -> bytes:
+        """An MFT record with its update-sequence fixups checked and applied."""
+        rec = bytearray(raw)
         usa, count = u16(rec, 4), u16(rec, 6)
         if count < 2 or usa + 2 * count > self.rec_size or (count - 1) * 512 > self.rec_size:
             raise Unrecognised(f"NTFS MFT record {n}: update sequence is invalid")
@@ -125,8 +139,6 @@ class NtfsFs:
                 raise Unrecognised(f"NTFS MFT record {n}: torn write (update sequence "
                                    "mismatch)")
             rec[end - 2:end] = rec[usa + 2 * k:usa + 2 * k + 2]
-        if not u16(rec, 0x16) & 1:
-            raise Unrecognised(f"NTFS MFT record {n} is not in use")
         return bytes(rec)
 
     @staticmethod
@@ -194,6 +206,40 @@ class NtfsFs:
             raise Unrecognised("NTFS $LogFile is not clean: Windows hibernated or shut down "
                                "with Fast Startup, or not cleanly unmounted")
 
+    def _owned(self, mft_runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(LCN, clusters) of every non-resident attribute of every MFT record in use (base
+        and extension records alike: each attribute extent carries its own runs), as chkdsk
+        walks them.  A record in use that does not parse means read fully."""
+        rs, cs = self.rec_size, self.cs
+        owned: list[tuple[int, int]] = []
+        n = 0                       # the number of the first record in ``data``
+        data = b""                  # records may straddle two runs when clusters are small
+        for lcn, count in mft_runs:
+            pos, end = 0, count * cs
+            while pos < end:
+                k = min(_CHUNK, end - pos)
+                data += self.rd.read(self.base + lcn * cs + pos, k)
+                pos += k
+                whole = len(data) // rs * rs
+                for o in range(0, whole, rs):
+                    head = data[o:o + 4]
+                    if head != b"FILE":
+                        if head == b"BAAD":
+                            raise Unrecognised(f"NTFS MFT record {n}: marked BAAD (a torn "
+                                               "write): needs chkdsk")
+                    elif data[o + 0x16] & 1:
+                        rec = self._fixed(data[o:o + rs], n)
+                        for _, attr in self._attrs(rec, n):
+                            if attr[8]:
+                                for run in data_runs(attr, f"NTFS MFT record {n}"):
+                                    if run[0] + run[1] > self.clusters:
+                                        raise Unrecognised(f"NTFS MFT record {n}: a data run "
+                                                           "lies outside the volume")
+                                    owned.append(run)
+                    n += 1
+                data = data[whole:]
+        return owned
+
     def scan(self, out: RangeCollector, check: bool = True) -> tuple[int, int]:
         self.repaired_blocks = 0
         base, cs = self.base, self.cs
@@ -232,6 +278,17 @@ class NtfsFs:
                                    "bitmap disagrees with the MFT")
         for s, n in bitmap:
             out.add(s, n)
+        if check:
+            owned = ranges.merge([(base + lcn * cs, count * cs)
+                                  for lcn, count in self._owned(mft_runs)])
+            missing = ranges.subtract(owned, list(bitmap))
+            if missing:
+                self.repaired_blocks = ranges.total(missing) // cs
+                log.warning("NTFS at byte %d: %d clusters owned by MFT records are marked free "
+                            "in $Bitmap (first at cluster %d); they are read as well", base,
+                            self.repaired_blocks, (missing[0][0] - base) // cs)
+                for s, n in missing:
+                    out.add(s, n)
         out.add(base, cs)                                   # boot sector and $Boot
         for lcn, count in mft_runs:                         # all of the MFT
             out.add(base + lcn * cs, count * cs)
