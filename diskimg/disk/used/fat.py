@@ -28,8 +28,8 @@ from diskimg.disk.used.raw import (
 log = logging.getLogger(__name__)
 
 _FAT_CHUNK = 1 << 20   # a multiple of 2, 3 and 4 bytes (FAT12 is read whole anyway)
-# The directory walk holds one FAT copy in memory: up to this size (a 2 TiB FAT32 of 32 KiB
-# clusters has a 256 MiB FAT); beyond it the walk is skipped and said so.
+# The directory walk holds one FAT copy in memory, as an array: up to this size (a 2 TiB FAT32
+# of 32 KiB clusters has a 256 MiB FAT); beyond it the walk is skipped and said so.
 _WALK_MAX_FAT = 256 << 20
 _ATTR_DIR = 0x10
 _ATTR_VOLUME = 0x08
@@ -192,8 +192,7 @@ class FatFs:
         if self.bits == 16:
             return array("H", fat[:2 * n])
         if self.bits == 32:
-            a = array("I", fat[:4 * n])
-            return [v & 0x0FFFFFFF for v in a]
+            return array("I", fat[:4 * n])      # the top 4 bits are masked where read
         out = []
         for i in range(n):
             v = int.from_bytes(fat[i * 3 // 2:i * 3 // 2 + 2], "little")
@@ -221,7 +220,7 @@ class FatFs:
                                        "or loops")
                 seen[c] = 1
                 got.append(c)
-                v = entries[c]
+                v = entries[c] & 0x0FFFFFFF
                 if v == 0:
                     missing.append(c)
                     break
