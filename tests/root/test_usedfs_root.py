@@ -154,19 +154,55 @@ def _ntfs_first_lcn(dev: str, inode: int) -> int:
     return int(re.search(r"^\s+0x0\s+(0x[0-9a-f]+)\s+0x", out, re.M).group(1), 16)
 
 
-@pytest.fixture
-def ntfs(loops, tmp_path):
+def _filled_once(tmp: Path, name: str, size: int, mkfs: list[str], fstype: str,
+                 fill) -> tuple[Path, dict]:
+    """A filesystem image made and filled once for a module (the FUSE fills are slow); each
+    test attaches its own copy."""
+    img = tmp / f"{name}.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    dev = run("losetup", "--find", "--show", str(img)).stdout.strip()
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    mounted = False
+    try:
+        run(*mkfs, dev)
+        run("mount", "-t", fstype, dev, str(mnt))
+        mounted = True
+        fill(mnt)
+        expect = tree_sha256(mnt)
+        run("umount", str(mnt))
+        mounted = False
+    finally:
+        if mounted:
+            run("umount", "-l", str(mnt), check=False)
+        run("losetup", "-d", dev, check=False)
+    return img, expect
+
+
+def _attached_copy(loops, tmp_path: Path, made: tuple[Path, dict]) -> tuple[str, dict]:
+    img, expect = made
+    copy = tmp_path / img.name
+    shutil.copyfile(img, copy)
+    return loops.attach(copy), expect
+
+
+@pytest.fixture(scope="module")
+def ntfs_made(tmp_path_factory):
     need("mkntfs", "ntfs-3g", "ntfsfix", "ntfsinfo")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("needs /dev/fuse")
-    dev, _ = loops.create(160 * MiB + 3 * 512, "ntfs")
-    run("mkntfs", "-q", "-F", "-Q", dev)
-    mnt = loops.mount(dev, tmp_path / "mnt", "-t", "ntfs-3g")
-    fill_tree(mnt, random.Random(11), budget=40 * MiB)
-    (mnt / "big.bin").write_bytes(random.Random(12).randbytes(2 * MiB))
-    expect = tree_sha256(mnt)
-    loops.umount(mnt)
-    return dev, expect
+
+    def fill(mnt: Path) -> None:
+        fill_tree(mnt, random.Random(11), budget=40 * MiB)
+        (mnt / "big.bin").write_bytes(random.Random(12).randbytes(2 * MiB))
+    return _filled_once(tmp_path_factory.mktemp("ntfs"), "ntfs", 160 * MiB + 3 * 512,
+                        ["mkntfs", "-q", "-F", "-Q"], "ntfs-3g", fill)
+
+
+@pytest.fixture
+def ntfs(loops, tmp_path, ntfs_made):
+    return _attached_copy(loops, tmp_path, ntfs_made)
 
 
 def test_ntfs_used_clusters_from_bitmap(loops, tmp_path, ntfs):
@@ -230,18 +266,19 @@ def test_ntfs_unclean_log_or_bitmap_disagreement_reads_fully(loops, tmp_path, nt
 # --------------------------------------------------------------------------------------------
 # exFAT (exfatprogs makes and checks it, exfat-fuse fills and reads it)
 
-@pytest.fixture
-def exfat(loops, tmp_path):
+@pytest.fixture(scope="module")
+def exfat_made(tmp_path_factory):
     need("mkfs.exfat", "fsck.exfat", "mount.exfat-fuse")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("needs /dev/fuse")
-    dev, _ = loops.create(96 * MiB + 3 * 512, "exfat")
-    run("mkfs.exfat", dev)
-    mnt = loops.mount(dev, tmp_path / "mnt", "-t", "exfat-fuse")
-    fill_tree(mnt, random.Random(13), budget=30 * MiB, fat=True)
-    expect = tree_sha256(mnt)
-    loops.umount(mnt)
-    return dev, expect
+    return _filled_once(tmp_path_factory.mktemp("exfat"), "exfat", 96 * MiB + 3 * 512,
+                        ["mkfs.exfat"], "exfat-fuse",
+                        lambda mnt: fill_tree(mnt, random.Random(13), budget=30 * MiB, fat=True))
+
+
+@pytest.fixture
+def exfat(loops, tmp_path, exfat_made):
+    return _attached_copy(loops, tmp_path, exfat_made)
 
 
 def test_exfat_used_clusters_from_the_allocation_bitmap(loops, tmp_path, exfat):
