@@ -64,7 +64,8 @@ def _add_image(sub) -> None:
                    help="with --rescue: read with O_DIRECT (default: on for block devices)")
     p.add_argument("--all-blocks", action="store_true",
                    help="read and store every block, free space included (an exact copy for "
-                        "forensics); default: skip the free space of ext2/3/4 and FAT")
+                        "forensics); default: skip the free space of ext2/3/4, FAT, xfs, NTFS, "
+                        "exFAT and btrfs")
     chain_options(p)
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing IMAGE (never one that other images depend on, "

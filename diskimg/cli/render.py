@@ -540,7 +540,7 @@ class InfoDone:
             contents = "unknown (made before diskimg recorded it)"
         else:
             contents = ("all blocks (free space included: an exact copy)" if info["all_blocks"]
-                        else "used blocks (the free space of ext2/3/4 and FAT left out)")
+                        else "used blocks (the free space of recognised filesystems left out)")
         yield f"contents:    {contents}"
         level = info["compression_level"]
         yield (f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
@@ -560,6 +560,12 @@ class InfoDone:
             yield (f"warning:     the source was mounted read-write on "
                    f"{', '.join(info['source_mounted_rw'])} while imaged (--force): the image "
                    f"may not be consistent")
+        for r in info.get("allocation_repaired", []):
+            owner = {"vfat": "reachable from directories", "exfat": "owned by files",
+                     "ntfs": "owned by MFT records"}.get(r["kind"], "owned by inodes")
+            yield (f"repaired:    allocation map repaired: {r['blocks']} blocks {owner} but "
+                   f"marked free ({r['kind']} at byte {r['offset']}, {r['block_size']}-byte "
+                   f"blocks; read all the same)")
         for r in info["unreadable"]:
             yield (f"unreadable:  bytes {r['offset']}-{r['offset'] + r['length'] - 1} "
                    f"({r['length']} bytes) read as zeros")

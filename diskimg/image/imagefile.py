@@ -636,6 +636,8 @@ def describe(reader: ImageReader) -> dict:
             "parity": reader.healing.geom.m, "depth": reader.healing.geom.depth,
             "slice": reader.healing.geom.slice, "windows": reader.healing.layout.windows,
             "logical_bytes": reader.file_size},
+        # filesystems whose allocation map missed blocks their metadata owns (read all the same)
+        "allocation_repaired": list(h.extra.get("allocation_repaired", [])),
     }
 
 

@@ -492,22 +492,27 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         parent = parent_ref(ref)
         chain = tuple(ref.header.chain or (ref.uuid,)) + (new_uuid,)
     transforms = writing_chain(opts.level)
-    header = fmt.Header(
-        uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=ident,
-        created=utc_now(opts.clock), tool_version=__version__, parent=parent, chain=chain,
-        compression={"codec": "zstd", "level": opts.level},
-        extra={**opts.extra, "all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
-               **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
-        transforms=transforms.table,
-        digest=ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST,
-        **parity_fields(opts.parity),
-    )
     used_map = None
     if opts.all_blocks:
         used = [(0, source.size)]
     else:
         used_map = scan_used(source.fd, source.size, sector_size=source.logical_sector)
         used = list(used_map.ranges)
+    # blocks the filesystem's metadata owns that its allocation map marked free (read all the
+    # same): `info` reports them, so the header says so (readers ignore unknown extra keys)
+    repaired = used_map.repaired if used_map is not None else []
+    header = fmt.Header(
+        uuid=new_uuid, kind=kind, size=source.size, block_size=bs, source=ident,
+        created=utc_now(opts.clock), tool_version=__version__, parent=parent, chain=chain,
+        compression={"codec": "zstd", "level": opts.level},
+        extra={**opts.extra,
+               "all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
+               **({"source_mounted_rw": mounted_rw} if mounted_rw else {}),
+               **({"allocation_repaired": repaired} if repaired else {})},
+        transforms=transforms.table,
+        digest=ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST,
+        **parity_fields(opts.parity),
+    )
     # what is not a hole of a sparse file (a device has none)
     data_spans = ([(0, source.size)] if source.is_block
                   else list(data_ranges(source.fd, source.size)))

@@ -300,16 +300,33 @@ def test_fat_variants(tmp_path, variant):
 # unrecognised content is read fully
 
 @need("mkfs.xfs")
-def test_xfs_is_read_fully(tmp_path, caplog):
+def test_fresh_xfs_is_analysed_and_a_dirty_log_reads_fully(tmp_path, caplog):
+    """A new xfs: its free space comes from the AG B+trees (the log and metadata are kept);
+    the same filesystem with its log's unmount record overwritten is read fully."""
     img = tmp_path / "xfs.img"
     with open(img, "wb") as f:
         f.truncate(300 * MiB)
     run("mkfs.xfs", "-q", "-f", str(img))
+    m = scan_file(img)
+    assert [(r.kind, r.analysed) for r in m.regions] == [("xfs", True)]
+    assert m.used_bytes < 0.3 * m.size
+    if shutil.which("partclone.xfs"):
+        proc = run("partclone.xfs", "-c", "-s", str(img), "-O", "/dev/null")
+        text = (proc.stdout + proc.stderr).replace("\r", "\n")
+        pc = int(re.search(r"Space in use:.*?=\s*(\d+) Blocks", text).group(1)) * 4096
+        assert pc <= m.used_bytes <= pc * 1.01
+    out = run("xfs_db", "-r", "-c", "sb 0", "-c", "print logstart", str(img)).stdout
+    logstart = int(out.split("=")[1])
+    out = run("xfs_db", "-r", "-c", f"convert fsb {logstart} byte", str(img)).stdout
+    log_byte = int(out.split()[0], 16)      # "0x9606000 (157310976)"
+    with open(img, "r+b") as f:         # the whole log of cycle 1: no unmount record anywhere
+        f.seek(log_byte)
+        f.write((b"\0\0\0\1" + bytes(508)) * 2048)
     with caplog.at_level(logging.INFO, logger="diskimg.disk.used"):
         m = scan_file(img)
     assert m.ranges == ((0, 300 * MiB),)
-    assert [(r.kind, r.analysed) for r in m.regions] == [("xfs", False)]
-    assert "xfs" in caplog.text and "read fully" in caplog.text
+    assert [(r.kind, r.analysed) for r in m.regions] == [("unknown", False)]
+    assert "xfs log" in caplog.text and "read fully" in caplog.text
 
 
 def test_random_bytes_and_tiny_sources(tmp_path):
@@ -405,8 +422,9 @@ def test_mbr_disk_with_logical_partitions(tmp_path):
     analysed = [(r.kind, r.detail.split(",")[0], r.offset, r.length) for r in m.regions
                 if r.kind not in ("mbr", "ebr", "gap")]
     assert analysed == [("ext3", "partition 1", *p1), ("vfat", "partition 5", *l5),
-                        ("ext4", "partition 6", *l6), ("unknown", "partition 7: read fully: "
-                                                       "not ext2/3/4 or FAT (unknown)", *l7)]
+                        ("ext4", "partition 6", *l6),
+                        ("unknown", "partition 7: read fully: no filesystem whose used blocks "
+                                    "are known (unknown)", *l7)]
     # EBRs (the sector before each logical partition) are read
     for lp in (l5, l6, l7):
         assert m.is_used(lp[0] - 512, 512)

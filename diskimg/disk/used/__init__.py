@@ -6,11 +6,20 @@ source for a partition table (GPT, validated with its CRC32s, or MBR with extend
 partitions) or a bare filesystem, and then at every partition's content:
 
 * ext2/ext3/ext4: the group descriptors and block bitmaps are read directly (32/64-bit
-  descriptors, flex_bg, meta_bg, bigalloc, 1 KiB blocks, BLOCK_UNINIT groups);
+  descriptors, flex_bg, meta_bg, bigalloc, 1 KiB blocks, BLOCK_UNINIT groups), then
+  cross-checked against the blocks every in-use inode owns (ext_check.py);
 * FAT12/16/32: reserved sectors, FATs and the root directory, then every cluster whose FAT
-  entry is not zero;
-* anything else (xfs, swap, LUKS, unknown content, partition-table sectors, gaps between
+  entry is not zero, cross-checked against the clusters reachable from the directories;
+* xfs: everything but the free extents of each AG's free-space B+trees (xfs.py);
+* NTFS: ``$Bitmap`` through the MFT's data runs (ntfs.py);
+* exFAT: the allocation bitmap, cross-checked against the directories (exfat.py);
+* btrfs on one device: the extent tree through the chunk tree (btrfs.py);
+* anything else (swap, LUKS, unknown content, partition-table sectors, gaps between
   partitions, the backup GPT) is read in full.
+
+A cross-check that finds blocks the metadata owns but the allocation map marks free reads them
+as well and says so: ``Region.repaired_blocks``, ``UsedMap.repaired``, which the image header
+records (``extra.allocation_repaired``) and ``info`` shows.
 
 The one rule that shapes this package: never lose data.  A wrong "used" costs a few bytes of
 image; a wrong "free" silently destroys a file on restore.  So every parser checks its structure
@@ -24,10 +33,12 @@ time and turned into runs at C speed (``re`` over bytes, ``int.from_bytes``/``bi
 never bit by bit in Python.
 
 Layout: this package walks a source (partition tables, then each partition's content) and owns
-the results; ``partitions.py`` parses MBR/EBR and GPT, ``ext.py`` and ``fat.py`` read one
-filesystem's allocation data each, and ``raw.py`` holds the bounded reader and decoding helpers
+the results; ``partitions.py`` parses MBR/EBR and GPT, ``ext.py``, ``fat.py``, ``xfs.py``,
+``ntfs.py``, ``exfat.py`` and ``btrfs.py`` read one filesystem's allocation data each,
+``ext_check.py`` walks ext's inodes, and ``raw.py`` holds the bounded reader and decoding helpers
 they share.  A new filesystem is one more module with the same small interface (a constructor
-that raises Unrecognised, ``scan(out) -> (used bytes, filesystem bytes)``).
+that raises Unrecognised, ``scan(out) -> (used bytes, filesystem bytes)``, ``kind``,
+``detail``, and ``repaired_blocks``/``unit`` after a scan), listed in ``_PARSERS``.
 """
 from __future__ import annotations
 
@@ -36,7 +47,11 @@ from dataclasses import dataclass
 
 from diskimg import ranges
 from diskimg.disk.used.ext import ExtFs
+from diskimg.disk.used.btrfs import BtrfsFs
+from diskimg.disk.used.exfat import ExfatFs
 from diskimg.disk.used.fat import FatFs
+from diskimg.disk.used.ntfs import NtfsFs
+from diskimg.disk.used.xfs import XfsFs
 from diskimg.disk.used.partitions import (
     GPT_SIG,
     Partition,
@@ -45,7 +60,14 @@ from diskimg.disk.used.partitions import (
     parse_gpt,
     parse_mbr,
 )
-from diskimg.disk.used.raw import RangeCollector, SourceReader, Unrecognised, u16, u32
+from diskimg.disk.used.raw import (
+    NotThisFilesystem,
+    RangeCollector,
+    SourceReader,
+    Unrecognised,
+    u16,
+    u32,
+)
 from diskimg.units import human
 
 log = logging.getLogger(__name__)
@@ -72,6 +94,10 @@ class Region:
     kind: str
     detail: str
     analysed: bool = False
+    # blocks (of ``block_size`` bytes) the filesystem's metadata owns but its allocation map
+    # marks free: read all the same (the cross-check of ext_check.py, fat.py)
+    repaired_blocks: int = 0
+    block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +127,13 @@ class UsedMap:
         """How many bytes of ``[offset, offset + length)`` are used (for "43% used" lines)."""
         return ranges.total(self.used_in(offset, length))
 
+    @property
+    def repaired(self) -> list[dict]:
+        """The regions whose allocation map was repaired: blocks owned but marked free."""
+        return [{"offset": r.offset, "kind": r.kind, "detail": r.detail,
+                 "blocks": r.repaired_blocks, "block_size": r.block_size}
+                for r in self.regions if r.repaired_blocks]
+
 
 
 
@@ -121,6 +154,12 @@ _SIGNATURES = [
 ]
 
 
+# Each parser: a constructor that raises Unrecognised for anything not its own filesystem (cheap:
+# the superblock only), ``scan(out) -> (used bytes, filesystem bytes)``, ``kind``, ``detail``.
+_PARSERS = (("ext", ExtFs), ("FAT", FatFs), ("xfs", XfsFs), ("NTFS", NtfsFs),
+            ("exFAT", ExfatFs), ("btrfs", BtrfsFs))
+
+
 def _signature(rd: SourceReader, base: int, length: int) -> str:
     for off, magic, name in _SIGNATURES:
         if off + len(magic) <= length:
@@ -135,11 +174,14 @@ def _signature(rd: SourceReader, base: int, length: int) -> str:
 def _scan_content(rd: SourceReader, base: int, length: int, label: str,
                   out: RangeCollector, regions: list[Region]) -> None:
     """Recognise the filesystem in ``[base, base + length)`` and add its used ranges."""
-    reasons = []
-    for name, cls in (("ext", ExtFs), ("FAT", FatFs)):
+    reasons = []         # why a filesystem that was there could not be analysed
+    for name, cls in _PARSERS:
         try:
             fs = cls(rd, base, length)
-            used, fs_bytes = fs.scan(out)
+            sub = RangeCollector()      # a parser that fails half-way leaves nothing behind
+            used, fs_bytes = fs.scan(sub)
+        except NotThisFilesystem:
+            continue
         except Unrecognised as err:
             reasons.append(f"{name}: {err}")
             continue
@@ -147,23 +189,28 @@ def _scan_content(rd: SourceReader, base: int, length: int, label: str,
             log.debug("parsing %s at byte %d failed", name, base, exc_info=True)
             reasons.append(f"{name}: unexpected structure ({type(err).__name__}: {err})")
             continue
+        for s, n in sub.merged(base + length):
+            out.add(s, n)
         if isinstance(fs, ExtFs):
             kind, detail = fs.kind, f"{label}, {fs.bs}-byte blocks" + (
                 f", {fs.cs}-byte clusters" if fs.ratio > 1 else "")
         else:
-            kind, detail = "vfat", f"{label}, {fs.detail}"
+            kind, detail = fs.kind, f"{label}, {fs.detail}"
         if fs_bytes < length:
             out.add(base + fs_bytes, length - fs_bytes)
             detail += f"; {human(length - fs_bytes, exact=True)} after the filesystem read fully"
         log.debug("%s: %s, %d of %d bytes used", label, kind, used, fs_bytes)
-        regions.append(Region(base, length, kind, detail, analysed=True))
+        repaired = getattr(fs, "repaired_blocks", 0)
+        if repaired:
+            detail += (f"; allocation map repaired: {repaired} blocks owned but marked free")
+        regions.append(Region(base, length, kind, detail, analysed=True,
+                              repaired_blocks=repaired, block_size=getattr(fs, "unit", 0)))
         return
     kind = _signature(rd, base, length)
-    # An ext/FAT magic that failed its checks is worth a warning: the data may be damaged or the
-    # filesystem mounted.  Plain "not ext, not FAT" is ordinary.
-    notable = [r for r in reasons if "magic" not in r and "not FAT" not in r
-               and "no FAT boot sector" not in r]
-    why = "; ".join(notable) if notable else f"not ext2/3/4 or FAT ({kind})"
+    # A filesystem that was recognised and failed its checks is worth a warning: the data may be
+    # damaged or the filesystem mounted.  No known filesystem at all is ordinary.
+    notable = reasons
+    why = "; ".join(notable) if notable else f"no filesystem whose used blocks are known ({kind})"
     (log.warning if notable else log.info)("%s at byte %d: %s; read fully", label, base, why)
     out.add(base, length)
     regions.append(Region(base, length, kind if not notable else "unknown",
@@ -266,7 +313,7 @@ def _scan_whole(rd: SourceReader, ss: int, out: RangeCollector, regions: list[Re
             mbr_error = None
     else:
         mbr_error = None
-    for cls in (ExtFs, FatFs):
+    for _, cls in _PARSERS:
         try:
             cls(rd, 0, size)
         except Unrecognised:

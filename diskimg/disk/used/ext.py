@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
+from diskimg import ranges
+from diskimg.disk.used.ext_check import GroupInodes, owned_blocks
 from diskimg.disk.used.raw import (
     FAST_CRC,
+    NotThisFilesystem,
     RangeCollector,
     SourceReader,
     Unrecognised,
@@ -76,7 +79,7 @@ class ExtFs:
         self.length = length
         sb = rd.read(base + 1024, 1024)
         if u16(sb, 0x38) != 0xEF53:
-            raise Unrecognised("no ext2/3/4 superblock magic")
+            raise NotThisFilesystem("no ext2/3/4 superblock magic")
         self.sb = sb
         self.compat = u32(sb, 0x5C)
         self.incompat = u32(sb, 0x60)
@@ -89,7 +92,7 @@ class ExtFs:
         log_bs = u32(sb, 0x18)
         if log_bs > 6:
             raise Unrecognised(f"block size 1024<<{log_bs} is invalid")
-        self.bs = bs = 1024 << log_bs
+        self.bs = self.unit = bs = 1024 << log_bs
         bad_in = self.incompat & ~_INCOMPAT_OK
         if self.incompat & _INCOMPAT_RECOVER:
             raise Unrecognised("the journal needs recovery (needs_recovery): mounted or not "
@@ -144,7 +147,7 @@ class ExtFs:
             self.ratio = 1
             self.cpg = self.bpg
         self.cs = bs * self.ratio
-        inode_size = 128 if rev == 0 else u16(sb, 0x58)
+        self.inode_size = inode_size = 128 if rev == 0 else u16(sb, 0x58)
         if (self.blocks == 0 or self.bpg == 0 or self.cpg == 0 or self.cpg > 8 * bs
                 or self.bpg != self.cpg * self.ratio or self.ipg == 0
                 or self.first_data != (1 if bs == 1024 and self.ratio == 1 else 0)
@@ -231,11 +234,18 @@ class ExtFs:
             for k in range(min(self.desc_per_block, self.groups - first)):
                 yield first + k, data[k * ds:(k + 1) * ds]
 
-    def scan(self, out: RangeCollector) -> tuple[int, int]:
+    def scan(self, out: RangeCollector, check: bool = True) -> tuple[int, int]:
         """Add this filesystem's used ranges to ``out``; returns (used bytes, total bytes) of the
-        filesystem as its bitmaps count them.  Runs go straight into ``out`` (memory follows
-        the result); if a check fails half-way the caller adds the whole area, a superset."""
+        filesystem as its bitmaps count them.  If a check fails half-way the caller adds the
+        whole area, a superset.
+
+        With ``check`` the bitmaps are cross-checked against the blocks the inodes own
+        (ext_check.py): what an inode owns but a bitmap marks free is read as well, counted in
+        ``self.repaired_blocks`` and logged."""
         bs, base, cs = self.bs, self.base, self.cs
+        self.repaired_blocks = 0
+        final_out, out = out, RangeCollector()
+        inode_groups: list[GroupInodes] = []
         meta = RangeCollector()
         # The boot block and primary superblock are always kept, even with 1 KiB blocks where
         # block 0 belongs to no group (it may hold a boot loader).
@@ -254,6 +264,9 @@ class ExtFs:
                 ib |= u32(d, 0x24) << 32
                 it |= u32(d, 0x28) << 32
                 free |= u16(d, 0x2C) << 16
+            if check:
+                unused = u16(d, 0x1C) | (u16(d, 0x32) << 16 if is64 else 0)
+                inode_groups.append(GroupInodes(g, ib, it, flags, unused if uninit_ok else 0))
             start = self.first_data + g * self.bpg
             nblocks = min(self.bpg, self.blocks - start)
             nclusters = -(-nblocks // self.ratio)
@@ -299,8 +312,26 @@ class ExtFs:
         if sb_free != free_total:
             raise Unrecognised(f"superblock says {sb_free} free clusters, the group "
                                f"descriptors add up to {free_total}")
-        for s, n in meta.merged(base + self.blocks * bs):
+        end = base + self.blocks * bs
+        for s, n in meta.merged(end):
             out.add(s, n)
+        bitmap_used = out.merged(end)
+        for s, n in bitmap_used:
+            final_out.add(s, n)
+        if check:
+            owned = owned_blocks(self.rd, base, self.sb, bs=bs, blocks=self.blocks,
+                                 first_data=self.first_data, ipg=self.ipg,
+                                 inode_size=self.inode_size, is64=bool(is64),
+                                 has_itable_unused=bool(uninit_ok), groups=inode_groups)
+            missing = ranges.subtract(owned, list(bitmap_used))
+            if missing:
+                self.repaired_blocks = ranges.total(missing) // bs
+                log.warning("ext at byte %d: %d blocks owned by inodes are marked free in the "
+                            "block bitmaps (first at block %d); they are read as well",
+                            base, self.repaired_blocks, (missing[0][0] - base) // bs)
+                for s, n in missing:       # whole clusters, as the bitmap counts them
+                    lo = base + (s - base) // cs * cs
+                    final_out.add(lo, -(-(s + n - lo) // cs) * cs)
         total_clusters = -(-(self.blocks - self.first_data) // self.ratio)
         return (total_clusters - free_total) * cs, self.blocks * bs
 

@@ -1,13 +1,23 @@
 """FAT12/16/32: reserved sectors, FATs and the root directory are used, then every cluster
 whose FAT entry is not zero.  The FAT copies are compared and FSInfo's free count checked; on any
 doubt it raises Unrecognised and the caller reads the filesystem fully.
+
+Cross-check (the FAT can lie as a block bitmap can): every directory is walked from the root
+and every file's and directory's cluster chain followed through the FAT.  A cluster a chain
+reaches but the FAT marks free (a zeroed entry at the end of a chain, a file whose first
+cluster's entry was cleared) is read as well, counted in ``repaired_blocks`` and logged.  A
+chain that cannot be followed (a free entry before the file's size is reached, a bad-cluster
+mark, a pointer out of range, two chains sharing a cluster, a loop) is damage no union can
+repair: the filesystem is read fully.
 """
 from __future__ import annotations
 
 import logging
+from array import array
 
 from diskimg.disk.used.raw import (
     NONZERO_RUNS,
+    NotThisFilesystem,
     RangeCollector,
     SourceReader,
     Unrecognised,
@@ -18,6 +28,12 @@ from diskimg.disk.used.raw import (
 log = logging.getLogger(__name__)
 
 _FAT_CHUNK = 1 << 20   # a multiple of 2, 3 and 4 bytes (FAT12 is read whole anyway)
+# The directory walk holds one FAT copy in memory, as an array: up to this size (a 2 TiB FAT32
+# of 32 KiB clusters has a 256 MiB FAT); beyond it the walk is skipped and said so.
+_WALK_MAX_FAT = 256 << 20
+_ATTR_DIR = 0x10
+_ATTR_VOLUME = 0x08
+_ATTR_LFN = 0x0F
 
 
 class FatFs:
@@ -28,9 +44,9 @@ class FatFs:
         self.base = base
         bs = rd.read(base, 512)
         if bs[3:11] in (b"EXFAT   ", b"NTFS    "):
-            raise Unrecognised(f"{bs[3:7].decode().lower()} is not FAT")
+            raise NotThisFilesystem(f"{bs[3:7].decode().lower()} is not FAT")
         if bs[510:512] != b"\x55\xaa" or bs[0] not in (0xEB, 0xE9):
-            raise Unrecognised("no FAT boot sector")
+            raise NotThisFilesystem("no FAT boot sector")
         self.bps = bps = u16(bs, 0x0B)
         self.spc = spc = bs[0x0D]
         self.reserved = u16(bs, 0x0E)
@@ -81,6 +97,8 @@ class FatFs:
             self.fsinfo = u16(bs, 0x30)
         self.boot = bs
 
+    kind = "vfat"
+
     @property
     def detail(self) -> str:
         return f"FAT{self.bits}, {self.clusters} clusters of {self.spc * self.bps} bytes"
@@ -113,8 +131,10 @@ class FatFs:
         x |= x >> 16
         return x.to_bytes(len(chunk), "little")[0::4]
 
-    def scan(self, out: RangeCollector) -> tuple[int, int]:
+    def scan(self, out: RangeCollector, check: bool = True) -> tuple[int, int]:
         base, bps = self.base, self.bps
+        self.unit = self.spc * bps
+        self.repaired_blocks = 0
         csize = self.spc * bps
         data_off = base + self.data_start * bps
         out.add(base, self.data_start * bps)
@@ -149,10 +169,112 @@ class FatFs:
             pos += n
         if self.bits == 32:
             self._check_fsinfo(used_clusters)
+        if check:
+            if need > _WALK_MAX_FAT:
+                log.info("FAT at byte %d: FAT of %d bytes, larger than the directory walk's "
+                         "limit; the FAT is trusted as it is", base, need)
+            else:
+                missing = self._reachable_but_free(self.rd.read(self.fat_offsets[0], need))
+                for c in missing:
+                    out.add(data_off + (c - 2) * csize, csize)
+                if missing:
+                    self.repaired_blocks = len(missing)
+                    log.warning("FAT at byte %d: %d clusters reachable from directories are "
+                                "marked free in the FAT (first %d); they are read as well",
+                                base, len(missing), missing[0])
         # Sectors after the last whole cluster and after the filesystem are kept.
         data_end = data_off + self.clusters * csize
         out.add(data_end, base + self.total * bps - data_end)
         return self.data_start * bps + used_clusters * csize, self.total * bps
+
+    def _entries(self, fat: bytes) -> list[int] | array:
+        n = self.clusters + 2
+        if self.bits == 16:
+            return array("H", fat[:2 * n])
+        if self.bits == 32:
+            return array("I", fat[:4 * n])      # the top 4 bits are masked where read
+        out = []
+        for i in range(n):
+            v = int.from_bytes(fat[i * 3 // 2:i * 3 // 2 + 2], "little")
+            out.append(v >> 4 if i & 1 else v & 0xFFF)
+        return out
+
+    def _reachable_but_free(self, fat: bytes) -> list[int]:
+        """Clusters that a directory's chains reach but the FAT marks free (sorted)."""
+        entries = self._entries(fat)
+        n = self.clusters + 2
+        bad = {12: 0xFF7, 16: 0xFFF7, 32: 0x0FFFFFF7}[self.bits]
+        csize = self.spc * self.bps
+        seen = bytearray(n)
+        missing: list[int] = []
+
+        def chain(start: int, size: int | None, what: str) -> list[int]:
+            """The clusters of one chain; ``size`` for a file (None: a directory)."""
+            got: list[int] = []
+            c = start
+            while True:
+                if c < 2 or c >= n:
+                    raise Unrecognised(f"{what}: cluster {c} is outside the filesystem")
+                if seen[c]:
+                    raise Unrecognised(f"{what}: cluster {c} is shared with another chain "
+                                       "or loops")
+                seen[c] = 1
+                got.append(c)
+                v = entries[c] & 0x0FFFFFFF
+                if v == 0:
+                    missing.append(c)
+                    break
+                if v == bad:
+                    raise Unrecognised(f"{what}: chain runs into bad cluster {c}")
+                if v > bad:
+                    break
+                c = v
+            if size is not None and len(got) * csize < size:
+                raise Unrecognised(f"{what}: chain of {len(got)} clusters is shorter than its "
+                                   f"size {size}")
+            return got
+
+        def entries_of(data: bytes, path: str) -> list[tuple[int, bool, int, str]]:
+            found = []
+            for o in range(0, len(data) - 31, 32):
+                first = data[o]
+                if first == 0:
+                    break
+                attr = data[o + 11]
+                if first == 0xE5 or attr & _ATTR_LFN == _ATTR_LFN or attr & _ATTR_VOLUME:
+                    continue
+                name = data[o:o + 11]
+                if name in (b".          ", b"..         "):
+                    continue
+                start = u16(data, o + 0x1A) | (u16(data, o + 0x14) << 16 if self.bits == 32
+                                                else 0)
+                size = u32(data, o + 0x1C)
+                label = f"{path}/{name[:8].decode('latin-1').rstrip()}"
+                if start:
+                    found.append((start, bool(attr & _ATTR_DIR), size, label))
+                elif size and not attr & _ATTR_DIR:
+                    raise Unrecognised(f"{label}: {size} bytes but no first cluster")
+            return found
+
+        def read_chain(clusters: list[int]) -> bytes:
+            data_off = self.base + self.data_start * self.bps
+            return b"".join(self.rd.read(data_off + (c - 2) * csize, csize) for c in clusters)
+
+        if self.bits == 32:
+            root_cl = u32(self.boot, 0x2C)
+            todo = [(read_chain(chain(root_cl, None, "root directory")), "")]
+        else:
+            root_off = self.base + (self.reserved + self.nfats * self.fatsz) * self.bps
+            root_len = u16(self.boot, 0x11) * 32
+            todo = [(self.rd.read(root_off, root_len), "")]
+        while todo:
+            data, path = todo.pop()
+            for start, is_dir, size, label in entries_of(data, path):
+                if is_dir:
+                    todo.append((read_chain(chain(start, None, label)), label))
+                else:
+                    chain(start, size, label)
+        return sorted(missing)
 
     def _check_fsinfo(self, used: int) -> None:
         if not self.fsinfo or self.fsinfo >= self.reserved:

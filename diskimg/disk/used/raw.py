@@ -22,6 +22,11 @@ class Unrecognised(Exception):
     """This area is not something we can analyse safely; the message says why."""
 
 
+class NotThisFilesystem(Unrecognised):
+    """No signature of this parser's filesystem at all: ordinary, not worth a warning (unlike
+    a filesystem that was recognised and then failed a check)."""
+
+
 class SourceReader:
     """pread within ``[0, size)``; a short read or an I/O error means "cannot analyse"."""
 
