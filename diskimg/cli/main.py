@@ -18,7 +18,8 @@ from typing import Callable
 from diskimg import __version__, errors
 from diskimg.cli import devices, images
 from diskimg.cli.lazy import render
-from diskimg.cli.options import common
+from diskimg.cli.options import common, credentials
+from diskimg.crypto import keyring
 from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -129,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         if want_json:
             _absolute_paths(args)
         _setup_logging(args)
-        return render.show(args.func(args), as_json=want_json, debug=args.debug)
+        creds = credentials(args, confirm=getattr(args, "encrypt", False)
+                            and not getattr(args, "incremental", None)
+                            and not getattr(args, "differential", None))
+        with keyring.using(creds):
+            return render.show(args.func(args), as_json=want_json, debug=args.debug)
     except KeyboardInterrupt:
         errors.begin_cleanup()    # a Ctrl-C that Python dropped is not raised again from here
         return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)

@@ -422,7 +422,7 @@ class VerifyDone:
                 "chain": [{"uuid": u, "path": p} for u, p in r.chain],
                 "blocks_checked": r.blocks_checked,
                 "errors": [verify_error_json(e) for e in r.errors],
-                "errors_affecting_restore": r.restore_errors}
+                "errors_affecting_restore": r.restore_errors, "scope": r.scope}
 
     def lines(self) -> Iterator[str]:
         result = self.result
@@ -435,6 +435,13 @@ class VerifyDone:
             note_ = "" if e.affects_restore else (
                 f" (overridden by {e.overridden_by}: does not affect restoring {self.image})")
             yield f"BAD {e.path}: {where}{e.reason}{note_}"
+        if result.scope == "structure":
+            yield (f"checked without the key: the CRC-32C of the header, {result.blocks_checked} "
+                   f"record headers, the index segments, footer and trailer; the blocks' "
+                   f"content and authenticity were NOT checked (give the key to check them)")
+            if result.ok:
+                yield f"OK (structure only) in {result.seconds:.1f} s"
+                return
         if result.ok:
             yield (f"OK: {result.blocks_checked} blocks, {human(result.bytes_checked)} of data "
                    f"verified in {result.seconds:.1f} s")
@@ -488,7 +495,20 @@ class InfoDone:
         level = info["compression_level"]
         yield (f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
                + (f" level {level}" if level is not None else ""))
-        yield f"digest:      {info['digest']}"
+        enc = info.get("encryption")
+        yield f"digest:      {info['digest']}" + (
+            f" (keyed: {'HMAC-SHA256' if info['digest'] == 'sha256' else 'BLAKE3 keyed'} "
+            f"under the chain's id key)" if enc else "")
+        if enc:
+            yield (f"encryption:  {enc['cipher']}, key fingerprint {enc['key_fingerprint']}"
+                   + ("" if enc["unlocked"] else " (locked: no key given; source, statistics "
+                                                  "and index are sealed)"))
+            for slot in enc["slots"]:
+                kdf = slot["kdf"]
+                params = ", ".join(f"{k} {v}" for k, v in kdf.items() if k != "name")
+                yield (f"key slot {slot['id']}:  {slot['type']}, {kdf.get('name')}"
+                       + (f" ({params})" if params else "")
+                       + (f", added {slot['created']}" if slot.get("created") else ""))
         yield f"image size:  {info['image_bytes']} bytes ({human(info['image_bytes'])})"
         yield f"created:     {info['created']} by diskimg {info['tool_version']}"
         yield f"completed:   {info['completed'] or 'unknown'}"
