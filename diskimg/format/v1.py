@@ -517,6 +517,9 @@ class Header:
                                   "a list of mountpoints (strings)")
         transforms = _transforms(d)
         encryption = _encryption(d, features)
+        if encryption is None and any("aes-256-gcm" in names for names in transforms.values()):
+            raise MetadataInvalid("transforms", d.get("transforms"), "no aes-256-gcm chain in "
+                                  "an image without the \"encrypted\" feature")
         return cls(
             uuid=_str(d, "uuid", nonempty=True), kind=kind, size=_int(d, "size", 0, U63), block_size=block_size,
             source=source, created=_str(d, "created"), tool_version=_str(d, "tool_version"),

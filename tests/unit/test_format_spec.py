@@ -435,7 +435,7 @@ def test_transform_table(tmp_path):
     assert transform_table({}) == {0: [], 1: ["zstd"]}
     for table, words in [({"1": []}, "redefined"), ({"01": []}, "bad chain id"),
                          ({"2": ["zstd", "zstd"]}, "distinct"),
-                         ({"2": ["zstd", "aes-256-gcm"]}, "transform 'aes-256-gcm' unknown")]:
+                         ({"2": ["zstd", "xchacha20-poly1305"]}, "transform 'xchacha20-poly1305' unknown")]:
         with pytest.raises(SpecError, match=words):
             transform_table({"transforms": table})
 
@@ -492,7 +492,7 @@ def test_image_naming_an_unknown_transform_is_refused_whole(small_image, tmp_pat
     assert read_chain(older) == data
     newer = tmp_path / "newer.img"
     newer.write_bytes(_rewrite_header_json(
-        buf, lambda h: h["transforms"].update({"2": ["zstd", "aes-256-gcm"]})))
+        buf, lambda h: h["transforms"].update({"2": ["zstd", "xchacha20-poly1305"]})))
     with pytest.raises(SpecError, match="made by a newer program"):
         read_chain(newer)
     # and diskimg itself says so in one line, exit 2
@@ -501,7 +501,7 @@ def test_image_naming_an_unknown_transform_is_refused_whole(small_image, tmp_pat
         res = cli("verify", img, "--no-progress")
         assert res.rc == rc, (img, res.err)
     assert cli("verify", newer, "--no-progress").err_lines == [
-        f"diskimg: error: {newer}: made by a newer diskimg: transform 'aes-256-gcm' unknown"]
+        f"diskimg: error: {newer}: made by a newer diskimg: transform 'xchacha20-poly1305' unknown"]
 
 
 def test_compat_fixtures_read_by_the_spec_reader():
