@@ -16,7 +16,7 @@ import sys
 from typing import Callable
 
 from diskimg import __version__, errors
-from diskimg.cli import devices, images
+from diskimg.cli import devices, images, keys
 from diskimg.cli.lazy import render
 from diskimg.cli.options import common, credentials
 from diskimg.crypto import keyring
@@ -36,7 +36,8 @@ log = logging.getLogger("diskimg")
 
 
 # each command group's parser builders, in the order of --help
-ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *devices.ADDERS]
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *keys.ADDERS,
+                                                              *devices.ADDERS]
 
 
 class _UsageExit(Exception):

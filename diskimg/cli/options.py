@@ -73,7 +73,7 @@ def key_options(p: argparse.ArgumentParser) -> None:
                         "or - for standard input)")
 
 
-def _read_secret_file(path: str, what: str) -> bytes:
+def read_secret_file(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read(1 << 20)
@@ -93,15 +93,15 @@ def _first_line(data: bytes, path: str) -> bytes:
     return line
 
 
-def _ask_passphrase(confirm: bool) -> bytes:
+def _ask_passphrase(confirm: bool, prompt: str = "Passphrase") -> bytes:
     import getpass
     import sys
     if not sys.stdin.isatty():
         raise UsageError("--passphrase asks on a terminal, and there is none: use "
                          f"--passphrase-file FILE or ${PASSPHRASE_ENV} in scripts")
     try:
-        first = getpass.getpass("Passphrase: ")
-        if confirm and getpass.getpass("Passphrase again: ") != first:
+        first = getpass.getpass(f"{prompt}: ")
+        if confirm and getpass.getpass(f"{prompt} again: ") != first:
             raise UsageError("the two passphrases differ; nothing written")
     except EOFError:
         raise UsageError("no passphrase given") from None
@@ -128,7 +128,7 @@ def credentials(args: argparse.Namespace, confirm: bool = False):
         return None
     creds = Credentials(explicit=explicit)
     if key_file:
-        data = _read_secret_file(key_file, "key file")
+        data = read_secret_file(key_file, "key file")
         if len(data) < MIN_KEY_FILE:
             raise UsageError(f"{key_file}: a key file holds at least {MIN_KEY_FILE} bytes, "
                              f"this one {len(data)} (make one: head -c 32 /dev/urandom > KF)")
@@ -137,14 +137,21 @@ def credentials(args: argparse.Namespace, confirm: bool = False):
         creds.passphrase = _ask_passphrase(confirm)
     elif pfile or env:
         path = pfile or env
-        creds.passphrase = _first_line(_read_secret_file(path, "passphrase file"), path)
+        creds.passphrase = _first_line(read_secret_file(path, "passphrase file"), path)
     if paper:
         import sys
         text = sys.stdin.read() if paper == "-" else \
-            _read_secret_file(paper, "paper key file").decode(errors="replace")
+            read_secret_file(paper, "paper key file").decode(errors="replace")
         from diskimg.crypto.keys import parse_paper
         try:
             creds.master = parse_paper(text)
         except ValueError as err:
             raise UsageError(f"{paper}: not a paper key: {err}") from None
     return creds
+
+
+def read_new_passphrase(path: str | None) -> bytes:
+    """A new passphrase: the first line of `path`, or asked twice on the terminal."""
+    if path:
+        return _first_line(read_secret_file(path, "passphrase file"), path)
+    return _ask_passphrase(True, "New passphrase")

@@ -679,3 +679,46 @@ class SelfTestDone:
         return [f"{self.device}: {entry.type}: {entry.status}"
                 + (f" (first error at LBA {entry.lba})" if entry.lba and entry.lba != "-"
                    else "")]
+
+
+# --------------------------------------------------------------------------------------------
+# key
+
+@dataclass(frozen=True)
+class KeyDone:
+    """``diskimg key ...``: an ops.keys.KeyResult."""
+
+    result: Any
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        r = self.result
+        out = {"action": r.action, "changed_slots": list(r.changed),
+               "images": [{"image": p, "key_fingerprint": kid, "slots": list(slots)}
+                          for p, kid, slots in r.images]}
+        if r.paper:
+            out["paper_key"] = list(r.paper)
+        return out
+
+    def lines(self) -> Iterator[str]:
+        r = self.result
+        if r.paper:
+            path, kid, _ = r.images[0]
+            yield f"# diskimg paper key of {path}'s chain, key fingerprint {kid}"
+            yield "# anyone holding these lines can read every image of the chain: keep them safe"
+            yield "# type them back into a file and give it with --paper-key FILE"
+            yield from r.paper
+            return
+        verb = {"add": "added", "remove": "removed",
+                "change-passphrase": "new passphrase in"}.get(r.action)
+        for path, kid, slots in r.images:
+            head = f"{path}: key fingerprint {kid}"
+            if verb:
+                head += f"; {verb} slot {', '.join(map(str, r.changed))}"
+            yield head
+            for s in slots:
+                kdf = s["kdf"]
+                params = ", ".join(f"{k} {v}" for k, v in kdf.items() if k != "name")
+                yield (f"  slot {s['id']}: {s['type']}, {kdf.get('name')}"
+                       + (f" ({params})" if params else "")
+                       + (f", added {s['created']}" if s.get("created") else ""))

@@ -154,6 +154,12 @@ class Store(ABC):
     def delete(self, name: str) -> None:
         """Remove `name`; raises NotAnImage when there is no such name."""
 
+    def rewrite_head(self, name: str, data: bytes, expected: bytes) -> None:
+        """Replace the first len(data) bytes of the published `name` in place, durably, when
+        they still are `expected` (`diskimg key` rewrites an encrypted image's key slots, never
+        its records).  Stores that cannot change an object in place raise UsageError."""
+        raise UsageError(f"{self.path(name)}: this store cannot change an image in place")
+
     def exists(self, name: str) -> bool:
         """Whether `name` holds something (an error to look counts as not)."""
         try:

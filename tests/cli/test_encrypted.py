@@ -335,3 +335,56 @@ def test_info_shows_keys_never_secrets(keyed):
     text = cli("info", img, "--key-file", kf).out
     assert "aes-256-gcm" in text and enc["key_fingerprint"] in text
     assert kf.read_bytes().hex() not in text + json.dumps(res.json)
+
+
+def test_key_slots_and_paper_key(keyed, tmp_path):
+    src, img, kf = keyed
+    records = img.read_bytes()[len(_head(img)):]
+    pf = tmp_path / "pass"
+    pf.write_text("first passphrase\n")
+    res = cli("key", "add", img, "--key-file", kf, "--new-passphrase-file", pf, "--json")
+    assert res.rc == 0, res.err
+    assert res.json["changed_slots"] == [1]
+    assert [s["type"] for s in res.json["images"][0]["slots"]] == ["keyfile", "passphrase"]
+    assert cli("verify", img, "--passphrase-file", pf).rc == 0
+    # adding a slot needs the key
+    other = tmp_path / "other"
+    other.write_bytes(os.urandom(32))
+    assert cli("key", "add", img, "--key-file", other, "--new-key-file", other).rc == 2
+    # change the passphrase: the old one stops working, the new one works; no record moved
+    new = tmp_path / "new"
+    new.write_text("second passphrase\n")
+    res = cli("key", "change-passphrase", img, "--passphrase-file", pf,
+              "--new-passphrase-file", new)
+    assert res.rc == 0, res.err
+    assert cli("verify", img, "--passphrase-file", pf).rc == 2
+    assert cli("verify", img, "--passphrase-file", new).rc == 0
+    assert img.read_bytes()[len(_head(img)):] == records
+    # remove the key-file slot: the key file no longer opens it; the last slot stays
+    res = cli("key", "remove", img, "--slot", "0", "--passphrase-file", new)
+    assert res.rc == 0, res.err
+    assert cli("verify", img, "--key-file", kf).rc == 2
+    res = cli("key", "remove", img, "--slot", "1", "--passphrase-file", new)
+    assert res.rc == 2 and "only key slot" in res.err
+    res = cli("key", "list", img, "--json")
+    assert [s["id"] for s in res.json["images"][0]["slots"]] == [1]
+    # the paper key, typed back, restores the image (and names a typo's line)
+    res = cli("key", "export", img, "--paper", "--passphrase-file", new)
+    assert res.rc == 0, res.err
+    typed = tmp_path / "typed"
+    typed.write_text(res.out)
+    out = tmp_path / "out.bin"
+    res = cli("restore", img, out, "--paper-key", typed, "--yes", "--no-progress")
+    assert res.rc == 0, res.err
+    assert out.read_bytes() == src.read_bytes()
+    lines = typed.read_text().splitlines()
+    i = next(n for n, ln in enumerate(lines) if ln.startswith("3:"))
+    lines[i] = "3: " + ("0" if lines[i][3] != "0" else "1") + lines[i][4:]
+    typed.write_text("\n".join(lines))
+    res = cli("verify", img, "--paper-key", typed)
+    assert res.rc == 2 and "line 3's checksum" in res.err
+
+
+def _head(img: Path) -> bytes:
+    jlen = struct.unpack_from("<I", img.read_bytes(), 12)[0]
+    return img.read_bytes()[:16 + jlen + 4]
