@@ -88,9 +88,6 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
     if not 1 <= opts.level <= 22:
         raise UsageError(f"--level {opts.level}: must be between 1 and 22")
     imaging.check_encryption_asked(args.encrypt, args.image)
-    if args.rescue and args.encrypt:
-        raise UsageError("--rescue does not encrypt yet: rescue to a plain image on a disk you "
-                         "trust, then image it with --encrypt")
     if args.rescue and (args.incremental or args.differential):
         raise UsageError("--rescue makes full images only (image the new disk incrementally "
                          "afterwards)")
@@ -103,7 +100,7 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
                     block_size=opts.block_size or defaults.DEFAULT_BLOCK_SIZE, level=opts.level,
                     force=opts.force, search=opts.search, retries=args.retries,
                     mapfile=args.mapfile, direct=args.direct, command=" ".join(sys.argv),
-                    digest=args.digest),
+                    digest=args.digest, encrypt=args.encrypt),
                 progress=bar)
         return render.ImageDone(args.source, rescued.image, rescued)
     if args.mapfile or args.direct is not None or args.retries != 1:
