@@ -1,4 +1,4 @@
-"""The keys of an encrypted chain (feature "encrypted", docs/FORMAT.md section 14).
+"""The keys of an encrypted chain (feature "encrypted", docs/FORMAT.md section 16).
 
 Each chain has one random 256-bit *master key*.  It is never stored in the clear: each image
 header carries *key slots*, each the master key sealed (AES-256-GCM) under a key-encryption key
@@ -74,7 +74,7 @@ def new_master() -> bytes:
 
 
 def canonical(obj: object) -> bytes:
-    """The JSON bytes a MAC covers: sorted keys, no spaces (docs/FORMAT.md section 14.3)."""
+    """The JSON bytes a MAC covers: sorted keys, no spaces (docs/FORMAT.md section 16.2)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import struct
+import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -65,7 +66,7 @@ FORMAT_VERSION = 3                 # the newest version this diskimg reads and w
 SUPPORTED_VERSIONS = (1, 2, 3)
 # the required features this diskimg reads (section 13 of docs/FORMAT.md); each feature that
 # changes how bytes are read adds its name here, with its section in docs/FORMAT.md
-KNOWN_FEATURES: frozenset[str] = frozenset({"encrypted"})   # section 14
+KNOWN_FEATURES: frozenset[str] = frozenset({"encrypted"})   # section 16
 ENCRYPTED = "encrypted"
 # room left in an encrypted image's header JSON (padded with spaces) so that `diskimg key`
 # can add key slots by rewriting the header in place, never moving a record
@@ -289,7 +290,7 @@ def _transforms(d: dict) -> dict[int, tuple[str, ...]]:
 
 
 def _encryption(d: dict, features: tuple[str, ...]) -> dict | None:
-    """The header's `encryption` object (section 14.2): present exactly when the "encrypted"
+    """The header's `encryption` object (section 16.2): present exactly when the "encrypted"
     feature is; its structure is checked here, its keys and MAC by diskimg.crypto."""
     if ENCRYPTED not in features:
         if "encryption" in d:
@@ -297,6 +298,10 @@ def _encryption(d: dict, features: tuple[str, ...]) -> dict | None:
                                                                  "image without the feature")
         return None
     enc = _obj(d.get("encryption", _Missing), "encryption")
+    try:
+        uuidlib.UUID(str(d.get("uuid")))
+    except ValueError:
+        raise MetadataInvalid("uuid", d.get("uuid"), "a UUID in an encrypted image") from None
     if enc.get("cipher") != "aes-256-gcm":
         raise MetadataInvalid("encryption.cipher", enc.get("cipher", _Missing),
                               "'aes-256-gcm'")
@@ -420,7 +425,7 @@ class Header:
     digest: str = LEGACY_DIGEST
     # what a reader must understand to read this image (section 13), sorted; empty for most
     features: tuple[str, ...] = ()
-    # an encrypted image's cipher, key id, key slots, sealed fields and MAC (section 14)
+    # an encrypted image's cipher, key id, key slots, sealed fields and MAC (section 16)
     encryption: dict | None = None
     # not in the JSON: the image's keys once unlocked (diskimg.crypto.keys.ImageKeys), which
     # make `hash` and `zero_digest` keyed; and the JSON as read (the MAC covers it)

@@ -1,5 +1,5 @@
 """Key slots of encrypted images: list, add, remove, change a passphrase, and the master key as
-a paper key (`diskimg key`, docs/FORMAT.md section 14.4).
+a paper key (`diskimg key`, docs/FORMAT.md section 16.5).
 
 Only the header's `encryption.slots` change, rewritten in place in the room the header JSON
 keeps for them (format.HEADER_SLOT_ROOM): no record moves, no block is read or written again,

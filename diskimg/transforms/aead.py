@@ -1,5 +1,5 @@
 """aes-256-gcm: the authenticated-encryption transform of encrypted images (feature "encrypted",
-docs/FORMAT.md section 14).
+docs/FORMAT.md section 16).
 
 It is the last transform of an encrypted image's chain: a block is compressed (where that pays
 off), then sealed.  Stored bytes of a record::
