@@ -475,15 +475,19 @@ class InfoDone:
             f" (parent {info['parent']}, {info['parent_name']})" if info["parent"] else "")
         if len(info["chain"]) > 1:
             yield f"chain:       {' -> '.join(info['chain'])}"
-        yield (f"source:      {src.get('path')}" + "".join(
+        yield (f"source:      {src.get('path') if not info.get('locked') else '(sealed)'}" + "".join(
             f", {k} {src[k]}" for k in ("model", "serial") if src.get(k))
             + (f", loop device backed by {src['backing_file']}" if src.get("backing_file")
                else ""))
         yield f"size:        {info['size']} bytes ({human(info['size'])})"
-        blocks, *changed = block_lines(info, bool(info["parent"]))
-        yield f"blocks:      {blocks.removeprefix('blocks: ')}"
-        for line in changed:
-            yield f"             {line}"
+        if info.get("locked"):
+            yield (f"blocks:      {info['blocks']} x {human(info['block_size'])} (counts, "
+                   f"source and completion time sealed: give the key to see them)")
+        else:
+            blocks, *changed = block_lines(info, bool(info["parent"]))
+            yield f"blocks:      {blocks.removeprefix('blocks: ')}"
+            for line in changed:
+                yield f"             {line}"
         if info["rescue"]:
             contents = "rescue image (every block read past read errors)"
         elif info["all_blocks"] is None:

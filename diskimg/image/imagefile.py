@@ -564,6 +564,9 @@ def describe(reader: ImageReader) -> dict:
         "unreadable": [{"offset": o, "length": n} for o, n in f.get("unreadable", [])],
         # mountpoints where the source was mounted read-write (imaged with --force)
         "source_mounted_rw": list(h.extra.get("source_mounted_rw", [])),
+        # an encrypted image opened without its key: statistics, source, unreadable ranges and
+        # completion time are sealed (the counts above are then zeros: not known)
+        "locked": reader.locked,
     }
 
 
