@@ -32,7 +32,6 @@ import hmac
 import json
 import os
 import uuid as uuidlib
-from datetime import datetime, timezone
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -58,6 +57,9 @@ HEADER_CONTEXT = b"diskimg-header-v1"
 INDEX_CONTEXT = b"diskimg-index-v1"
 FOOTER_CONTEXT = b"diskimg-footer-v1"
 SLOT_TYPES = ("passphrase", "keyfile")
+# footer keys kept in the clear (authenticated as the sealed part's associated data): the index
+# table, which `verify --no-key` walks, and parity's table, which a repair without the key needs
+CLEAR_FOOTER_KEYS = ("index", "parity")
 
 
 def hkdf(master: bytes, info: bytes, salt: bytes = b"", length: int = 32) -> bytes:
@@ -92,6 +94,7 @@ def unb64(text: object, what: str) -> bytes:
 
 
 def _now() -> str:
+    from datetime import datetime, timezone   # only when a slot is made
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -314,8 +317,8 @@ class ImageKeys:
         """The footer JSON of an encrypted image: the index table in the clear (so that
         `verify --no-key` can check the structure), everything else sealed, and the whole
         authenticated (the clear part is the associated data)."""
-        clear = {"index": footer["index"]}
-        secret = {k: v for k, v in footer.items() if k != "index"}
+        clear = {k: v for k, v in footer.items() if k in CLEAR_FOOTER_KEYS}
+        secret = {k: v for k, v in footer.items() if k not in CLEAR_FOOTER_KEYS}
         clear["sealed"] = b64(aead.seal(self._meta, canonical(secret),
                                         FOOTER_CONTEXT + self.uuid16 + canonical(clear)))
         return clear

@@ -286,7 +286,7 @@ class SpecReader:
         if self.eps < 1 or len(self.segments) != -(-self.blocks // self.eps):
             raise SpecError("segment table does not fit the number of blocks")
         if self.keys is not None:           # 16.6: the sealed rest of the footer
-            clear = {"index": self.footer["index"]}
+            clear = {k: v for k, v in self.footer.items() if k != "sealed"}
             rest = json.loads(aes_open(self.keys.meta, base64.b64decode(self.footer["sealed"]),
                                        b"diskimg-footer-v1" + self.keys.uuid16 +
                                        canonical(clear), "footer"))
