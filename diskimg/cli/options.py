@@ -115,6 +115,9 @@ def credentials(args: argparse.Namespace, confirm: bool = False):
     None.  `confirm`: a passphrase asked on the terminal is asked twice (a new chain's)."""
     import os
     from diskimg.crypto.keyring import Credentials
+    if not hasattr(args, "key_file"):
+        return None      # a command that reads no image (list, health): the environment is not
+                         # its business
     key_file = getattr(args, "key_file", None)
     ask = getattr(args, "passphrase", False)
     pfile = getattr(args, "passphrase_file", None)

@@ -432,3 +432,17 @@ def test_rescue_encrypted_and_resumed_without_nonce_reuse(tmp_path):
     out = tmp_path / "out.bin"
     assert cli("restore", img, out, "--key-file", kf, "--yes", "--no-progress").rc == 0
     assert out.read_bytes() == data
+
+
+def test_salvage_of_a_truncated_encrypted_image(keyed, tmp_path):
+    """restore --salvage of an encrypted image cut short: the records that survived are
+    decrypted (with the key) and restored, the rest zeros."""
+    src, img, kf = keyed
+    off, _ = _record(img, kf, 6)
+    os.truncate(img, off + 10)
+    out = tmp_path / "out.bin"
+    res = cli("restore", img, out, "--key-file", kf, "--yes", "--salvage", "--no-progress")
+    assert res.rc == 1, res.err
+    data, want = out.read_bytes(), src.read_bytes()
+    assert data[:6 * K64] == want[:6 * K64] and data[6 * K64:] == bytes(len(want) - 6 * K64)
+    assert cli("restore", img, out, "--yes", "--salvage", "--no-progress").rc == 2
