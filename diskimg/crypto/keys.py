@@ -398,6 +398,8 @@ def describe(enc: dict) -> dict:
         kdf = {k: v for k, v in (s.get("kdf") or {}).items() if k != "salt"}
         slots.append({"id": s.get("id"), "type": s.get("type"), "kdf": kdf,
                       "created": s.get("created")})
+    passphrase_kdfs = [s["kdf"] for s in slots if s["type"] == "passphrase"]
     return {"cipher": enc.get("cipher"), "key_fingerprint": enc.get("key_id"),
-            "kdf": dict(ARGON2) if any(s["type"] == "passphrase" for s in slots) else None,
+            # the passphrase KDF (of the first passphrase slot; each slot shows its own)
+            "kdf": passphrase_kdfs[0] if passphrase_kdfs else None,
             "slots": slots}

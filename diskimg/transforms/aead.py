@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -41,6 +42,7 @@ OVERHEAD = NONCE_SIZE + TAG_SIZE
 KEY_SIZE = 32
 _RECORD_AAD = struct.Struct("<17s16sQIIB")
 RECORD_CONTEXT = b"diskimg-record-v1"
+_local = threading.local()     # per-thread decode scratch buffer
 
 
 def record_aad(uuid16: bytes, block: int, raw_len: int, stored_len: int, chain_id: int) -> bytes:
@@ -119,7 +121,16 @@ class AesGcm:
         return len(out)
 
     def decode(self, block_no: int, stored: bytes | memoryview, limit: int,
-               chain_id: int = 0) -> bytes:
-        if len(stored) - OVERHEAD > limit:
+               chain_id: int = 0) -> memoryview:
+        """The plaintext (the next transform's input), decrypted into this thread's scratch
+        buffer: valid until this thread's next decode (the chain consumes it at once), so that
+        no buffer is allocated per block."""
+        n = len(stored) - OVERHEAD
+        if n > limit:
             raise DecodeError(f"encrypted record holds more than {limit} bytes")
-        return self._open(block_no, stored, chain_id, None)
+        scratch = getattr(_local, "buf", None)
+        if scratch is None or len(scratch) < n:
+            scratch = _local.buf = bytearray(max(n, limit))
+        view = memoryview(scratch)[:max(n, 0)]
+        self._open(block_no, stored, chain_id, view)
+        return view
