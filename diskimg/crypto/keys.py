@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from diskimg import format as fmt
 from diskimg.crypto.keyring import Credentials, given
-from diskimg.errors import DecodeError, KeyRefused, MetadataError, SegmentError
+from diskimg.errors import DecodeError, KeyRefused, MetadataError
 from diskimg.transforms import TransformChain, writing_chain
 from diskimg.transforms import aead
 

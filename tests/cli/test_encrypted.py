@@ -17,7 +17,7 @@ from diskimg import format as fmt
 from diskimg.crypto.keyring import Credentials, using
 from diskimg.image.imagefile import ImageReader
 from helpers import cli, compressible, flip_byte, read_at, write_at
-from imagecraft import footer_json, header_json, write_footer_json, write_header_json
+from imagecraft import footer_json, header_json, write_header_json
 
 K64 = 64 * 1024
 MARKER = b"TOP-SECRET-MARKER-7f3a"
