@@ -114,6 +114,18 @@ class MissingParent(ChainError):
         self.searched = searched
 
 
+class KeyRefused(UsageError):
+    """An encrypted image that cannot be opened with what was given (exit 2, before any block
+    is read): no key given, a wrong passphrase or key file, a key of another chain, or a key
+    given for an image that is not encrypted (a downgrade).  ``path`` and ``reason``; never
+    the key or passphrase."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class CorruptImage(DiskimgError):
     """Damage found in an image (exit 1).  ``path``: the damaged image, or None."""
 

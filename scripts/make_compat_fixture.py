@@ -17,11 +17,15 @@ deterministic and compressible, so the images are a few KiB):
   algorithm (from version 2), the SHA-256 and size
   of the raw contents a restore must give, and the SHA-256 of the image file itself.
 
-A format feature's fixtures (docs/FORMAT.md section 13) go to ``fixtures/compat/vN-FEATURE/``:
-``scripts/make_compat_fixture.py parity`` writes images with the default parity.  Without a
-feature, images are written without any (``--parity 0``).
+With ``--feature NAME`` it writes the fixtures of one format feature into
+``fixtures/compat/vN-NAME/`` instead (version 3 features, docs/FORMAT.md section 13):
+``encrypted`` makes both images encrypted with a key file ``key.bin`` kept next to them
+(expected.json names it as ``key_file``).
 
-Usage: .venv/bin/python scripts/make_compat_fixture.py [FEATURE]
+``parity`` makes them with the default parity.  Without a feature, images are written without
+any (``--parity 0``).
+
+Usage: .venv/bin/python scripts/make_compat_fixture.py [--feature encrypted|parity]
 """
 from __future__ import annotations
 
@@ -91,15 +95,18 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-FEATURES = {"": {"parity": 0}, "parity": {}}   # feature -> the ImageOptions that give it
+# each feature's images alone: parity only where it is the feature
+FEATURE_OPTIONS = {None: {"parity": 0}, "encrypted": {"parity": 0}, "parity": {}}
 
 
 def main() -> int:
-    feature = sys.argv[1] if len(sys.argv) > 1 else ""
-    if feature not in FEATURES:
-        print(f"unknown feature {feature!r}: one of {', '.join(f for f in FEATURES if f)}",
-              file=sys.stderr)
-        return 2
+    feature = None
+    if sys.argv[1:2] == ["--feature"] and len(sys.argv) == 3:
+        feature = sys.argv[2]
+        if feature not in FEATURE_OPTIONS:
+            print(f"--feature {feature}: this script knows {', '.join(FEATURE_OPTIONS)}",
+                  file=sys.stderr)
+            return 2
     out = ROOT / "fixtures" / "compat" / (f"v{fmt.FORMAT_VERSION}"
                                           + (f"-{feature}" if feature else ""))
     if out.exists():
@@ -108,37 +115,47 @@ def main() -> int:
         return 1
     contents = {"full.img": base(), "incremental.img": changed()}
     out.mkdir(parents=True)
-    with tempfile.TemporaryDirectory(prefix="diskimg-compat-") as tmp:
+    from contextlib import nullcontext
+    from diskimg.crypto.keyring import Credentials, using
+    creds = None
+    if feature == "encrypted":
+        (out / "key.bin").write_bytes(os.urandom(32))
+        creds = Credentials(key_file="key.bin", key_file_bytes=(out / "key.bin").read_bytes())
+    with tempfile.TemporaryDirectory(prefix="diskimg-compat-") as tmp, \
+            (using(creds) if creds else nullcontext()):
         for name, data in contents.items():
             src = Path(tmp) / name.replace(".img", ".raw")
             src.write_bytes(data)
             parent = str(out / "full.img") if name == "incremental.img" else None
             create_image(str(src), str(out / name),
                          ImageOptions(block_size=BS, threads=1, incremental=parent,
-                                      **FEATURES[feature]))
-    images = []
-    for name, data in contents.items():
-        with ImageReader(str(out / name)) as r:
-            info = describe(r)
-        # the directory is named by the version the images really are (written by default)
-        assert info["format_version"] == fmt.FORMAT_VERSION, info["format_version"]
-        images.append({
-            "file": name,
-            "uuid": info["uuid"],
-            "kind": info["kind"],
-            "parent": info["parent"],
-            "parent_name": info["parent_name"],
-            "chain": info["chain"],
-            "size": info["size"],
-            "block_size": info["block_size"],
-            "index_sha256": info["index_sha256"],
-            "digest": info["digest"],
-            "raw_size": len(data),
-            "raw_sha256": hashlib.sha256(data).hexdigest(),
-            "image_sha256": sha256_file(out / name),
-        })
+                                      encrypt=creds is not None and parent is None,
+                                      **FEATURE_OPTIONS[feature]))
+        images = []
+        for name, data in contents.items():
+            with ImageReader(str(out / name)) as r:
+                info = describe(r)
+            # the directory is named by the version the images really are
+            assert info["format_version"] == fmt.FORMAT_VERSION, info["format_version"]
+            images.append({
+                "file": name,
+                "uuid": info["uuid"],
+                "kind": info["kind"],
+                "parent": info["parent"],
+                "parent_name": info["parent_name"],
+                "chain": info["chain"],
+                "size": info["size"],
+                "block_size": info["block_size"],
+                "index_sha256": info["index_sha256"],
+                "digest": info["digest"],
+                "raw_size": len(data),
+                "raw_sha256": hashlib.sha256(data).hexdigest(),
+                "image_sha256": sha256_file(out / name),
+            })
     expected = {
         "format_version": fmt.FORMAT_VERSION,
+        **({"feature": feature} if feature else {}),
+        **({"key_file": "key.bin"} if creds else {}),
         "made_by": f"diskimg {__version__}, scripts/make_compat_fixture.py",
         "images": images,
     }

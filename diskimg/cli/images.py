@@ -22,7 +22,8 @@ from diskimg.cli.lazy import (
     restore,
     verify,
 )
-from diskimg.cli.options import chain_options, common, size_arg, threads
+from diskimg.cli.options import chain_options, common, key_options, size_arg, threads
+from diskimg.crypto import keyring
 from diskimg.errors import Interrupted, UsageError
 from diskimg.units import human
 
@@ -66,6 +67,11 @@ def _add_image(sub) -> None:
                    help="read and store every block, free space included (an exact copy for "
                         "forensics); default: skip the free space of ext2/3/4, FAT, xfs, NTFS, "
                         "exFAT and btrfs")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt the image (AES-256-GCM) with a new chain key, opened by "
+                        "--key-file, --passphrase or --passphrase-file; a changed-block image "
+                        "of an encrypted chain is encrypted with its chain's key")
+    key_options(p)
     chain_options(p)
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing IMAGE (never one that other images depend on, "
@@ -80,7 +86,7 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
         block_size=args.block_size, level=args.level, threads=threads(args), force=args.force,
         incremental=args.incremental, differential=args.differential,
         search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest,
-        parity=args.parity)
+        parity=args.parity, encrypt=args.encrypt)
     imaging.parity_fields(args.parity)   # a percentage out of range: refused before any work
     if opts.block_size is not None:
         imaging.check_block_size(opts.block_size)
@@ -88,6 +94,7 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
         raise UsageError("--rescue reads every block already; --all-blocks goes without it")
     if not 1 <= opts.level <= 22:
         raise UsageError(f"--level {opts.level}: must be between 1 and 22")
+    imaging.check_encryption_asked(args.encrypt, args.image)
     if args.rescue and (args.incremental or args.differential):
         raise UsageError("--rescue makes full images only (image the new disk incrementally "
                          "afterwards)")
@@ -104,7 +111,8 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
                         block_size=opts.block_size or defaults.DEFAULT_BLOCK_SIZE,
                         level=opts.level, force=opts.force, search=opts.search,
                         retries=args.retries, mapfile=args.mapfile, direct=args.direct,
-                        command=" ".join(sys.argv), digest=args.digest, parity=args.parity),
+                        command=" ".join(sys.argv), digest=args.digest, parity=args.parity,
+                        encrypt=args.encrypt),
                     progress=bar)
                 probe.finish()
             return render.ImageDone(args.source, rescued.image, rescued)
@@ -219,6 +227,7 @@ def _add_restore(sub) -> None:
     p.add_argument("--keep-partial", action="store_true",
                    help="keep a TARGET file this restore created when the restore fails "
                         "(default: remove it)")
+    key_options(p)
     chain_options(p)
     p.set_defaults(func=_cmd_restore)
 
@@ -261,11 +270,22 @@ def _add_verify(sub) -> None:
                        description="Check every block of IMAGE and of each image it depends on; "
                                    "name every damaged block.")
     p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--no-key", action="store_true",
+                   help="check an encrypted image without its key: the CRC-32C of its header, "
+                        "record headers, index segments, footer and trailer (bit rot of an "
+                        "offsite copy); not the blocks' content nor their authenticity")
+    key_options(p)
     chain_options(p)
     p.set_defaults(func=_cmd_verify)
 
 
 def _cmd_verify(args: argparse.Namespace) -> render.VerifyDone:
+    if args.no_key:
+        if args.key_file or args.passphrase or args.passphrase_file or args.paper_key:
+            raise UsageError("--no-key checks without the key: give no key with it")
+        with render.Bar("verifying", args.no_progress or args.json) as bar:
+            result = verify.verify_structure(args.image, progress=bar)
+        return render.VerifyDone(args.image, result)
     with render.Bar("verifying", args.no_progress or args.json) as bar:
         result = verify.verify_image(args.image, search=args.search, threads=threads(args),
                                      progress=bar)
@@ -280,12 +300,14 @@ def _add_info(sub) -> None:
                        description="Print what IMAGE holds: kind, chain, sizes, source.")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    key_options(p)
     p.set_defaults(func=_cmd_info)
 
 
 def _cmd_info(args: argparse.Namespace) -> render.InfoDone | render.InfoTruncated:
     try:
-        reader = imagefile.ImageReader(args.image)
+        # an encrypted image without its key: what its header shows in the clear
+        reader = imagefile.ImageReader(args.image, unlock=keyring.given() is not None)
     except imagefile.TruncatedImage as err:
         if err.in_header:
             raise

@@ -16,9 +16,10 @@ import sys
 from typing import Callable
 
 from diskimg import __version__, errors
-from diskimg.cli import backup, devices, images, monitor, mounts
+from diskimg.cli import backup, devices, images, keys, monitor, mounts
 from diskimg.cli.lazy import render
-from diskimg.cli.options import Parser, common
+from diskimg.cli.options import Parser, common, credentials
+from diskimg.crypto import keyring
 from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -35,9 +36,9 @@ log = logging.getLogger("diskimg")
 
 
 # each command group's parser builders, in the order of --help
-ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *mounts.ADDERS,
-                                                               *devices.ADDERS, *monitor.ADDERS,
-                                                               *backup.ADDERS]
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [*images.ADDERS, *keys.ADDERS,
+                                                               *mounts.ADDERS, *devices.ADDERS,
+                                                               *monitor.ADDERS, *backup.ADDERS]
 
 
 class _UsageExit(Exception):
@@ -135,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         if want_json:
             _absolute_paths(args)
         _setup_logging(args)
-        return render.show(args.func(args), as_json=want_json, debug=args.debug)
+        creds = credentials(args, confirm=getattr(args, "encrypt", False)
+                            and not getattr(args, "incremental", None)
+                            and not getattr(args, "differential", None))
+        with keyring.using(creds):
+            return render.show(args.func(args), as_json=want_json, debug=args.debug)
     except KeyboardInterrupt:
         errors.begin_cleanup()    # a Ctrl-C that Python dropped is not raised again from here
         return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)

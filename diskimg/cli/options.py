@@ -78,3 +78,112 @@ def threads(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: must be at least 1")
     return args.threads
+
+
+# --------------------------------------------------------------------------------------------
+# keys of encrypted images
+
+PASSPHRASE_ENV = "DISKIMG_PASSPHRASE_FILE"
+MIN_KEY_FILE = 16
+
+
+def key_options(p: argparse.ArgumentParser) -> None:
+    """How a command is given the key of encrypted images (never on the command line)."""
+    g = p.add_argument_group("keys of encrypted images")
+    g.add_argument("--key-file", metavar="KF",
+                   help="a key file (at least 16 bytes, e.g. head -c 32 /dev/urandom > KF)")
+    g.add_argument("--passphrase", action="store_true",
+                   help="ask for the passphrase on the terminal")
+    g.add_argument("--passphrase-file", metavar="FILE",
+                   help=f"read the passphrase from FILE (its first line; also "
+                        f"${PASSPHRASE_ENV})")
+    g.add_argument("--paper-key", metavar="FILE",
+                   help="the master key typed back from `diskimg key export --paper` (FILE, "
+                        "or - for standard input)")
+
+
+def read_secret_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such {what}") from None
+    except OSError as err:
+        from diskimg.errors import PermissionDenied, is_permission_error
+        if is_permission_error(err):
+            raise PermissionDenied(path, f"read the {what}") from err
+        raise UsageError(f"{path}: cannot read the {what}: {err.strerror or err}") from err
+
+
+def _first_line(data: bytes, path: str) -> bytes:
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not line:
+        raise UsageError(f"{path}: the passphrase file's first line is empty")
+    return line
+
+
+def _ask_passphrase(confirm: bool, prompt: str = "Passphrase") -> bytes:
+    import getpass
+    import sys
+    if not sys.stdin.isatty():
+        raise UsageError("--passphrase asks on a terminal, and there is none: use "
+                         f"--passphrase-file FILE or ${PASSPHRASE_ENV} in scripts")
+    try:
+        first = getpass.getpass(f"{prompt}: ")
+        if confirm and getpass.getpass(f"{prompt} again: ") != first:
+            raise UsageError("the two passphrases differ; nothing written")
+    except EOFError:
+        raise UsageError("no passphrase given") from None
+    if not first:
+        raise UsageError("an empty passphrase protects nothing")
+    return first.encode()
+
+
+def credentials(args: argparse.Namespace, confirm: bool = False):
+    """The crypto.keyring.Credentials the key options (or $DISKIMG_PASSPHRASE_FILE) give, or
+    None.  `confirm`: a passphrase asked on the terminal is asked twice (a new chain's)."""
+    import os
+    from diskimg.crypto.keyring import Credentials
+    if not hasattr(args, "key_file"):
+        return None      # a command that reads no image (list, health): the environment is not
+                         # its business
+    key_file = getattr(args, "key_file", None)
+    ask = getattr(args, "passphrase", False)
+    pfile = getattr(args, "passphrase_file", None)
+    paper = getattr(args, "paper_key", None)
+    if ask and pfile:
+        raise UsageError("--passphrase asks on the terminal, --passphrase-file reads a file: "
+                         "give one")
+    explicit = bool(key_file or ask or pfile or paper)
+    env = os.environ.get(PASSPHRASE_ENV) if not (ask or pfile) else None
+    if not explicit and not env:
+        return None
+    creds = Credentials(explicit=explicit)
+    if key_file:
+        data = read_secret_file(key_file, "key file")
+        if len(data) < MIN_KEY_FILE:
+            raise UsageError(f"{key_file}: a key file holds at least {MIN_KEY_FILE} bytes, "
+                             f"this one {len(data)} (make one: head -c 32 /dev/urandom > KF)")
+        creds.key_file, creds.key_file_bytes = key_file, data
+    if ask:
+        creds.passphrase = _ask_passphrase(confirm)
+    elif pfile or env:
+        path = pfile or env
+        creds.passphrase = _first_line(read_secret_file(path, "passphrase file"), path)
+    if paper:
+        import sys
+        text = sys.stdin.read() if paper == "-" else \
+            read_secret_file(paper, "paper key file").decode(errors="replace")
+        from diskimg.crypto.keys import parse_paper
+        try:
+            creds.master = parse_paper(text)
+        except ValueError as err:
+            raise UsageError(f"{paper}: not a paper key: {err}") from None
+    return creds
+
+
+def read_new_passphrase(path: str | None) -> bytes:
+    """A new passphrase: the first line of `path`, or asked twice on the terminal."""
+    if path:
+        return _first_line(read_secret_file(path, "passphrase file"), path)
+    return _ask_passphrase(True, "New passphrase")

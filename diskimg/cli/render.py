@@ -441,7 +441,7 @@ class VerifyDone:
                 "chain": [{"uuid": u, "path": p} for u, p in r.chain],
                 "blocks_checked": r.blocks_checked,
                 "errors": [verify_error_json(e) for e in r.errors],
-                "errors_affecting_restore": r.restore_errors}
+                "errors_affecting_restore": r.restore_errors, "scope": r.scope}
 
     def lines(self) -> Iterator[str]:
         result = self.result
@@ -455,6 +455,13 @@ class VerifyDone:
                 f" (overridden by {e.overridden_by}: does not affect restoring {self.image})")
             tag = {None: "BAD", True: "REPAIRABLE", False: "LOST"}[e.repairable]
             yield f"{tag} {e.path}: {where}{e.reason}{note_}"
+        if result.scope == "structure":
+            yield (f"checked without the key: the CRC-32C of the header, {result.blocks_checked} "
+                   f"record headers, the index segments, footer and trailer; the blocks' "
+                   f"content and authenticity were NOT checked (give the key to check them)")
+            if result.ok:
+                yield f"OK (structure only) in {result.seconds:.1f} s"
+                return
         if result.ok:
             yield (f"OK: {result.blocks_checked} blocks, {human(result.bytes_checked)} of data "
                    f"verified in {result.seconds:.1f} s")
@@ -525,15 +532,19 @@ class InfoDone:
             f" (parent {info['parent']}, {info['parent_name']})" if info["parent"] else "")
         if len(info["chain"]) > 1:
             yield f"chain:       {' -> '.join(info['chain'])}"
-        yield (f"source:      {src.get('path')}" + "".join(
+        yield (f"source:      {src.get('path') if not info.get('locked') else '(sealed)'}" + "".join(
             f", {k} {src[k]}" for k in ("model", "serial") if src.get(k))
             + (f", loop device backed by {src['backing_file']}" if src.get("backing_file")
                else ""))
         yield f"size:        {info['size']} bytes ({human(info['size'])})"
-        blocks, *changed = block_lines(info, bool(info["parent"]))
-        yield f"blocks:      {blocks.removeprefix('blocks: ')}"
-        for line in changed:
-            yield f"             {line}"
+        if info.get("locked"):
+            yield (f"blocks:      {info['blocks']} x {human(info['block_size'])} (counts, "
+                   f"source and completion time sealed: give the key to see them)")
+        else:
+            blocks, *changed = block_lines(info, bool(info["parent"]))
+            yield f"blocks:      {blocks.removeprefix('blocks: ')}"
+            for line in changed:
+                yield f"             {line}"
         if info["rescue"]:
             contents = "rescue image (every block read past read errors)"
         elif info["all_blocks"] is None:
@@ -545,7 +556,20 @@ class InfoDone:
         level = info["compression_level"]
         yield (f"compression: {(info['compression'] or {}).get('codec', 'zstd')}"
                + (f" level {level}" if level is not None else ""))
-        yield f"digest:      {info['digest']}"
+        enc = info.get("encryption")
+        yield f"digest:      {info['digest']}" + (
+            f" (keyed: {'HMAC-SHA256' if info['digest'] == 'sha256' else 'BLAKE3 keyed'} "
+            f"under the chain's id key)" if enc else "")
+        if enc:
+            yield (f"encryption:  {enc['cipher']}, key fingerprint {enc['key_fingerprint']}"
+                   + ("" if enc["unlocked"] else " (locked: no key given; source, statistics "
+                                                  "and index are sealed)"))
+            for slot in enc["slots"]:
+                kdf = slot["kdf"]
+                params = ", ".join(f"{k} {v}" for k, v in kdf.items() if k != "name")
+                yield (f"key slot {slot['id']}:  {slot['type']}, {kdf.get('name')}"
+                       + (f" ({params})" if params else "")
+                       + (f", added {slot['created']}" if slot.get("created") else ""))
         par = info.get("parity")
         if par:
             yield (f"parity:      {par['percent']:g}% Reed-Solomon, {par['data']}+{par['parity']} "
@@ -993,3 +1017,46 @@ class Served:
 
     def lines(self) -> Iterator[str]:
         yield f"stopped serving {self.image}"
+
+
+# --------------------------------------------------------------------------------------------
+# key
+
+@dataclass(frozen=True)
+class KeyDone:
+    """``diskimg key ...``: an ops.keys.KeyResult."""
+
+    result: Any
+    exit_code: int = EXIT_OK
+
+    def json(self) -> dict:
+        r = self.result
+        out = {"action": r.action, "changed_slots": list(r.changed),
+               "images": [{"image": p, "key_fingerprint": kid, "slots": list(slots)}
+                          for p, kid, slots in r.images]}
+        if r.paper:
+            out["paper_key"] = list(r.paper)
+        return out
+
+    def lines(self) -> Iterator[str]:
+        r = self.result
+        if r.paper:
+            path, kid, _ = r.images[0]
+            yield f"# diskimg paper key of {path}'s chain, key fingerprint {kid}"
+            yield "# anyone holding these lines can read every image of the chain: keep them safe"
+            yield "# type them back into a file and give it with --paper-key FILE"
+            yield from r.paper
+            return
+        verb = {"add": "added", "remove": "removed",
+                "change-passphrase": "new passphrase in"}.get(r.action)
+        for path, kid, slots in r.images:
+            head = f"{path}: key fingerprint {kid}"
+            if verb:
+                head += f"; {verb} slot {', '.join(map(str, r.changed))}"
+            yield head
+            for s in slots:
+                kdf = s["kdf"]
+                params = ", ".join(f"{k} {v}" for k, v in kdf.items() if k != "name")
+                yield (f"  slot {s['id']}: {s['type']}, {kdf.get('name')}"
+                       + (f" ({params})" if params else "")
+                       + (f", added {s['created']}" if s.get("created") else ""))

@@ -67,7 +67,11 @@ FORMAT_VERSION = 3                 # the newest version this diskimg reads and w
 SUPPORTED_VERSIONS = (1, 2, 3)
 # the required features this diskimg reads (section 13 of docs/FORMAT.md); each feature that
 # changes how bytes are read adds its name here, with its section in docs/FORMAT.md
-KNOWN_FEATURES: frozenset[str] = frozenset({"parity"})   # "parity": section 16
+KNOWN_FEATURES: frozenset[str] = frozenset({"parity", "encrypted"})   # sections 16, 17
+ENCRYPTED = "encrypted"
+# room left in an encrypted image's header JSON (padded with spaces) so that `diskimg key`
+# can add key slots by rewriting the header in place, never moving a record
+HEADER_SLOT_ROOM = 4096
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 ENTRIES_PER_SEGMENT = 16384
@@ -286,6 +290,47 @@ def _transforms(d: dict) -> dict[int, tuple[str, ...]]:
     return table
 
 
+def _encryption(d: dict, features: tuple[str, ...]) -> dict | None:
+    """The header's `encryption` object (section 17.2): present exactly when the "encrypted"
+    feature is; its structure is checked here, its keys and MAC by diskimg.crypto."""
+    if ENCRYPTED not in features:
+        if "encryption" in d:
+            raise MetadataInvalid("encryption", d["encryption"], "no encryption object in an "
+                                                                 "image without the feature")
+        return None
+    enc = _obj(d.get("encryption", _Missing), "encryption")
+    try:
+        import uuid as uuidlib   # here: imaging's start-up does not need the module
+        uuidlib.UUID(str(d.get("uuid")))
+    except ValueError:
+        raise MetadataInvalid("uuid", d.get("uuid"), "a UUID in an encrypted image") from None
+    if enc.get("cipher") != "aes-256-gcm":
+        raise MetadataInvalid("encryption.cipher", enc.get("cipher", _Missing),
+                              "'aes-256-gcm'")
+    kid = enc.get("key_id", _Missing)
+    if not isinstance(kid, str) or len(kid) != 32 or not _HEX.issuperset(kid):
+        raise MetadataInvalid("encryption.key_id", kid, "32 lower-case hex digits")
+    _sha256_hex(enc, "mac", where="encryption.")
+    _str(enc, "sealed", nonempty=True, where="encryption.")
+    slots = enc.get("slots", _Missing)
+    if not isinstance(slots, list):
+        raise MetadataInvalid("encryption.slots", slots, "a list of key slots")
+    for i, slot in enumerate(slots):
+        where = f"encryption.slots[{i}]."
+        _obj(slot, where[:-1])
+        _int(slot, "id", 0, 1 << 16, where=where)
+        if slot.get("type") not in ("passphrase", "keyfile"):
+            raise MetadataInvalid(where + "type", slot.get("type", _Missing),
+                                  "'passphrase' or 'keyfile'")
+        kdf = _obj(slot.get("kdf", _Missing), where + "kdf")
+        _str(kdf, "name", nonempty=True, where=where + "kdf.")
+        salt = kdf.get("salt", _Missing)
+        if not isinstance(salt, str) or len(salt) != 32 or not _HEX.issuperset(salt):
+            raise MetadataInvalid(where + "kdf.salt", salt, "32 lower-case hex digits")
+        _str(slot, "wrapped", nonempty=True, where=where)
+    return enc
+
+
 def version_for_digest(name: str) -> int:
     """The format version an image without required features, whose blocks are hashed with
     `name`, is written as."""
@@ -395,6 +440,12 @@ class Header:
     features: tuple[str, ...] = ()
     # the parity geometry (feature "parity", section 16; diskimg.format.parity), or None
     parity: Geometry | None = None
+    # an encrypted image's cipher, key id, key slots, sealed fields and MAC (section 17)
+    encryption: dict | None = None
+    # not in the JSON: the image's keys once unlocked (diskimg.crypto.keys.ImageKeys), which
+    # make `hash` and `zero_digest` keyed; and the JSON as read (the MAC covers it)
+    keys: object = field(default=None, compare=False, repr=False)
+    raw: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def format_version(self) -> int:
@@ -402,12 +453,21 @@ class Header:
         return 3 if self.features else version_for_digest(self.digest)
 
     @property
+    def encrypted(self) -> bool:
+        return ENCRYPTED in self.features
+
+    @property
     def hash(self):
-        """The function hashing a block's content to its digest under this image's algorithm."""
+        """The function hashing a block's content to its digest under this image's algorithm
+        (keyed under the chain's id key in an unlocked encrypted image)."""
+        if self.keys is not None:
+            return self.keys.hash
         return digest_fn(self.digest)
 
     def zero_digest(self, length: int) -> bytes:
         """The digest of `length` zero bytes under this image's algorithm."""
+        if self.keys is not None:
+            return self.keys.zero_digest(length)
         return zero_digest(self.digest, length)
 
     @property
@@ -434,6 +494,7 @@ class Header:
             "digest": self.digest,
             **({"features": list(self.features)} if self.features else {}),
             **({"parity": self.parity.to_json()} if self.parity is not None else {}),
+            **({"encryption": self.encryption} if self.encryption is not None else {}),
         }
 
     @classmethod
@@ -483,15 +544,30 @@ class Header:
             except ParityLayoutError as err:
                 raise MetadataInvalid("parity", d.get("parity", _Missing),
                                       f"the parity geometry ({err})") from None
+        encryption = _encryption(d, features)
+        if encryption is None and any("aes-256-gcm" in names for names in transforms.values()):
+            raise MetadataInvalid("transforms", d.get("transforms"), "no aes-256-gcm chain in "
+                                  "an image without the \"encrypted\" feature")
         return cls(
             uuid=_str(d, "uuid", nonempty=True), kind=kind, size=_int(d, "size", 0, U63), block_size=block_size,
             source=source, created=_str(d, "created"), tool_version=_str(d, "tool_version"),
             parent=parent, chain=tuple(chain), compression=compression, extra=extra,
             transforms=transforms, digest=digest, features=features, parity=parity,
+            encryption=encryption, raw=d if encryption is not None else None,
         )
 
-    def pack(self) -> bytes:
+    def pack(self, json_length: int | None = None) -> bytes:
+        """The header's bytes.  An encrypted image's JSON is padded with spaces (to
+        `json_length`, or with HEADER_SLOT_ROOM bytes to spare) so that its key slots can be
+        rewritten in place; raises ValueError when it does not fit `json_length`."""
         body = json.dumps(self.to_json(), sort_keys=True).encode()
+        if json_length is None and self.encryption is not None:
+            json_length = -(-(len(body) + HEADER_SLOT_ROOM) // 4096) * 4096
+        if json_length is not None:
+            if len(body) > json_length:
+                raise ValueError(f"header JSON of {len(body)} bytes does not fit in "
+                                 f"{json_length}")
+            body += b" " * (json_length - len(body))
         fixed = _HEADER_FIXED.pack(HEADER_MAGIC, self.format_version, 0, len(body))
         return fixed + body + struct.pack("<I", crc32c(fixed + body))
 
@@ -526,8 +602,13 @@ def unpack_record(buf: bytes) -> RecordHeader | None:
     return RecordHeader(block, stored_len, raw_len, codec, flags, sha)
 
 
-def pack_segment(first_block: int, entries: bytes, level: int = INDEX_LEVEL) -> bytes:
+def pack_segment(first_block: int, entries: bytes, level: int = INDEX_LEVEL,
+                 seal=None) -> bytes:
+    """One index segment; `seal(first, count, payload)` (an encrypted image's) seals the
+    compressed entries, and the CRCs cover the sealed bytes."""
     payload = zstd.compress(entries, level)
+    if seal is not None:
+        payload = seal(first_block, len(entries) // ENTRY_SIZE, payload)
     head = _SEGMENT.pack(SEGMENT_MAGIC, first_block, len(entries) // ENTRY_SIZE, len(payload),
                          crc32c(payload))
     return head + struct.pack("<I", crc32c(head)) + payload
@@ -701,13 +782,14 @@ def read_footer(image: Readable, path: str, file_size: int, header: Header, data
 
 
 def read_segment(image: Readable, path: str, offset: int, length: int, first: int,
-                 count: int) -> bytes:
+                 count: int, unseal=None) -> bytes:
     """The raw entries of one index segment, checked against its CRCs and expected place.
     Raises SegmentError and the error of `image.pread`."""
-    return check_segment(image.pread(length, offset), path, length, first, count)
+    return check_segment(image.pread(length, offset), path, length, first, count, unseal)
 
 
-def check_segment(buf: bytes, path: str, length: int, first: int, count: int) -> bytes:
+def check_segment(buf: bytes, path: str, length: int, first: int, count: int,
+                  unseal=None) -> bytes:
     """The raw entries of the index segment read into `buf` (`length` bytes were asked for),
     checked against its CRCs and expected place.  Raises SegmentError."""
     if len(buf) != length or length < SEGMENT_HEADER_SIZE:
@@ -721,6 +803,13 @@ def check_segment(buf: bytes, path: str, length: int, first: int, count: int) ->
     payload = buf[SEGMENT_HEADER_SIZE:]
     if crc32c(payload) != s_crc:
         raise SegmentError(path, first, count, "damaged (CRC-32C mismatch)")
+    if unseal is False:      # the structure only (verify --no-key)
+        return b""
+    if unseal is not None:   # an encrypted image's: authenticated, then decompressed
+        try:
+            payload = unseal(first, count, payload)
+        except ValueError as err:   # DecodeError
+            raise SegmentError(path, first, count, f"fails authentication ({err})") from err
     try:
         raw = zstd.decompress(payload, count * ENTRY_SIZE)
     except zstd.Error as err:

@@ -20,11 +20,12 @@ from diskimg import format as fmt
 from diskimg.disk.blockdev import file_kind as _kind
 from diskimg.errors import BlockError, ChecksumMismatch, CorruptImage, DecodeError
 from diskimg.errors import DigestMismatch, DiskimgError, DiskIOError, IncompleteImage
-from diskimg.errors import NotAnImage
-from diskimg.errors import PermissionDenied, TruncatedImage, UsageError
+from diskimg.errors import KeyRefused, MetadataError, NotAnImage, PermissionDenied
+from diskimg.errors import TruncatedImage, UsageError
 from diskimg.store import Store, StoreReader, StoreSink, open_store
 from diskimg.image.records import decode_verified
-from diskimg.transforms import reading_chain
+from diskimg.transforms import TransformChain, reading_chain
+from diskimg.crypto import keyring
 
 if TYPE_CHECKING:
     from diskimg.image.parity import HealingReader
@@ -45,6 +46,31 @@ def segment_runs(first: int, raw: bytes) -> Iterator[tuple[int, int, fmt.IndexEn
         if cur != prev:
             yield first + start, i - start, fmt.IndexEntry.unpack_from(prev, 0)
             start, prev = i, cur
+
+
+def unlock_header(header: fmt.Header, path: str) -> fmt.Header:
+    """`header` ready to read blocks with: an encrypted image's unlocked with the command's key
+    (diskimg.crypto.keyring), authenticated, its sealed fields back.  A plain image's as it is,
+    unless a key was given: then it is refused, never read as if it were plain (a header
+    stripped of its encryption would otherwise pass).  Raises KeyRefused (exit 2) and
+    MetadataError (the header fails authentication)."""
+    if header.encrypted:
+        if header.keys is not None:
+            return header
+        from diskimg.crypto import keys   # the cryptography package: encrypted images only
+        return keys.unlock_header(header, path)
+    if keyring.explicit():
+        raise KeyRefused(path, "is not encrypted, but a key was given: refusing to read it as "
+                               "a plain image (if it was made encrypted, its header has been "
+                               "stripped of the encryption: do not trust it)")
+    return header
+
+
+def transforms_of(header: fmt.Header) -> TransformChain:
+    """The transform chain that decodes the records of `header`'s image (unlocked)."""
+    if header.keys is not None:
+        return header.keys.reading_chain(header.transforms)
+    return reading_chain(header.transforms)
 
 
 def _check_is_file(reader: StoreReader) -> None:
@@ -77,9 +103,13 @@ class ImageReader:
     """An open, complete image.  Raises NotAnImage, IncompleteImage, CorruptImage
     (TruncatedImage, MetadataError), PermissionDenied or DiskIOError on open.
 
-    `path` is where the image is (a path or URL); with `store`, `path` is a name in it."""
+    `path` is where the image is (a path or URL); with `store`, `path` is a name in it.
 
-    def __init__(self, path: str, store: Store | None = None) -> None:
+    An encrypted image is unlocked with the command's key (diskimg.crypto.keyring; KeyRefused
+    when none opens it).  With `unlock=False` it stays locked: its header and structure can
+    be looked at (`info`, `verify --no-key`), its index and blocks cannot (`locked`)."""
+
+    def __init__(self, path: str, store: Store | None = None, unlock: bool = True) -> None:
         if store is None:
             store, name = open_store(str(path))
         else:
@@ -102,6 +132,12 @@ class ImageReader:
                     raise
                 # a file that was once complete and has been cut short is damage, not input
                 raise TruncatedImage(self.path, self.file_size, err.reason) from err
+            self.locked = False
+            if self.header.encrypted and not unlock:
+                self.locked = True
+                self.transforms = None
+            else:
+                self._unlock()
             self.segments = self.footer.segments
             self.entries_per_segment = self.footer.entries_per_segment
             self.index_sha256 = self.footer.index_sha256
@@ -146,7 +182,8 @@ class ImageReader:
             self._heal_footer()
             self.footer = fmt.read_footer(self.reader, self.path, self.file_size, header, start)
             self._note_healed(None, "footer or trailer")
-        self.transforms = reading_chain(self.header.transforms)
+        if not self.header.encrypted:
+            self.transforms = reading_chain(self.header.transforms)
 
     def _healed_header(self, failed: Exception | None) -> tuple[fmt.Header, int]:
         """The header read through the healing reader: healed in place when it fails its
@@ -191,6 +228,20 @@ class ImageReader:
             return None
         return self.healing.scrub(progress)
 
+    def _unlock(self) -> None:
+        """Unlock an encrypted image's header and footer (or refuse a plain one when a key was
+        given): see unlock_header."""
+        header = unlock_header(self.header, self.path)
+        if header is not self.header and header.keys is not None:
+            full = header.keys.open_footer(self.footer.json, self.path)
+            try:
+                self.footer = fmt.Footer.from_json(full, header, self.data_start,
+                                                   self.footer.offset)
+            except ValueError as err:
+                raise MetadataError(self.path, "footer", str(err)) from err
+            self.header = header
+            self.transforms = transforms_of(header)
+
     @property
     def uuid(self) -> str:
         return self.header.uuid
@@ -226,13 +277,17 @@ class ImageReader:
             return cache[1]
         first, count = self._segment_range(seg)
         off, length = self.segments[seg]
+        if self.locked:
+            raise KeyRefused(self.path, "is encrypted and was opened without its key")
+        keys = self.header.keys
+        opener = keys.open_segment if keys is not None else None
         try:
-            raw = fmt.read_segment(self.reader, self.path, off, length, first, count)
+            raw = fmt.read_segment(self.reader, self.path, off, length, first, count, opener)
         except fmt.SegmentError:
             if self.healing is None:
                 raise
             self.healing.heal(off, length)
-            raw = fmt.read_segment(self.reader, self.path, off, length, first, count)
+            raw = fmt.read_segment(self.reader, self.path, off, length, first, count, opener)
             self._note_healed(None, f"index segment {seg}")
         self._seg_cache = (seg, raw)
         return raw
@@ -464,7 +519,10 @@ class ImageWriter:
         if not self._entries:
             return
         first = len(self._segments) * fmt.ENTRIES_PER_SEGMENT
-        self._segments.append(fmt.pack_segment(first, bytes(self._entries)))
+        keys = self.header.keys
+        self._segments.append(fmt.pack_segment(
+            first, bytes(self._entries),
+            seal=keys.seal_segment if keys is not None else None))
         self._entries = bytearray()
 
     def finish(self, meta: dict) -> dict:
@@ -482,7 +540,8 @@ class ImageWriter:
             "entries_per_segment": fmt.ENTRIES_PER_SEGMENT,
             "segments": table,
         }
-        packed = fmt.pack_footer(footer)
+        keys = self.header.keys
+        packed = fmt.pack_footer(keys.seal_footer(footer) if keys is not None else footer)
         footer_offset = self.pos
         self.sink.write([packed, fmt.pack_trailer(footer_offset, len(packed),
                                                   version=self.header.format_version)])
@@ -515,7 +574,7 @@ def read_record_data(image: StoreReader, offset: int, rec: fmt.RecordHeader,
     payload = image.pread(rec.stored_len, offset + fmt.RECORD_HEADER_SIZE)
     data = bytearray(rec.raw_len)
     try:
-        decode_verified(reading_chain(header.transforms), rec.block, payload, rec.codec,
+        decode_verified(transforms_of(header), rec.block, payload, rec.codec,
                         rec.sha256, memoryview(data), digest=header.hash)
     except DecodeError:
         return None
@@ -555,6 +614,8 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
             from diskimg.image.parity import UnfinishedReader
             image = UnfinishedReader(image, header.parity)
             size = image.size
+        if check_data:
+            header = unlock_header(header, path)
         records = data_bytes = 0
         end, last = start, None
         seen: set[int] = set()
@@ -605,7 +666,15 @@ def _header_fields(h: fmt.Header) -> dict:
         "tool_version": h.tool_version,
         "compression": h.compression,
         "digest": h.digest,
+        "encrypted": h.encrypted,
+        **({"encryption": _encryption_fields(h)} if h.encrypted else {}),
     }
+
+
+def _encryption_fields(h: fmt.Header) -> dict:
+    """What info shows of an encrypted image's keys: never a key."""
+    from diskimg.crypto.keys import describe as describe_encryption
+    return {**describe_encryption(h.encryption or {}), "unlocked": h.keys is not None}
 
 
 def describe(reader: ImageReader) -> dict:
@@ -638,6 +707,9 @@ def describe(reader: ImageReader) -> dict:
             "logical_bytes": reader.file_size},
         # filesystems whose allocation map missed blocks their metadata owns (read all the same)
         "allocation_repaired": list(h.extra.get("allocation_repaired", [])),
+        # an encrypted image opened without its key: statistics, source, unreadable ranges and
+        # completion time are sealed (the counts above are then zeros: not known)
+        "locked": reader.locked,
     }
 
 

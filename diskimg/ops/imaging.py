@@ -52,6 +52,7 @@ from diskimg.errors import (
     UnsafeTarget,
     UsageError,
 )
+from diskimg.crypto import keyring
 from diskimg.image.imagefile import ImageReader, ImageWriter, peek_header
 from diskimg.store import open_directory, open_store
 from diskimg.transforms import TransformChain, writing_chain
@@ -87,6 +88,9 @@ class ImageOptions:
     # more metadata for the header's `extra` object (a backup job records its name and level)
     extra: dict = field(default_factory=dict)
     parity: float | None = None         # percent of Reed-Solomon parity (0: none; None: default)
+    # encrypt a new full image with the command's key (crypto.keyring); a changed-block image
+    # is encrypted exactly when its parent is, with the parent's chain key
+    encrypt: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,13 @@ def parity_fields(pct: float | None) -> dict:
         return {"features": ("parity",), "parity": fmt.Geometry.for_percent(pct)}
     except ValueError as err:
         raise UsageError(f"--parity {pct:g}: must be 0 (none) or from 0.5 to 100") from err
+
+
+def with_features(fields: dict, features: tuple[str, ...]) -> dict:
+    """Header fields (parity_fields') with more required features added."""
+    if not features:
+        return fields
+    return {**fields, "features": tuple(sorted({*fields.get("features", ()), *features}))}
 
 
 def check_block_size(size: int) -> None:
@@ -457,6 +468,7 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
         raise UsageError("--incremental and --differential exclude each other")
     if opts.digest is not None and opts.digest not in fmt.KNOWN_DIGESTS:
         raise UsageError(f"--digest {opts.digest}: one of {', '.join(fmt.KNOWN_DIGESTS)} expected")
+    check_encryption_asked(opts.encrypt, image_path)
     started = time.monotonic()
     source = open_source(source_path)
     try:
@@ -480,6 +492,40 @@ def create_image(source_path: str, image_path: str, opts: ImageOptions = ImageOp
         source.close()
 
 
+def check_encryption_asked(encrypt: bool, image_path: str) -> None:
+    """Refuse --encrypt without a key, and a key without --encrypt for a full image: nothing
+    is written in plaintext when encryption was asked for (exit 2 before anything is read)."""
+    if encrypt and keyring.given() is None:
+        raise UsageError(f"{image_path}: --encrypt needs a key: --key-file KF, --passphrase or "
+                         f"--passphrase-file FILE (or DISKIMG_PASSPHRASE_FILE); nothing written")
+
+
+def _image_keys(opts: ImageOptions, ref: ImageReader | None, uuid: str, size: int, bs: int,
+                digest: str):
+    """(keys, key slots) of the new image: its parent's chain key and slots for a
+    changed-block image of an encrypted chain, a new master key for an encrypted full image,
+    (None, None) for a plain one.  An encrypted child of a plain chain is refused (its keyed
+    digests could never match the parent's)."""
+    if ref is not None and not ref.header.encrypted:
+        if opts.encrypt:
+            raise ChainError(f"{ref.path} is not encrypted: a chain is encrypted from its full "
+                             f"image on, or not at all; start a new chain with a full image")
+        return None, None
+    if ref is None and not opts.encrypt:
+        if keyring.explicit():
+            raise UsageError("a key was given but not --encrypt: add --encrypt to encrypt the "
+                             "image with it")
+        return None, None
+    from diskimg.crypto import keys as crypto_keys   # the cryptography package: only here
+    if ref is not None:
+        master = ref.header.keys.master
+        slots = list(ref.header.encryption["slots"])
+    else:
+        master = crypto_keys.new_master()
+        slots = crypto_keys.new_slots(master, keyring.given())
+    return crypto_keys.ImageKeys(master, uuid, size, bs, digest), slots
+
+
 def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
             ref: ImageReader | None, progress: Progress | None, started: float,
             mounted_rw: list[str]) -> ImageResult:
@@ -491,7 +537,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         kind = "incremental" if opts.incremental else "differential"
         parent = parent_ref(ref)
         chain = tuple(ref.header.chain or (ref.uuid,)) + (new_uuid,)
-    transforms = writing_chain(opts.level)
+    digest = ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST
+    keys, slots = _image_keys(opts, ref, new_uuid, source.size, bs, digest)
+    transforms = keys.writing_chain(opts.level) if keys else writing_chain(opts.level)
     used_map = None
     if opts.all_blocks:
         used = [(0, source.size)]
@@ -509,10 +557,11 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                "all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {}),
                **({"allocation_repaired": repaired} if repaired else {})},
-        transforms=transforms.table,
-        digest=ref.header.digest if ref is not None else opts.digest or fmt.DEFAULT_DIGEST,
-        **parity_fields(opts.parity),
+        transforms=transforms.table, digest=digest,
+        **with_features(parity_fields(opts.parity), (fmt.ENCRYPTED,) if keys else ()),
     )
+    if keys is not None:
+        header = keys.seal_header(header, slots)
     # what is not a hole of a sparse file (a device has none)
     data_spans = ([(0, source.size)] if source.is_block
                   else list(data_ranges(source.fd, source.size)))

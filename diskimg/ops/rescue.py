@@ -40,6 +40,7 @@ from diskimg.disk.blockdev import Source, open_source
 from diskimg.errors import DiskimgError, DiskIOError, Interrupted, MapfileError
 from diskimg.errors import OperationFailed, ReadError, UsageError
 from diskimg.image.imagefile import ImageWriter, read_record_data, scan_records
+from diskimg.image.imagefile import unlock_header
 from diskimg.store import open_store
 from diskimg.ops.imaging import (
     ImageResult,
@@ -48,6 +49,7 @@ from diskimg.ops.imaging import (
     check_no_children,
     check_source_mounted,
     parity_fields,
+    with_features,
     utc_now,
 )
 from diskimg.disk.identity import source_mismatch
@@ -87,6 +89,9 @@ class RescueOptions:
     extra: dict = field(default_factory=dict)     # more header metadata (ImageOptions.extra)
     parity: float | None = None       # percent of Reed-Solomon parity (None: the default; a
                                       # resume keeps its own)
+    # encrypt with a new chain key (crypto.keyring); a resume keeps the partial image's key
+    # (records go on with random nonces under its data key: none can repeat one already used)
+    encrypt: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,8 @@ class _Session:
         self.progress = progress
         self.bs = self.header.block_size
         self.buf = mmap.mmap(-1, self.bs)          # page-aligned, as O_DIRECT needs
-        self.transforms = writing_chain(level)
+        keys = self.header.keys
+        self.transforms = keys.writing_chain(level) if keys is not None else writing_chain(level)
         self.partial_reader = writer.open_partial()   # to read back the records stored so far
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
         self.last_save = time.monotonic()
@@ -396,7 +402,7 @@ def _map_notes(mapfile: str) -> tuple[str | None, int]:
     return uuid, synced
 
 
-def _resume(image: str, source: Source, mapfile: str, identity: dict
+def _resume(image: str, source: Source, mapfile: str, identity: dict, encrypt: bool = False
             ) -> tuple[ImageWriter, RescueMap, array]:
     """Reopen the partial image and map an interrupted rescue left.
 
@@ -412,6 +418,10 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
     stored = store.open(store.partial_name(name))
     try:
         header, start = fmt.read_header(stored, partial)
+        if encrypt and not header.encrypted:
+            raise UsageError(f"{partial}: the interrupted rescue is not encrypted; resume it "
+                             f"without --encrypt, or remove it to start over encrypted")
+        header = unlock_header(header, partial)
         if header.parity is not None:   # records are found in the logical stream
             from diskimg.image.parity import UnfinishedReader
             stored = UnfinishedReader(stored, header.parity)
@@ -455,14 +465,28 @@ def _resume(image: str, source: Source, mapfile: str, identity: dict
 def _new(image: str, source: Source, opts: RescueOptions, identity: dict,
          mounted_rw: list[str]) -> tuple[ImageWriter, RescueMap, array]:
     new_uuid = fmt.new_image_uuid()
+    digest = opts.digest or fmt.DEFAULT_DIGEST
+    keys = slots = None
+    from diskimg.crypto import keyring
+    if keyring.explicit() and not opts.encrypt:
+        raise UsageError("a key was given but not --encrypt: add --encrypt to encrypt the "
+                         "rescue image with it")
+    if opts.encrypt:
+        from diskimg.crypto import keys as crypto_keys
+        master = crypto_keys.new_master()
+        slots = crypto_keys.new_slots(master, keyring.given())
+        keys = crypto_keys.ImageKeys(master, new_uuid, source.size, opts.block_size, digest)
+    transforms = keys.writing_chain(opts.level) if keys else writing_chain(opts.level)
     header = fmt.Header(
         uuid=new_uuid, kind="full", size=source.size, block_size=opts.block_size,
         source=identity, created=utc_now(opts.clock), tool_version=__version__, parent=None,
         chain=(new_uuid,), compression={"codec": "zstd", "level": opts.level},
         extra={**opts.extra, "rescue": True, **({"source_mounted_rw": mounted_rw} if mounted_rw else {})},
-        transforms=writing_chain(opts.level).table, digest=opts.digest or fmt.DEFAULT_DIGEST,
-        **parity_fields(opts.parity),
+        transforms=transforms.table, digest=digest,
+        **with_features(parity_fields(opts.parity), (fmt.ENCRYPTED,) if keys else ()),
     )
+    if keys is not None:
+        header = keys.seal_header(header, slots)
     return (ImageWriter(image, header), RescueMap.new(source.size),
             array("q", [NO_RECORD]) * header.blocks)
 
@@ -499,7 +523,8 @@ def rescue_image(source_path: str, image_path: str, opts: RescueOptions = Rescue
         store, name = open_store(image_path)
         resumed = store.exists(store.partial_name(name))
         if resumed:
-            writer, rmap, offsets = _resume(image_path, source, mapfile, identity)
+            writer, rmap, offsets = _resume(image_path, source, mapfile, identity,
+                                            opts.encrypt)
         else:
             writer, rmap, offsets = _new(image_path, source, opts, identity, mounted_rw)
         if source.is_block:

@@ -53,7 +53,7 @@ from diskimg.errors import (
     UnsafeTarget,
     UsageError,
 )
-from diskimg.image.imagefile import read_record_data, scan_records
+from diskimg.image.imagefile import read_record_data, scan_records, unlock_header
 from diskimg.image.view import BlockView
 from diskimg.store import open_store
 from diskimg.ops.pipeline import BufferPool, default_threads, depth_for, ordered_map
@@ -276,6 +276,7 @@ class _TruncatedImage:
         self.reader = store.open(name)
         try:
             self.header, start = fmt.read_header(self.reader, path)
+            self.header = unlock_header(self.header, path)   # an encrypted one: its key
             if self.header.parity is not None:   # the records are in the logical stream
                 from diskimg.image.parity import UnfinishedReader
                 self.reader = UnfinishedReader(self.reader, self.header.parity)

@@ -26,6 +26,7 @@ from diskimg.errors import BlockError, TruncatedImage
 from diskimg.image.chain import Chain, open_chain
 from diskimg.image.imagefile import (
     ImageReader,
+    scan_records,
     segment_runs,
     survey_truncated,
 )
@@ -60,6 +61,10 @@ class VerifyResult:
     blocks_checked: int
     bytes_checked: int
     seconds: float
+    # "full": every block decoded and checked; "structure": an encrypted image checked without
+    # its key (verify --no-key): CRCs of header, record headers, index segments, footer and
+    # trailer only
+    scope: str = "full"
 
     @property
     def ok(self) -> bool:
@@ -356,3 +361,74 @@ def _scan_truncated(err: TruncatedImage) -> tuple[list[VerifyError], int, int]:
         s.header.uuid, s.path, after, after * bs,
         f"image truncated at byte {s.file_size}: no trailer, index lost; {survived}"))
     return errors, s.records, s.data_bytes
+
+
+def verify_structure(path: str, progress: Progress | None = None) -> VerifyResult:
+    """Check `path` without its key (verify --no-key): the CRC-32C of its header, of every
+    record header (walked from the first to the index, each in its place), of every index
+    segment, and of footer and trailer.  Block contents and their authenticity need the key
+    and are not checked; nor are the images the chain depends on.  An image cut short is
+    reported as truncated.  Raises NotAnImage (exit 2)."""
+    started = time.monotonic()
+    try:
+        img = ImageReader(path, unlock=False)
+    except TruncatedImage as err:
+        return VerifyResult(path, (), (VerifyError("", path, None, None, str(err)),), 0, 0,
+                            time.monotonic() - started, scope="structure")
+    except fmt.CorruptImage as err:
+        return VerifyResult(path, (), (VerifyError("", path, None, None, str(err)),), 0, 0,
+                            time.monotonic() - started, scope="structure")
+    errors: list[VerifyError] = []
+    records = nbytes = 0
+    with img:
+        h = img.header
+        if progress:
+            progress.start(img.records_end - img.data_start, "B")
+        pos, end = img.data_start, img.records_end
+        while pos < end:
+            last = pos
+            for off, rec in scan_records(img.reader, pos, end):
+                if rec.block >= h.blocks or rec.raw_len != h.block_length(rec.block):
+                    break
+                records += 1
+                nbytes += rec.raw_len
+                last = off + fmt.RECORD_HEADER_SIZE + rec.stored_len
+                if progress:
+                    progress.advance(fmt.RECORD_HEADER_SIZE + rec.stored_len)
+            if last >= end:
+                break
+            nxt = _next_record(img, last + 1, end)
+            errors.append(VerifyError(h.uuid, img.path, None, None,
+                                      f"records damaged at bytes {last}-{nxt - 1} of the file "
+                                      f"(a record header fails its CRC-32C or does not fit)"))
+            pos = nxt
+        for seg, (off, length) in enumerate(img.segments):
+            first = seg * img.entries_per_segment
+            count = min(img.entries_per_segment, h.blocks - first)
+            try:
+                fmt.check_segment(img.reader.pread(length, off), img.path, length, first, count,
+                                  unseal=False)
+            except fmt.SegmentError as err:
+                errors.append(VerifyError(h.uuid, img.path, err.first,
+                                          err.first * h.block_size, err.reason,
+                                          last_block=err.first + err.count - 1))
+        return VerifyResult(path, ((h.uuid, img.path),), tuple(errors), records, nbytes,
+                            time.monotonic() - started, scope="structure")
+
+
+def _next_record(img: ImageReader, pos: int, end: int) -> int:
+    """The offset of the next record magic from `pos` whose record header is valid (end when
+    there is none)."""
+    chunk = 1 << 20
+    while pos < end:
+        buf = img.reader.pread(min(chunk + len(fmt.RECORD_MAGIC) - 1, end - pos), pos)
+        i = buf.find(fmt.RECORD_MAGIC)
+        while i >= 0:
+            rec = fmt.unpack_record(img.reader.pread(fmt.RECORD_HEADER_SIZE, pos + i))
+            if rec is not None:
+                return pos + i
+            i = buf.find(fmt.RECORD_MAGIC, i + 1)
+        if len(buf) < chunk:
+            return end
+        pos += chunk
+    return end

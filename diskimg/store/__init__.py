@@ -180,6 +180,12 @@ class Store(ABC):
         the damaged one).  Raises UsageError where the store cannot."""
         raise UsageError(f"{self.path(dst)}: this store cannot replace an image in place")
 
+    def rewrite_head(self, name: str, data: bytes, expected: bytes) -> None:
+        """Replace the first len(data) bytes of the published `name` in place, durably, when
+        they still are `expected` (`diskimg key` rewrites an encrypted image's key slots, never
+        its records).  Stores that cannot change an object in place raise UsageError."""
+        raise UsageError(f"{self.path(name)}: this store cannot change an image in place")
+
     def exists(self, name: str) -> bool:
         """Whether `name` holds something (an error to look counts as not)."""
         try:

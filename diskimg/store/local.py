@@ -14,6 +14,7 @@ import os
 from typing import Iterable
 
 from diskimg.errors import DiskimgError, DiskIOError, NotAnImage, PermissionDenied
+from diskimg.errors import UsageError
 from diskimg.errors import is_permission_error
 from diskimg.store import Store, StoreReader, StoreSink, StoreStat
 
@@ -227,3 +228,25 @@ class LocalStore(Store):
             raise NotAnImage(path, "no such file") from err
         except OSError as err:
             raise _failed(err, path, "delete the image", "delete") from err
+
+    def rewrite_head(self, name: str, data: bytes, expected: bytes) -> None:
+        """One pwrite of the header's bytes and an fsync.  A header is a few KiB: the write
+        lies in one or two pages; a crash in between can tear it (the CRC-32C then says so and
+        the previous header is gone, which is why `diskimg key export --paper` exists)."""
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as err:
+            raise NotAnImage(path, "no such file") from err
+        except OSError as err:
+            raise _failed(err, path, "change the image", "open for writing") from err
+        try:
+            if len(expected) != len(data) or os.pread(fd, len(expected), 0) != expected:
+                raise UsageError(f"{path}: changed while its key slots were rewritten; "
+                                 f"nothing written")
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        except OSError as err:
+            raise _failed(err, path, "change the image", "write", 0) from err
+        finally:
+            os.close(fd)

@@ -35,7 +35,9 @@ FIXED_IDS: dict[tuple[str, ...], int] = {(): 0, ("zstd",): 1}
 # the table of an image whose header has none (every image written before the table existed)
 IMPLICIT_TABLE: dict[int, tuple[str, ...]] = {cid: names for names, cid in FIXED_IDS.items()}
 # the transform names this diskimg can decode; an image naming another was made by a newer one
-KNOWN_TRANSFORMS = ("zstd",)
+KNOWN_TRANSFORMS = ("zstd", "aes-256-gcm")
+# transforms that need a key: made by whoever holds it (diskimg.crypto), passed in `keyed`
+KEYED_TRANSFORMS = ("aes-256-gcm",)
 MAX_CHAIN_ID = 255   # the id is one byte in records and index entries
 
 
@@ -70,6 +72,8 @@ def make(name: str, level: int = DEFAULT_LEVEL) -> Transform:
     if name == "zstd":
         from diskimg.transforms.zstd import Zstd
         return Zstd(level)
+    if name in KEYED_TRANSFORMS:
+        raise DecodeError(f"{name} needs the image's key")
     raise UnknownTransform(name)
 
 
@@ -87,6 +91,9 @@ class TransformChain:
             cid: tuple(t.name for t in ts) for cid, ts in sorted(table.items())}
         self._steps = tuple((1 << i, t) for i, t in enumerate(steps))
         self._encode_ids = tuple(encode_ids)   # mask of the steps applied -> chain id
+        # a transform that binds its record's chain id (encryption: associated data) is given
+        # it; only the last transform may (the id is known once the optional ones are decided)
+        self._binds = any(getattr(t, "binds_chain", False) for t in steps)
 
     @classmethod
     def for_writing(cls, transforms: Sequence[Transform]) -> TransformChain:
@@ -112,10 +119,12 @@ class TransformChain:
         return cls(table, transforms, encode_ids)
 
     @classmethod
-    def for_reading(cls, table: dict[int, tuple[str, ...]]) -> TransformChain:
-        """The chain that decodes records of an image whose header has `table`; raises
-        UnknownTransform for a name this diskimg does not know."""
-        made: dict[str, Transform] = {}
+    def for_reading(cls, table: dict[int, tuple[str, ...]],
+                    keyed: dict[str, Transform] | None = None) -> TransformChain:
+        """The chain that decodes records of an image whose header has `table`, with `keyed`
+        the image's keyed transforms by name; raises UnknownTransform for a name this diskimg
+        does not know, DecodeError for a keyed one not given."""
+        made: dict[str, Transform] = dict(keyed or {})
         decode = {}
         for cid, names in table.items():
             decode[cid] = tuple(made[n] if n in made else made.setdefault(n, make(n))
@@ -131,6 +140,15 @@ class TransformChain:
         itself when no transform applies (a raw block: no copy), else the last transform's
         output."""
         stored, mask = data, 0
+        if self._binds:
+            for bit, t in self._steps:
+                if getattr(t, "binds_chain", False):
+                    out = t.encode(block_no, stored, chain_id=self._encode_ids[mask | bit])
+                else:
+                    out = t.encode(block_no, stored)
+                if out is not None:
+                    stored, mask = out, mask | bit
+            return stored, self._encode_ids[mask]
         for bit, t in self._steps:
             out = t.encode(block_no, stored)
             if out is not None:
@@ -153,14 +171,20 @@ class TransformChain:
         if len(steps) > 1:
             limit = max_stored_length(len(out))
             for t in reversed(steps[1:]):
-                stored = t.decode(block_no, stored, limit)
+                if getattr(t, "binds_chain", False):
+                    stored = t.decode(block_no, stored, limit, chain_id=chain_id)
+                else:
+                    stored = t.decode(block_no, stored, limit)
+        if getattr(steps[0], "binds_chain", False):
+            return steps[0].decode_into(block_no, stored, out, chain_id=chain_id)
         return steps[0].decode_into(block_no, stored, out)
 
 
-def writing_chain(level: int = DEFAULT_LEVEL) -> TransformChain:
+def writing_chain(level: int = DEFAULT_LEVEL, cipher: Transform | None = None) -> TransformChain:
     """The chain diskimg writes images with: zstd at `level`, left out of a block's chain where
-    it does not make the block smaller."""
-    return TransformChain.for_writing([make("zstd", level)])
+    it does not make the block smaller; then `cipher` (an encrypted image's), on every
+    block."""
+    return TransformChain.for_writing([make("zstd", level), *([cipher] if cipher else [])])
 
 
 _READING: dict[tuple, TransformChain] = {}

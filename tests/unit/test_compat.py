@@ -4,7 +4,8 @@ fixtures/compat/vN/ (and vN-FEATURE/ for a format feature) holds images made onc
 scripts/make_compat_fixture.py when format version N (or the feature) was released, with expected.json recording what they are and what they restore to.  For every
 version directory and every image in it: the image file is the one recorded, `diskimg verify`
 passes, `diskimg info --json` reports the recorded UUID, kind, parent and chain, and restoring
-it gives contents with the recorded SHA-256.
+it gives contents with the recorded SHA-256.  A ``vN-FEATURE`` directory holds the images of one
+format feature (``v3-encrypted``: encrypted with the key file ``key.bin`` it keeps).
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from contextlib import nullcontext
+
 from diskimg.cli.main import main
+from diskimg.crypto.keyring import Credentials, using
 from diskimg.ops.restore import restore_image
 from diskimg.ops.verify import verify_image
 
@@ -58,6 +62,20 @@ def copy(tmp_path):
     return make
 
 
+def _key(vdir: Path) -> list[str]:
+    """The key options the fixtures of `vdir` need (none for a plain one)."""
+    expected = json.loads((vdir / "expected.json").read_text())
+    return ["--key-file", str(vdir / expected["key_file"])] if "key_file" in expected else []
+
+
+def _keyed(vdir: Path):
+    """The library's key context for the fixtures of `vdir`."""
+    key = _key(vdir)
+    if not key:
+        return nullcontext()
+    return using(Credentials(key_file=key[1], key_file_bytes=Path(key[1]).read_bytes()))
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -71,11 +89,12 @@ def test_fixture_is_unchanged(vdir, image):
 @pytest.mark.parametrize("vdir, image", CASES)
 def test_verify(vdir, image, copy, capsys):
     d = copy(vdir)
-    result = verify_image(str(d / image["file"]), threads=1)
+    with _keyed(d):
+        result = verify_image(str(d / image["file"]), threads=1)
     assert result.ok, result.errors
     assert [uuid for uuid, _ in result.chain] == image["chain"]
     capsys.readouterr()
-    assert main(["verify", str(d / image["file"]), "--json", "--no-progress"]) == 0
+    assert main(["verify", str(d / image["file"]), "--json", "--no-progress", *_key(d)]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
 
 
@@ -83,7 +102,7 @@ def test_verify(vdir, image, copy, capsys):
 def test_info(vdir, image, copy, capsys):
     d = copy(vdir)
     capsys.readouterr()
-    assert main(["info", "--json", str(d / image["file"])]) == 0
+    assert main(["info", "--json", str(d / image["file"]), *_key(d)]) == 0
     info = json.loads(capsys.readouterr().out)
     for key in ("uuid", "kind", "parent", "parent_name", "chain", "size", "block_size",
                 "index_sha256"):
@@ -97,7 +116,8 @@ def test_info(vdir, image, copy, capsys):
 def test_restore(vdir, image, copy, tmp_path):
     d = copy(vdir)
     target = tmp_path / "restored"
-    result = restore_image(str(d / image["file"]), str(target), threads=1)
+    with _keyed(d):
+        result = restore_image(str(d / image["file"]), str(target), threads=1)
     assert list(result.chain) == image["chain"]
     assert target.stat().st_size == image["raw_size"]
     assert sha256(target) == image["raw_sha256"]

@@ -1,7 +1,8 @@
 """docs/FORMAT.md is enough to read an image: an independent reader written only from it.
 
-The reader below (`SpecReader`, `read_chain`) uses struct, hashlib, blake3, json, zstandard and a
-pure Python CRC-32C built from the parameters in the document; it does not import diskimg.  It
+The reader below (`SpecReader`, `read_chain`) uses struct, hashlib, hmac, blake3, json, zstandard,
+the `cryptography` package's AES-GCM and HKDF (encrypted images, section 17) and a pure Python
+CRC-32C built from the parameters in the document; it does not import diskimg.  It
 checks every CRC, every block digest (SHA-256 in version 1, the header's `digest` in version 2)
 and the index digest, and must reproduce the source bytes of images made by diskimg (full,
 incremental, a chain of incrementals, differential; with either digest), and reject truncated
@@ -9,8 +10,11 @@ and damaged files.  diskimg itself is only used to *make* the images.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
+import uuid as uuidlib
 import os
 import random
 import struct
@@ -64,10 +68,9 @@ TRAILER = struct.Struct("<8sQIHHII")
 HEADER_REQUIRED = ("uuid", "kind", "size", "block_size", "created", "tool_version")
 # section 4.4: the transforms this reader knows, the table of an image without one, and the ids
 # every table must leave as they are
-KNOWN_TRANSFORMS = {"zstd"}
-IMPLICIT_TRANSFORMS = {0: [], 1: ["zstd"]}
+KNOWN_TRANSFORMS = {"zstd", "aes-256-gcm"}
 # section 13: the features this reader knows
-KNOWN_FEATURES = {"parity"}
+KNOWN_FEATURES = {"parity", "encrypted"}
 # section 3.2: the block digests, by the header's `digest` name
 DIGESTS = {"sha256": lambda b: hashlib.sha256(b).digest(),
            "blake3": lambda b: blake3.blake3(b).digest()}
@@ -81,7 +84,7 @@ def block_digest(h: dict, version: int) -> str:
         return "sha256"
     name = h.get("digest")
     if not isinstance(name, str):
-        raise SpecError("header digest missing in a version-2 image")
+        raise SpecError(f"header digest missing in a version-{version} image")
     if name not in DIGESTS:
         raise SpecError(f"made by a newer program: digest {name!r} unknown")
     if name == "sha256" and version == 2:
@@ -115,6 +118,74 @@ def transform_table(h: dict) -> dict[int, list[str]]:
             raise SpecError(f"header transforms: chain id {cid} redefined")
         table[cid] = names
     return table
+
+
+# section 17: encrypted images
+def hkdf(ikm: bytes, info: bytes, salt: bytes = b"", length: int = 32) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt or None,
+                info=info).derive(ikm)
+
+
+def aes_open(key: bytes, blob: bytes, aad: bytes, what: str) -> bytes:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    if len(blob) < 28:
+        raise SpecError(f"{what}: sealed data too short")
+    try:
+        return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
+    except InvalidTag:
+        raise SpecError(f"{what}: fails authentication") from None
+
+
+def canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+class Keys:
+    """The keys of an encrypted image (16.1), its master key opened from a key-file slot
+    (16.5) with `key_file` (the key file's bytes)."""
+
+    def __init__(self, h: dict, key_file: bytes | None) -> None:
+        enc = h.get("encryption")
+        if not isinstance(enc, dict) or enc.get("cipher") != "aes-256-gcm":
+            raise SpecError("encrypted image without a valid encryption object")
+        if key_file is None:
+            raise SpecError("encrypted image: no key")
+        master = None
+        for slot in enc.get("slots", []):
+            if slot.get("type") != "keyfile" or slot["kdf"].get("name") != "hkdf-sha256":
+                continue
+            kek = hkdf(key_file, b"diskimg keyfile slot v1", bytes.fromhex(slot["kdf"]["salt"]))
+            aad = b"diskimg-slot-v1" + canonical({k: slot[k] for k in ("id", "type", "kdf")})
+            try:
+                mk = aes_open(kek, base64.b64decode(slot["wrapped"]), aad, "slot")
+            except SpecError:
+                continue
+            if hkdf(mk, b"diskimg key id v1", length=16).hex() == enc["key_id"]:
+                master = mk
+                break
+        if master is None:
+            raise SpecError("wrong key: no key slot opens")
+        self.uuid16 = uuidlib.UUID(h["uuid"]).bytes
+        self.id_key = hkdf(master, b"diskimg block-id key v1")
+        self.data = hkdf(master, b"diskimg data key v1", self.uuid16)
+        self.meta = hkdf(master, b"diskimg metadata key v1", self.uuid16)
+        mac_key = hkdf(master, b"diskimg header mac v1", self.uuid16)
+        covered = dict(h)
+        covered["encryption"] = {k: v for k, v in enc.items() if k not in ("slots", "mac")}
+        mac = hmac.new(mac_key, b"diskimg-header-v1" + canonical(covered), "sha256").hexdigest()
+        if not hmac.compare_digest(mac, enc.get("mac", "")):
+            raise SpecError("header fails authentication")
+        sealed = json.loads(aes_open(self.meta, base64.b64decode(enc["sealed"]),
+                                     b"diskimg-header-v1" + self.uuid16, "header"))
+        self.source = sealed["source"]
+
+    def digest(self, name: str):
+        if name == "sha256":
+            return lambda b: hmac.digest(self.id_key, b, "sha256")
+        return lambda b: blake3.blake3(b, key=self.id_key).digest()
 
 
 def _unzstd(payload: bytes, expected: int, what: str) -> bytes:
@@ -286,7 +357,9 @@ class SpecReader:
     section 16 for an image with parity, whose logical stream is read)."""
 
     def __init__(self, path: str | Path, heal: bool = False) -> None:
+    def __init__(self, path: str | Path, key_file: bytes | None = None) -> None:
         self.path = Path(path)
+        self.key_file = key_file
         self.buf = self.path.read_bytes()
         self.heal = heal
         if heal:   # section 16.6: the geometry from the tail, whatever the header at 0 holds
@@ -344,6 +417,21 @@ class SpecReader:
         self.transforms = transform_table(h)
         self.digest = block_digest(h, version)
         self.hash = DIGESTS[self.digest]
+        features = h.get("features")
+        if (version == 3) != (features is not None):
+            raise SpecError("features present exactly in version 3")
+        if features is not None:
+            if not isinstance(features, list) or not features:
+                raise SpecError("features is not a non-empty list")
+            unknown = [f for f in features if f not in KNOWN_FEATURES]
+            if unknown:
+                raise SpecError(f"made by a newer program: feature {unknown[0]!r} unknown")
+        self.keys = None
+        if "encrypted" in (features or ()):
+            self.keys = Keys(h, self.key_file)
+            self.hash = self.keys.digest(self.digest)
+        elif self.key_file is not None:
+            raise SpecError("a key was given for an image that is not encrypted")
 
     # sections 7, 8, 9 (opening)
     def _read_trailer_and_footer(self) -> None:
@@ -376,6 +464,12 @@ class SpecReader:
             raise SpecError(f"footer JSON invalid: {err}") from err
         if self.eps < 1 or len(self.segments) != -(-self.blocks // self.eps):
             raise SpecError("segment table does not fit the number of blocks")
+        if self.keys is not None:           # 16.6: the sealed rest of the footer
+            clear = {k: v for k, v in self.footer.items() if k != "sealed"}
+            rest = json.loads(aes_open(self.keys.meta, base64.b64decode(self.footer["sealed"]),
+                                       b"diskimg-footer-v1" + self.keys.uuid16 +
+                                       canonical(clear), "footer"))
+            self.footer = {**rest, **clear}
 
     # section 9: entries
     def segment(self, s: int) -> bytes:
@@ -393,6 +487,9 @@ class SpecReader:
         payload = seg[28:]
         if crc32c(payload) != p_crc:
             raise SpecError(f"segment {s} payload CRC mismatch")
+        if self.keys is not None:
+            payload = aes_open(self.keys.meta, payload, b"diskimg-index-v1" + self.keys.uuid16
+                               + struct.pack("<QI", first, count), f"segment {s}")
         return _unzstd(payload, count * 48, f"segment {s}")
 
     def entries(self) -> list[tuple]:
@@ -430,6 +527,12 @@ class SpecReader:
             limit = length if i == 0 else length + length // 128 + 1024
             if chain[i] == "zstd":
                 data = _unzstd(data, limit, f"block {n}")
+            elif chain[i] == "aes-256-gcm":          # 16.4
+                if self.keys is None:
+                    raise SpecError(f"block {n}: encrypted record in a plain image")
+                aad = b"diskimg-record-v1" + self.keys.uuid16 + struct.pack(
+                    "<QIIB", n, length, stored, codec)
+                data = aes_open(self.keys.data, data, aad, f"block {n}")
         if len(data) != length:
             raise SpecError(f"block {n}: {len(data)} bytes, {length} expected")
         if self.hash(data) != e_sha or r_sha != e_sha:
@@ -437,10 +540,10 @@ class SpecReader:
         return data
 
 
-def open_chain(path: str | Path) -> list[SpecReader]:
+def open_chain(path: str | Path, key_file: bytes | None = None) -> list[SpecReader]:
     """The images from the root full image to `path` (FORMAT.md section 10; parents looked for
     in the child's directory by name, then by UUID)."""
-    images = [SpecReader(path)]
+    images = [SpecReader(path, key_file)]
     while images[0].header.get("parent"):
         child = images[0]
         ref = child.header["parent"]
@@ -451,7 +554,7 @@ def open_chain(path: str | Path) -> list[SpecReader]:
             if not cand.is_file() or cand.resolve() == child.path.resolve():
                 continue
             try:
-                img = SpecReader(cand)
+                img = SpecReader(cand, key_file)
             except SpecError:
                 continue
             if img.uuid == ref["uuid"]:
@@ -472,9 +575,9 @@ def open_chain(path: str | Path) -> list[SpecReader]:
     return images
 
 
-def read_chain(path: str | Path) -> bytes:
+def read_chain(path: str | Path, key_file: bytes | None = None) -> bytes:
     """The source contents the image at `path` stands for, every block checked."""
-    chain = open_chain(path)
+    chain = open_chain(path, key_file)
     leaf = chain[-1]
     out = bytearray()
     for n, entry in enumerate(leaf.entries()):
@@ -616,7 +719,7 @@ def test_transform_table(tmp_path):
     assert transform_table({}) == {0: [], 1: ["zstd"]}
     for table, words in [({"1": []}, "redefined"), ({"01": []}, "bad chain id"),
                          ({"2": ["zstd", "zstd"]}, "distinct"),
-                         ({"2": ["zstd", "aes-256-gcm"]}, "transform 'aes-256-gcm' unknown")]:
+                         ({"2": ["zstd", "xchacha20-poly1305"]}, "transform 'xchacha20-poly1305' unknown")]:
         with pytest.raises(SpecError, match=words):
             transform_table({"transforms": table})
 
@@ -673,7 +776,7 @@ def test_image_naming_an_unknown_transform_is_refused_whole(small_image, tmp_pat
     assert read_chain(older) == data
     newer = tmp_path / "newer.img"
     newer.write_bytes(_rewrite_header_json(
-        buf, lambda h: h["transforms"].update({"2": ["zstd", "aes-256-gcm"]})))
+        buf, lambda h: h["transforms"].update({"2": ["zstd", "xchacha20-poly1305"]})))
     with pytest.raises(SpecError, match="made by a newer program"):
         read_chain(newer)
     # and diskimg itself says so in one line, exit 2
@@ -682,7 +785,7 @@ def test_image_naming_an_unknown_transform_is_refused_whole(small_image, tmp_pat
         res = cli("verify", img, "--no-progress")
         assert res.rc == rc, (img, res.err)
     assert cli("verify", newer, "--no-progress").err_lines == [
-        f"diskimg: error: {newer}: made by a newer diskimg: transform 'aes-256-gcm' unknown"]
+        f"diskimg: error: {newer}: made by a newer diskimg: transform 'xchacha20-poly1305' unknown"]
 
 
 def test_parity_image_read_from_the_spec_alone(tmp_path):
@@ -728,8 +831,10 @@ def _read_healed(path: Path) -> bytes:
 def test_compat_fixtures_read_by_the_spec_reader():
     for expected_file in sorted((REPO / "fixtures" / "compat").glob("v*/expected.json")):
         expected = json.loads(expected_file.read_text())
+        key = (expected_file.parent / expected["key_file"]).read_bytes() \
+            if "key_file" in expected else None
         for image in expected["images"]:
-            data = read_chain(expected_file.parent / image["file"])
+            data = read_chain(expected_file.parent / image["file"], key)
             assert hashlib.sha256(data).hexdigest() == image["raw_sha256"], image["file"]
 
 
@@ -772,10 +877,16 @@ def test_version_is_refused(small_image, tmp_path):
     path, _ = small_image
     buf = bytearray(path.read_bytes())
     jlen = struct.unpack_from("<I", buf, 12)[0]
-    struct.pack_into("<H", buf, 8, 3)
+    struct.pack_into("<H", buf, 8, 4)
     struct.pack_into("<I", buf, 16 + jlen, crc32c(bytes(buf[:16 + jlen])))  # CRC made right
+    (tmp_path / "v4.img").write_bytes(buf)
+    with pytest.raises(SpecError, match="unsupported format version 4"):
+        read_chain(tmp_path / "v4.img")
+    struct.pack_into("<H", buf, 8, 3)          # version 3 without a features list
+    struct.pack_into("<I", buf, 16 + jlen, crc32c(bytes(buf[:16 + jlen])))
     (tmp_path / "v3.img").write_bytes(buf)
     with pytest.raises(SpecError, match="unsupported format version 3 without a features"):
+    with pytest.raises(SpecError, match="features present exactly in version 3"):
         read_chain(tmp_path / "v3.img")
 
 
@@ -795,3 +906,28 @@ def test_every_flipped_byte_is_detected(small_image, tmp_path):
             continue
         survived.append(pos)
     assert not survived, f"flips at {survived} went unnoticed"
+
+
+def test_encrypted_chain_read_with_the_key_file(tmp_path):
+    """Section 16: an encrypted full image and an incremental, read with the key file by the
+    reader above; refused without the key, with another key, and as plain."""
+    data = bytearray(base_contents())
+    src = tmp_path / "src"
+    src.write_bytes(bytes(data))
+    kf = tmp_path / "kf"
+    kf.write_bytes(os.urandom(32))
+    make_image(src, tmp_path / "full.img", "--encrypt", "--key-file", str(kf))
+    data[3 * BS + 7:3 * BS + 20] = b"changed bytes"
+    src.write_bytes(bytes(data))
+    make_image(src, tmp_path / "inc.img", "--incremental", str(tmp_path / "full.img"),
+               "--key-file", str(kf))
+    key = kf.read_bytes()
+    assert read_chain(tmp_path / "full.img", key) == base_contents()
+    assert read_chain(tmp_path / "inc.img", key) == bytes(data)
+    img = SpecReader(tmp_path / "inc.img", key)
+    assert img.keys.source["path"] == str(src) and img.header["source"] == {}
+    assert {n for names in img.transforms.values() for n in names} == {"zstd", "aes-256-gcm"}
+    with pytest.raises(SpecError, match="no key"):
+        SpecReader(tmp_path / "inc.img")
+    with pytest.raises(SpecError, match="no key slot opens"):
+        SpecReader(tmp_path / "inc.img", os.urandom(32))

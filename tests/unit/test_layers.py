@@ -21,7 +21,7 @@ PKG = REPO / "diskimg"
 
 # Each unit (a subpackage, or a top-level module) and the units it may import besides itself.
 BASE = {"diskimg", "errors", "units", "defaults", "ranges"}
-LOW = BASE | {"format", "transforms", "store", "disk"}
+LOW = BASE | {"format", "transforms", "store", "disk", "crypto"}
 ALLOWED: dict[str, set[str]] = {
     "diskimg": BASE,          # the package itself: its public API is re-exported lazily
     "errors": set(),
@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "store": BASE,
     "disk": BASE,
     "format": BASE | {"transforms"},
+    "crypto": BASE | {"format", "transforms"},
     "image": LOW,
     "devices": BASE | {"disk"},
     "health": BASE,

@@ -199,8 +199,8 @@ def test_header_table_is_validated(table, words):
 
 def test_unknown_transform_name_in_the_header():
     with pytest.raises(UnknownTransform) as exc:
-        fmt.Header.from_json(_header_json(transforms={"0": [], "2": ["zstd", "aes-256-gcm"]}))
-    assert str(exc.value) == "made by a newer diskimg: transform 'aes-256-gcm' unknown"
+        fmt.Header.from_json(_header_json(transforms={"0": [], "2": ["zstd", "xchacha20-poly1305"]}))
+    assert str(exc.value) == "made by a newer diskimg: transform 'xchacha20-poly1305' unknown"
 
 
 def test_header_default_level_is_the_one_default():
@@ -275,7 +275,7 @@ def test_an_id_the_table_does_not_name_is_a_damaged_entry(tmp_path):
 
 def test_image_made_by_a_newer_diskimg_is_refused_in_one_line(tmp_path):
     img = tmp_path / "new.img"
-    _write_image(img, [_text(BS)], transforms={0: (), 1: ("zstd",), 2: ("aes-256-gcm",)})
+    _write_image(img, [_text(BS)], transforms={0: (), 1: ("zstd",), 2: ("xchacha20-poly1305",)})
     with pytest.raises(NotAnImage):
         ImageReader(str(img))
     for argv in (["info", img], ["verify", img, "--no-progress"],
@@ -283,7 +283,7 @@ def test_image_made_by_a_newer_diskimg_is_refused_in_one_line(tmp_path):
         res = cli(*argv)
         assert res.rc == 2, (argv, res.err)
         assert res.err_lines == [f"diskimg: error: {img}: made by a newer diskimg: transform "
-                                 f"'aes-256-gcm' unknown"], argv
+                                 f"'xchacha20-poly1305' unknown"], argv
     assert not (tmp_path / "out.raw").exists()
 
 
