@@ -2,7 +2,9 @@
 a paper key (`diskimg key`, docs/FORMAT.md section 17.5).
 
 Only the header's `encryption.slots` change, rewritten in place in the room the header JSON
-keeps for them (format.HEADER_SLOT_ROOM): no record moves, no block is read or written again,
+keeps for them (format.HEADER_SLOT_ROOM): no record moves, no block is decrypted or written
+again (an image with parity is copied as it is stored with the new header and its parity made
+again, since the parity covers the header),
 and the header's HMAC stays valid (it does not cover the slots).  Every change needs the key:
 an image is first unlocked with what the command was given (diskimg.crypto.keyring) and its
 header authenticated, so that a slot is only ever added for the key the image really has.
@@ -65,9 +67,57 @@ class _Image:
         body += b" " * (self.jlen - len(body))
         fixed = self.head[:_FIXED.size]
         new = fixed + body + struct.pack("<I", fmt.crc32c(fixed + body))
-        self.store.rewrite_head(self.name, new, self.head)
+        if self.header.parity is not None:
+            self._rewrite_with_parity(new)
+        else:
+            self.store.rewrite_head(self.name, new, self.head)
         with self.store.open(self.name) as reader:       # read back: what is there now
             self.header = fmt.read_header(reader, self.path)[0]
+
+
+    def _rewrite_with_parity(self, new: bytes) -> None:
+        """An image with parity: its header is covered by the parity and copied in its tails,
+        so an in-place rewrite would be undone as damage by the next read.  The image is
+        written again with the new header (as `diskimg repair` writes one: the stored bytes
+        as they are, no key needed for them), checked slice by slice, and renamed over."""
+        from diskimg.errors import DiskimgError, OperationFailed
+        from diskimg.image.imagefile import ImageReader
+        from diskimg.image.parity import ParitySink
+        tmp = self.name + ".rekey"
+        with ImageReader(self.name, store=self.store, unlock=False) as img:
+            if img.healing is None or len(new) != img.data_start:
+                raise OperationFailed(f"{self.path}: cannot rewrite its key slots (its "
+                                      f"parity layout was not found)")
+            sink = ParitySink(self.store.create(tmp), img.healing.geom, new)
+            try:
+                sink.write([new])
+                pos, size = len(new), img.file_size
+                while pos < size:
+                    n = min(8 << 20, size - pos)
+                    data = img.reader.pread(n, pos)
+                    if len(data) != n:
+                        raise OperationFailed(f"{self.path}: short read at byte {pos}")
+                    sink.write([data])
+                    pos += n
+                sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
+            index_sha256 = img.index_sha256
+        try:
+            with ImageReader(tmp, store=self.store, unlock=False) as check:
+                repairs = check.scrub()
+                if repairs is None or repairs.repaired or repairs.lost or \
+                        check.index_sha256 != index_sha256:
+                    raise OperationFailed(f"{self.store.path(tmp)}: the rewritten image does "
+                                          f"not check; {self.path} left as it was")
+            self.store.rename(tmp, self.name)
+        except BaseException:
+            try:
+                self.store.delete(tmp)
+            except DiskimgError:
+                pass
+            raise
 
 
 def _result(action: str, images: list[_Image], changed=(), paper=()) -> KeyResult:

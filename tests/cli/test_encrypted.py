@@ -20,6 +20,11 @@ from helpers import cli, compressible, flip_byte, read_at, write_at
 from imagecraft import footer_json, header_json, write_header_json
 
 K64 = 64 * 1024
+# these tests tamper with bytes at places of the layout of images without parity; encrypted
+# images with parity (the default) are made by tests/root/test_encrypted_root.py and
+# test_encrypted_with_parity below
+pytestmark = pytest.mark.usefixtures("no_default_parity")
+
 MARKER = b"TOP-SECRET-MARKER-7f3a"
 
 
@@ -446,3 +451,35 @@ def test_salvage_of_a_truncated_encrypted_image(keyed, tmp_path):
     data, want = out.read_bytes(), src.read_bytes()
     assert data[:6 * K64] == want[:6 * K64] and data[6 * K64:] == bytes(len(want) - 6 * K64)
     assert cli("restore", img, out, "--yes", "--salvage", "--no-progress").rc == 2
+
+
+def test_encrypted_with_parity_key_change(tmp_path):
+    """An encrypted image with parity (both defaults together): a changed passphrase is not
+    undone by the parity (which covers the header), the image verifies with no repair, the old
+    passphrase no longer opens it, and it restores byte-identical."""
+    from diskimg import defaults
+    src = tmp_path / "src.bin"
+    src.write_bytes(compressible(random.Random(5), 3 * 1024 * 1024) + MARKER * 1000)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text("old passphrase\n")
+    new.write_text("new passphrase\n")
+    img = tmp_path / "p.dimg"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(defaults, "DEFAULT_PARITY", 6.25)
+        res = cli("image", src, img, "--encrypt", "--passphrase-file", old, "--block-size",
+                  "64K", "--json")
+        assert res.rc == 0, res.err
+    assert MARKER not in img.read_bytes()
+    info = cli("info", img, "--passphrase-file", old, "--json").json
+    assert info["parity"] and info["encryption"]
+    res = cli("key", "change-passphrase", img, "--passphrase-file", old,
+              "--new-passphrase-file", new)
+    assert res.rc == 0, res.err
+    res = cli("verify", img, "--passphrase-file", new, "--no-progress")
+    assert res.rc == 0 and "REPAIRABLE" not in res.out, res.out
+    assert cli("verify", img, "--passphrase-file", old).rc == 2
+    out = tmp_path / "out.bin"
+    res = cli("restore", img, out, "--passphrase-file", new, "--yes", "--no-progress")
+    assert res.rc == 0, res.err
+    assert out.read_bytes() == src.read_bytes()
+    assert not list(tmp_path.glob("*.rekey"))

@@ -71,6 +71,7 @@ HEADER_REQUIRED = ("uuid", "kind", "size", "block_size", "created", "tool_versio
 KNOWN_TRANSFORMS = {"zstd", "aes-256-gcm"}
 # section 13: the features this reader knows
 KNOWN_FEATURES = {"parity", "encrypted"}
+IMPLICIT_TRANSFORMS = {0: [], 1: ["zstd"]}
 # section 3.2: the block digests, by the header's `digest` name
 DIGESTS = {"sha256": lambda b: hashlib.sha256(b).digest(),
            "blake3": lambda b: blake3.blake3(b).digest()}
@@ -356,8 +357,8 @@ class SpecReader:
     """One complete image, opened and checked as FORMAT.md sections 4, 7, 8 and 9 say (and
     section 16 for an image with parity, whose logical stream is read)."""
 
-    def __init__(self, path: str | Path, heal: bool = False) -> None:
-    def __init__(self, path: str | Path, key_file: bytes | None = None) -> None:
+    def __init__(self, path: str | Path, key_file: bytes | None = None,
+                 heal: bool = False) -> None:
         self.path = Path(path)
         self.key_file = key_file
         self.buf = self.path.read_bytes()
@@ -886,7 +887,6 @@ def test_version_is_refused(small_image, tmp_path):
     struct.pack_into("<I", buf, 16 + jlen, crc32c(bytes(buf[:16 + jlen])))
     (tmp_path / "v3.img").write_bytes(buf)
     with pytest.raises(SpecError, match="unsupported format version 3 without a features"):
-    with pytest.raises(SpecError, match="features present exactly in version 3"):
         read_chain(tmp_path / "v3.img")
 
 
@@ -909,7 +909,7 @@ def test_every_flipped_byte_is_detected(small_image, tmp_path):
 
 
 def test_encrypted_chain_read_with_the_key_file(tmp_path):
-    """Section 16: an encrypted full image and an incremental, read with the key file by the
+    """Section 17: an encrypted full image and an incremental, read with the key file by the
     reader above; refused without the key, with another key, and as plain."""
     data = bytearray(base_contents())
     src = tmp_path / "src"
