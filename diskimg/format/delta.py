@@ -152,3 +152,23 @@ def page_ranges(pages: list[int]) -> str:
             out.append(str(start) if start == prev else f"{start}-{prev}")
         start = prev = p
     return ", ".join(out)
+
+
+def describe_pages(pages: list[int], length: int, start: int) -> str:
+    """Words naming the damaged `pages` of a block of `length` bytes at device byte `start`:
+    "page 5 of 256 (bytes 2117632-2121727) differs from ...", at most 8 ranges listed."""
+    runs: list[tuple[int, int]] = []
+    for p in pages:
+        if runs and runs[-1][1] == p - 1:
+            runs[-1] = (runs[-1][0], p)
+        else:
+            runs.append((p, p))
+    shown = []
+    for a, b in runs[:8]:
+        lo, hi = start + a * PAGE_SIZE, start + min((b + 1) * PAGE_SIZE, length) - 1
+        shown.append(f"{a} (bytes {lo}-{hi})" if a == b else f"{a}-{b} (bytes {lo}-{hi})")
+    more = f" and {len(runs) - 8} more ranges" if len(runs) > 8 else ""
+    one = len(pages) == 1
+    return (f"page{'' if one else 's'} {', '.join(shown)}{more} of {pages_in(length)} "
+            f"differ{'s' if one else ''} from the page hash{'' if one else 'es'} recorded "
+            f"with the block")

@@ -246,10 +246,8 @@ class ImageReader:
         if vector is not None and len(vector) == delta.pages_in(len(content)) * 8:
             bad = delta.differing_pages(content, vector)
             if bad:
-                detail += (f"; page{'s' if len(bad) > 1 else ''} {delta.page_ranges(bad)} of "
-                           f"{delta.pages_in(len(content))} (4 KiB each, from byte "
-                           f"{block * self.header.block_size}) differ from the page hashes "
-                           f"recorded with the block")
+                detail += "; " + delta.describe_pages(bad, len(content),
+                                                      block * self.header.block_size)
         return ChecksumMismatch(self.path, block, expected, actual, self.uuid,
                                 block * self.header.block_size, detail=detail, pages=tuple(bad))
 
@@ -534,6 +532,11 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
         seen: set[int] = set()
         bad: list[tuple[int, str]] = []
         for offset, rec in scan_records(image, start, size):
+            if rec.flags & (fmt.FLAG_PAGE_HASHES | fmt.FLAG_DELTA) and rec.block < header.blocks:
+                # a block's page hashes, or a delta (which needs the parent: not a survivor of
+                # this image alone); the records go on after it
+                end = offset + fmt.RECORD_HEADER_SIZE + rec.stored_len
+                continue
             if rec.block >= header.blocks or rec.raw_len != header.block_length(rec.block):
                 break   # not a record of this image: what follows is not records either
             if check_data and read_record_data(image, offset, rec, header) is None:
@@ -579,6 +582,7 @@ def _header_fields(h: fmt.Header) -> dict:
         "tool_version": h.tool_version,
         "compression": h.compression,
         "digest": h.digest,
+        "features": list(h.features),
     }
 
 
@@ -594,6 +598,12 @@ def describe(reader: ImageReader) -> dict:
         **_header_fields(h),
         **counts,
         "stored_bytes": stats.get("stored_bytes", 0),
+        # format feature "delta": stored = whole + delta; saved = the delta blocks' bytes not
+        # stored (their length minus their delta records' stored bytes)
+        "whole_blocks": stats.get("stored_blocks", 0) - stats.get("delta_blocks", 0),
+        "delta_blocks": stats.get("delta_blocks", 0),
+        "delta_saved_bytes": stats.get("delta_block_bytes", 0) - stats.get("delta_bytes", 0),
+        "page_hash_bytes": stats.get("page_hash_bytes", 0),
         "image_bytes": reader.file_size,
         "completed": f.get("completed"),
         "compression_level": (h.compression or {}).get("level"),
