@@ -60,6 +60,10 @@ def _add_image(sub) -> None:
     p.add_argument("--all-blocks", action="store_true",
                    help="read and store every block, free space included (an exact copy for "
                         "forensics); default: skip the free space of ext2/3/4 and FAT")
+    p.add_argument("--no-delta", dest="delta", action="store_false",
+                   help="with --incremental/--differential: store every changed block whole, "
+                        "never as its changed 4 KiB pages (the image then needs no format "
+                        "feature: a diskimg older than delta records reads it)")
     chain_options(p)
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing IMAGE (never one that other images depend on, "
@@ -73,7 +77,8 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
     opts = imaging.ImageOptions(
         block_size=args.block_size, level=args.level, threads=threads(args), force=args.force,
         incremental=args.incremental, differential=args.differential,
-        search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest)
+        search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest,
+        delta=args.delta)
     if opts.block_size is not None:
         imaging.check_block_size(opts.block_size)
     if args.rescue and args.all_blocks:
