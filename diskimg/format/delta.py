@@ -39,10 +39,14 @@ PAGE_HASH_ALGORITHM = "xxh3_64"
 # what the header's extra.page_hashes says of an image whose stored blocks carry page hashes
 PAGE_HASH_INFO = {"algorithm": PAGE_HASH_ALGORITHM, "page_size": PAGE_SIZE}
 
-# A block is stored as a delta when at most this fraction of its pages changed.  Measured
-# (scripts/bench --delta-threshold, README "Delta records"): past half the pages the delta saves
-# less than half the block, and each delta read costs a read of its parent's block too.
-DELTA_MAX_FRACTION = 0.5
+# A block is stored as a delta when at most this fraction of its pages changed (64 of a 1 MiB
+# block's 256).  Measured (scripts/bench_delta_threshold.py; README "Delta records"): with k
+# random pages changed, the delta stores k/256 of the block's bytes (zstd, text or random), and
+# reading it back (the parent's block decoded, the delta decoded and applied, one hash) takes
+# 1.03-1.16x the time of reading the whole block up to 32 pages, 1.3x at 64, 1.5x at 96, 1.74x
+# at 128.  Past a quarter of the pages the delta is no longer much smaller (0.36 of the whole
+# block's bytes at 64, 0.5 at 96) and every restore of it pays a third more or worse.
+DELTA_MAX_FRACTION = 0.25
 
 _LITTLE = sys.byteorder == "little"
 _xxh3 = None
