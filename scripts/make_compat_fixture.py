@@ -17,7 +17,12 @@ deterministic and compressible, so the images are a few KiB):
   algorithm (from version 2), the SHA-256 and size
   of the raw contents a restore must give, and the SHA-256 of the image file itself.
 
-Usage: .venv/bin/python scripts/make_compat_fixture.py
+With ``--feature NAME`` it writes fixtures/compat/vN-NAME/ instead: images using that format
+feature (section 13 of docs/FORMAT.md).  ``--feature delta``: ``incremental.img`` holds delta
+records (blocks 2 and 5: a few changed bytes), and ``incremental2.img`` on top of it a delta on
+a delta on the full image (block 2 again) and a delta on a full block (block 0).
+
+Usage: .venv/bin/python scripts/make_compat_fixture.py [--feature delta]
 """
 from __future__ import annotations
 
@@ -83,31 +88,58 @@ def changed() -> bytes:
     return bytes(data)                                      # blocks 0 and 3 unchanged
 
 
+def changed2() -> bytes:
+    data = bytearray(changed())
+    data[2 * BS + 9000:2 * BS + 9050] = b"\x5a" * 50          # block 2 again: delta on delta
+    data[0 * BS + 30000:0 * BS + 30010] = b"ABCDEFGHIJ"      # block 0: a delta on the full
+    return bytes(data)
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main() -> int:
-    out = ROOT / "fixtures" / "compat" / f"v{fmt.FORMAT_VERSION}"
+    feature = None
+    if sys.argv[1:2] == ["--feature"] and len(sys.argv) == 3:
+        feature = sys.argv[2]
+        if feature not in fmt.KNOWN_FEATURES:
+            print(f"unknown feature {feature!r}", file=sys.stderr)
+            return 2
+    elif sys.argv[1:]:
+        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+        return 2
+    name = f"v{fmt.FORMAT_VERSION}" + (f"-{feature}" if feature else "")
+    out = ROOT / "fixtures" / "compat" / name
     if out.exists():
         print(f"{out} exists: fixtures of a released format version are never regenerated",
               file=sys.stderr)
         return 1
     contents = {"full.img": base(), "incremental.img": changed()}
+    parents = {"incremental.img": "full.img"}
+    if feature == "delta":
+        contents["incremental2.img"] = changed2()
+        parents["incremental2.img"] = "incremental.img"
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="diskimg-compat-") as tmp:
         for name, data in contents.items():
             src = Path(tmp) / name.replace(".img", ".raw")
             src.write_bytes(data)
-            parent = str(out / "full.img") if name == "incremental.img" else None
+            parent = str(out / parents[name]) if name in parents else None
             create_image(str(src), str(out / name),
-                         ImageOptions(block_size=BS, threads=1, incremental=parent))
+                         ImageOptions(block_size=BS, threads=1, incremental=parent,
+                                      delta=feature == "delta"))
     images = []
     for name, data in contents.items():
         with ImageReader(str(out / name)) as r:
             info = describe(r)
-        # the directory is named by the version the images really are (written by default)
-        assert info["format_version"] == fmt.FORMAT_VERSION, info["format_version"]
+        # the directory is named by the version the images really are (written by default),
+        # and the feature the images of a -feature directory use
+        if feature is None or info["kind"] == "full":
+            assert info["features"] == [], info["features"]
+        else:
+            assert info["format_version"] == fmt.FORMAT_VERSION, info["format_version"]
+            assert info["features"] == [feature] and info["delta_blocks"], info
         images.append({
             "file": name,
             "uuid": info["uuid"],
@@ -119,12 +151,15 @@ def main() -> int:
             "block_size": info["block_size"],
             "index_sha256": info["index_sha256"],
             "digest": info["digest"],
+            "format_version": info["format_version"],
+            "features": info["features"],
             "raw_size": len(data),
             "raw_sha256": hashlib.sha256(data).hexdigest(),
             "image_sha256": sha256_file(out / name),
         })
     expected = {
         "format_version": fmt.FORMAT_VERSION,
+        **({"feature": feature} if feature else {}),
         "made_by": f"diskimg {__version__}, scripts/make_compat_fixture.py",
         "images": images,
     }

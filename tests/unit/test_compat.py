@@ -1,7 +1,7 @@
 """Images written by every released format version stay readable.
 
 fixtures/compat/vN/ holds images made once by scripts/make_compat_fixture.py when format version N
-was released, with expected.json recording what they are and what they restore to.  For every
+was released (vN-FEATURE/: images using a format feature of version N, e.g. v3-delta), with expected.json recording what they are and what they restore to.  For every
 version directory and every image in it: the image file is the one recorded, `diskimg verify`
 passes, `diskimg info --json` reports the recorded UUID, kind, parent and chain, and restoring
 it gives contents with the recorded SHA-256.
@@ -42,7 +42,8 @@ def test_there_are_fixtures():
 def test_every_version_directory_is_complete():
     for vdir in sorted(COMPAT.glob("v*")):
         expected = json.loads((vdir / "expected.json").read_text())
-        assert vdir.name == f"v{expected['format_version']}"
+        feature = expected.get("feature")
+        assert vdir.name == f"v{expected['format_version']}" + (f"-{feature}" if feature else "")
         kinds = {i["kind"] for i in expected["images"]}
         assert {"full", "incremental"} <= kinds, vdir
 
@@ -89,7 +90,10 @@ def test_info(vdir, image, copy, capsys):
         assert info[key] == image[key], key
     # fixtures before version 2 recorded no digest: their blocks are SHA-256
     assert info["digest"] == image.get("digest", "sha256")
-    assert f"v{info['format_version']}" == vdir.name
+    # vN/: every image is version N; vN-FEATURE/ (images of a format feature): each image
+    # records its own version and features (a full image beside delta incrementals needs none)
+    assert info["format_version"] == image.get("format_version", int(vdir.name[1:].split("-")[0]))
+    assert info.get("features", []) == image.get("features", [])
 
 
 @pytest.mark.parametrize("vdir, image", CASES)
