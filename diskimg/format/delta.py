@@ -102,27 +102,37 @@ def pack_delta(data: bytes | bytearray | memoryview, pages: list[int]) -> bytes:
 
 def delta_pages(payload: bytes | memoryview, length: int) -> list[int]:
     """The pages a delta payload for a block of `length` bytes carries, checked against the
-    payload's length; raises DecodeError."""
+    payload's length; raises DecodeError.  (Walks the set bits only: a delta of 10 pages costs
+    10 steps, not 256.)"""
     nbits = pages_in(length)
     nmap = bitmap_size(length)
     if len(payload) < nmap:
         raise DecodeError(f"delta payload is {len(payload)} bytes, shorter than its bitmap")
-    bitmap = bytes(payload[:nmap])
-    pages = [i for i in range(nbits) if bitmap[i >> 3] >> (i & 7) & 1]
-    if nbits % 8 and bitmap[-1] >> (nbits % 8):
+    bits = int.from_bytes(payload[:nmap], "little")
+    if bits >> nbits:
         raise DecodeError("delta bitmap names pages past the end of the block")
-    want = nmap + sum(min(PAGE_SIZE, length - p * PAGE_SIZE) for p in pages)
+    pages = []
+    while bits:
+        low = bits & -bits
+        pages.append(low.bit_length() - 1)
+        bits ^= low
+    want = nmap + len(pages) * PAGE_SIZE
+    if pages and pages[-1] == nbits - 1:
+        want -= nbits * PAGE_SIZE - length        # the short last page
     if len(payload) != want or not pages:
         raise DecodeError(f"delta payload is {len(payload)} bytes, its bitmap ({len(pages)} "
                           f"pages) says {want}")
     return pages
 
 
-def apply_delta(out: memoryview, payload: bytes | memoryview) -> int:
+def apply_delta(out: memoryview, payload: bytes | memoryview,
+                pages: list[int] | None = None) -> int:
     """Write the pages of a delta payload over `out` (the parent's content of the block, exactly
-    the block's length); returns the number of pages.  Raises DecodeError."""
+    the block's length); returns the number of pages.  `pages` are the payload's pages when the
+    caller has them already (delta_pages).  Raises DecodeError."""
     length = len(out)
-    pages = delta_pages(payload, length)
+    if pages is None:
+        pages = delta_pages(payload, length)
     pos = bitmap_size(length)
     src = memoryview(payload)
     for p in pages:

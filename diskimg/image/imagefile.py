@@ -256,10 +256,10 @@ class ImageReader:
         return ChecksumMismatch(self.path, block, expected, actual, self.uuid,
                                 block * self.header.block_size, detail=detail, pages=tuple(bad))
 
-    def read_delta(self, block: int, entry: fmt.IndexEntry) -> bytearray:
-        """The decoded delta payload of a DELTA block (docs/FORMAT.md section 16), its
-        structure checked; the result of applying it is checked by the caller against the
-        entry's digest.  Raises BlockError or DiskIOError."""
+    def read_delta(self, block: int, entry: fmt.IndexEntry) -> tuple[bytearray, list[int]]:
+        """The decoded delta payload of a DELTA block (docs/FORMAT.md section 16) and the pages
+        it carries, its structure checked; the result of applying it is checked by the caller
+        against the entry's digest.  Raises BlockError or DiskIOError."""
         rec, payload = self._record(block, entry, None)
         length = self.header.block_length(block)
         if not delta.bitmap_size(length) < rec.raw_len <= delta.max_delta_length(length):
@@ -268,10 +268,10 @@ class ImageReader:
         out = bytearray(rec.raw_len)
         try:
             self.transforms.decode_into(block, payload, rec.codec, memoryview(out))
-            delta.delta_pages(out, length)
+            pages = delta.delta_pages(out, length)
         except DecodeError as err:
             raise self.block_error(block, f"delta record damaged: {err.reason}") from err
-        return out
+        return out, pages
 
     def page_hashes(self, block: int, entry: fmt.IndexEntry) -> bytes | None:
         """The page-hash vector recorded with stored block `block` (the record right after its

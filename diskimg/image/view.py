@@ -32,7 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from diskimg import format as fmt
-from diskimg.errors import CorruptImage, DecodeError
+from diskimg.errors import CorruptImage
 from diskimg.format import delta
 from diskimg.image.chain import Chain
 from diskimg.image.imagefile import ImageReader
@@ -221,11 +221,8 @@ class BlockView:
         else:
             src.image.read_block(block, src.entry, out=out, check=check)
         for d in reversed(deltas):
-            payload = d.image.read_delta(block, d.entry)
-            try:
-                delta.apply_delta(view, payload)
-            except DecodeError as err:
-                raise d.image.block_error(block, f"delta record damaged: {err.reason}") from err
+            payload, pages = d.image.read_delta(block, d.entry)
+            delta.apply_delta(view, payload, pages)
             if check:
                 actual = self.header.hash(view)
                 if actual != d.entry.sha256:
