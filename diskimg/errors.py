@@ -156,10 +156,13 @@ class ChecksumMismatch(BlockError):
     and ``actual`` (the content's), both 32 bytes, plus BlockError's ``uuid`` and ``offset``."""
 
     def __init__(self, image: str, block: int, expected: bytes, actual: bytes, uuid: str,
-                 offset: int) -> None:
-        super().__init__(image, uuid, block, offset, _checksum_reason(expected, actual))
+                 offset: int, detail: str = "", pages: tuple[int, ...] = ()) -> None:
+        super().__init__(image, uuid, block, offset, _checksum_reason(expected, actual) + detail)
         self.expected = expected
         self.actual = actual
+        # the pages (4 KiB, numbered within the block) that differ from the page hashes
+        # recorded with the block (format feature "delta"); empty when not known
+        self.pages = pages
 
 
 def _checksum_reason(expected: bytes, actual: bytes) -> str:

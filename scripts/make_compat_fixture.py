@@ -25,6 +25,9 @@ With ``--feature NAME`` it writes the fixtures of one format feature into
 ``parity`` makes them with the default parity.  Without a feature, images are written without
 any (``--parity 0``).
 
+fixtures/compat/v3-delta was made by this script's version at commit b280a67 (its
+--feature delta writes a second incremental: a delta on a delta on the full image).
+
 Usage: .venv/bin/python scripts/make_compat_fixture.py [--feature encrypted|parity]
 """
 from __future__ import annotations
@@ -91,6 +94,13 @@ def changed() -> bytes:
     return bytes(data)                                      # blocks 0 and 3 unchanged
 
 
+def changed2() -> bytes:
+    data = bytearray(changed())
+    data[2 * BS + 9000:2 * BS + 9050] = b"\x5a" * 50          # block 2 again: delta on delta
+    data[0 * BS + 30000:0 * BS + 30010] = b"ABCDEFGHIJ"      # block 0: a delta on the full
+    return bytes(data)
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -114,6 +124,10 @@ def main() -> int:
               file=sys.stderr)
         return 1
     contents = {"full.img": base(), "incremental.img": changed()}
+    parents = {"incremental.img": "full.img"}
+    if feature == "delta":
+        contents["incremental2.img"] = changed2()
+        parents["incremental2.img"] = "incremental.img"
     out.mkdir(parents=True)
     from contextlib import nullcontext
     from diskimg.crypto.keyring import Credentials, using
@@ -126,7 +140,7 @@ def main() -> int:
         for name, data in contents.items():
             src = Path(tmp) / name.replace(".img", ".raw")
             src.write_bytes(data)
-            parent = str(out / "full.img") if name == "incremental.img" else None
+            parent = str(out / parents[name]) if name in parents else None
             create_image(str(src), str(out / name),
                          ImageOptions(block_size=BS, threads=1, incremental=parent,
                                       encrypt=creds is not None and parent is None,

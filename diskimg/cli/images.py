@@ -72,6 +72,10 @@ def _add_image(sub) -> None:
                         "--key-file, --passphrase or --passphrase-file; a changed-block image "
                         "of an encrypted chain is encrypted with its chain's key")
     key_options(p)
+    p.add_argument("--no-delta", dest="delta", action="store_false",
+                   help="with --incremental/--differential: store every changed block whole, "
+                        "never as its changed 4 KiB pages (the image then needs no format "
+                        "feature: a diskimg older than delta records reads it)")
     chain_options(p)
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing IMAGE (never one that other images depend on, "
@@ -86,7 +90,7 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
         block_size=args.block_size, level=args.level, threads=threads(args), force=args.force,
         incremental=args.incremental, differential=args.differential,
         search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest,
-        parity=args.parity, encrypt=args.encrypt)
+        parity=args.parity, encrypt=args.encrypt, delta=args.delta)
     imaging.parity_fields(args.parity)   # a percentage out of range: refused before any work
     if opts.block_size is not None:
         imaging.check_block_size(opts.block_size)

@@ -253,6 +253,14 @@ def block_lines(c: dict, has_parent: bool) -> list[str]:
             changed += (f"; the other {c['unchanged_zero_blocks']} zero or unused blocks were "
                         f"zeros in the parent too")
         lines.append(changed)
+    if c.get("delta_blocks"):
+        whole = c["stored_blocks"] - c["delta_blocks"]
+        lines.append(f"stored: {whole} whole + {c['delta_blocks']} as deltas (their changed "
+                     f"4 KiB pages only), {human(c.get('delta_saved_bytes', 0))} not stored "
+                     f"again")
+    if c.get("page_hash_bytes"):
+        lines.append(f"page hashes: {human(c['page_hash_bytes'])} (what the next incremental "
+                     f"compares with)")
     return lines
 
 

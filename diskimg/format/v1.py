@@ -67,11 +67,12 @@ FORMAT_VERSION = 3                 # the newest version this diskimg reads and w
 SUPPORTED_VERSIONS = (1, 2, 3)
 # the required features this diskimg reads (section 13 of docs/FORMAT.md); each feature that
 # changes how bytes are read adds its name here, with its section in docs/FORMAT.md
-KNOWN_FEATURES: frozenset[str] = frozenset({"parity", "encrypted"})   # sections 16, 17
+KNOWN_FEATURES: frozenset[str] = frozenset({"parity", "encrypted", "delta"})  # sections 16-18
 ENCRYPTED = "encrypted"
 # room left in an encrypted image's header JSON (padded with spaces) so that `diskimg key`
 # can add key slots by rewriting the header in place, never moving a record
 HEADER_SLOT_ROOM = 4096
+FEATURE_DELTA = "delta"
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 ENTRIES_PER_SEGMENT = 16384
@@ -113,7 +114,10 @@ ZERO = 0      # all zero bytes; no record
 DATA = 1      # a record in this image holds the block
 PARENT = 2    # unchanged since the parent image: resolve through the chain
 UNUSED = 3    # free space of a recognised filesystem; not read, restored as zeros
-KIND_NAMES = {ZERO: "zero", DATA: "data", PARENT: "parent", UNUSED: "unused"}
+DELTA = 4     # a record in this image holds the changed pages; the rest is the parent's block
+              # (only in images with the "delta" feature, section 18)
+KIND_NAMES = {ZERO: "zero", DATA: "data", PARENT: "parent", UNUSED: "unused", DELTA: "delta"}
+STORED_KINDS = (DATA, DELTA)   # the kinds whose entry points at a record
 
 KINDS_OF_IMAGE = ("full", "incremental", "differential")
 
@@ -124,6 +128,10 @@ CODEC_ZSTD = FIXED_IDS[("zstd",)]  # 1: one zstd frame
 
 # entry and record flags
 FLAG_UNREADABLE = 0x1  # the block has unreadable sectors, stored as zeros (rescue mode)
+# record flags of the "delta" feature (section 18): a page-hash record follows the record of a
+# block stored whole or as a delta; a delta record holds a delta payload, not the block
+FLAG_PAGE_HASHES = 0x2
+FLAG_DELTA = 0x4
 
 
 # -- validation of the JSON metadata ---------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from diskimg import format as fmt
+from diskimg.format import delta
 from diskimg.disk.blockdev import file_kind as _kind
 from diskimg.errors import BlockError, ChecksumMismatch, CorruptImage, DecodeError
 from diskimg.errors import DigestMismatch, DiskimgError, DiskIOError, IncompleteImage
@@ -324,11 +325,13 @@ class ImageReader:
         return BlockError(self.path, self.uuid, block, block * self.header.block_size, reason)
 
     def check_data_entry(self, block: int, entry: fmt.IndexEntry) -> None:
-        """Raise BlockError unless a DATA entry's record can lie where the entry says: inside
-        the records area, with a codec (transform-chain id) the header's table names and a
-        stored length no zstd frame of the block exceeds (so that a crafted entry never makes a
-        reader seek past 2^63 or read gigabytes)."""
+        """Raise BlockError unless a DATA (or DELTA) entry's record can lie where the entry says:
+        inside the records area, with a codec (transform-chain id) the header's table names and
+        a stored length no zstd frame of the block exceeds (so that a crafted entry never makes
+        a reader seek past 2^63 or read gigabytes)."""
         length = self.header.block_length(block)
+        if entry.kind == fmt.DELTA:
+            length = delta.max_delta_length(length)
         if entry.codec not in self.transforms:
             raise self.block_error(block, f"index entry damaged: unknown codec {entry.codec}")
         if entry.stored_len > fmt.max_stored_length(length):
@@ -343,15 +346,23 @@ class ImageReader:
                                           f"{self.records_end - 1})")
 
     def read_block(self, block: int, entry: fmt.IndexEntry,
-                   out: mmap.mmap | bytearray | None = None) -> bytearray | memoryview:
+                   out: mmap.mmap | bytearray | None = None, *, check: bool = True
+                   ) -> bytearray | memoryview:
         """The uncompressed content of a DATA block, checked against the entry's SHA-256.  With
         `out` (at least a block long) the content is decompressed into it and a view of it is
-        returned, so that a caller reusing its buffers allocates nothing per block.  Raises
-        ChecksumMismatch, BlockError (a damaged entry or record) or DiskIOError.
+        returned, so that a caller reusing its buffers allocates nothing per block.  Without
+        `check` the digest is not computed (the block view reading the parent block of a delta,
+        whose result it checks).  Raises ChecksumMismatch (naming the damaged pages when the
+        block has page hashes), BlockError (a damaged entry or record) or DiskIOError.
 
         An image with parity heals a record that fails its checks and reads it again."""
+        return self._healed(block, entry, lambda: self._read_block(block, entry, out, check))
+
+    def _healed(self, block: int, entry: fmt.IndexEntry, read):
+        """read(), and for an image with parity, once more after healing the entry's record
+        when it fails its checks."""
         try:
-            return self._read_block(block, entry, out)
+            return read()
         except BlockError:
             if self.healing is None:
                 raise
@@ -359,7 +370,7 @@ class ImageReader:
             span = fmt.RECORD_HEADER_SIZE + entry.stored_len
             self.healing.heal(entry.offset, span)
             try:
-                got = self._read_block(block, entry, out)
+                got = read()
             except BlockError as err:
                 lost = self.healing.slot_ranges(self.healing.repairs.lost)
                 if any(o < entry.offset + span and entry.offset < o + n for o, n in lost):
@@ -371,33 +382,116 @@ class ImageReader:
             self._note_healed(block, "record")
             return got
 
-    def _read_block(self, block: int, entry: fmt.IndexEntry,
-                    out: mmap.mmap | bytearray | None = None) -> bytearray | memoryview:
-        length = self.header.block_length(block)
+    def _record(self, block: int, entry: fmt.IndexEntry, raw_len: int | None
+                ) -> tuple[fmt.RecordHeader, memoryview]:
+        """The header and stored bytes of the record `entry` points at, checked against the
+        entry (and its raw length against `raw_len` when given).  Raises BlockError."""
         self.check_data_entry(block, entry)
         buf = self.reader.pread(fmt.RECORD_HEADER_SIZE + entry.stored_len, entry.offset)
         rec = fmt.unpack_record(buf)
         if rec is None:
             raise self.block_error(block, "record header damaged (bad magic or CRC-32C)")
-        if rec.block != block or rec.stored_len != entry.stored_len or rec.raw_len != length \
-                or rec.codec != entry.codec:
+        is_delta = entry.kind == fmt.DELTA
+        if rec.block != block or rec.stored_len != entry.stored_len or rec.codec != entry.codec \
+                or (raw_len is not None and rec.raw_len != raw_len) \
+                or bool(rec.flags & fmt.FLAG_DELTA) != is_delta:
             raise self.block_error(block, f"record does not match the index (record says block "
                                           f"{rec.block}, {rec.stored_len} bytes, codec "
-                                          f"{rec.codec})")
+                                          f"{rec.codec}{', a delta' if rec.flags & fmt.FLAG_DELTA else ''})")
         if len(buf) != fmt.RECORD_HEADER_SIZE + entry.stored_len:
             raise self.block_error(block, "record is truncated")
-        payload = memoryview(buf)[fmt.RECORD_HEADER_SIZE:]
+        return rec, memoryview(buf)[fmt.RECORD_HEADER_SIZE:]
+
+    def _read_block(self, block: int, entry: fmt.IndexEntry,
+                    out: mmap.mmap | bytearray | None, check: bool) -> bytearray | memoryview:
+        length = self.header.block_length(block)
+        rec, payload = self._record(block, entry, length)
         into = out if out is not None else bytearray(length)
         view = memoryview(into)[:length]
         try:
+            if not check:
+                self.transforms.decode_into(block, payload, rec.codec, view)
+                return view if out is not None else into
             decode_verified(self.transforms, block, payload, rec.codec, entry.sha256, view,
                             digest=self.header.hash)
         except DigestMismatch as err:
-            raise ChecksumMismatch(self.path, block, err.expected, err.actual, self.uuid,
-                                   block * self.header.block_size) from err
+            raise self.checksum_mismatch(block, entry, view, err.expected, err.actual) from err
         except DecodeError as err:
             raise self.block_error(block, err.reason) from err
         return view if out is not None else into
+
+    def checksum_mismatch(self, block: int, entry: fmt.IndexEntry, content: memoryview,
+                          expected: bytes, actual: bytes, what: str = "") -> ChecksumMismatch:
+        """The ChecksumMismatch of `block` whose decoded `content` hashes to `actual`, naming
+        the pages that differ from the page hashes recorded with the block, when it has any."""
+        detail, bad = what, []
+        vector = self.page_hashes(block, entry)
+        if vector is not None and len(vector) == delta.pages_in(len(content)) * 8:
+            bad = delta.differing_pages(content, vector)
+            if bad:
+                detail += "; " + delta.describe_pages(bad, len(content),
+                                                      block * self.header.block_size)
+        return ChecksumMismatch(self.path, block, expected, actual, self.uuid,
+                                block * self.header.block_size, detail=detail, pages=tuple(bad))
+
+    def read_delta(self, block: int, entry: fmt.IndexEntry) -> tuple[bytearray, list[int]]:
+        """The decoded delta payload of a DELTA block and its pages (see _read_delta), healed by
+        parity when the image has it."""
+        return self._healed(block, entry, lambda: self._read_delta(block, entry))
+
+    def _read_delta(self, block: int, entry: fmt.IndexEntry) -> tuple[bytearray, list[int]]:
+        """The decoded delta payload of a DELTA block (docs/FORMAT.md section 18) and the pages
+        it carries, its structure checked; the result of applying it is checked by the caller
+        against the entry's digest.  Raises BlockError or DiskIOError."""
+        rec, payload = self._record(block, entry, None)
+        length = self.header.block_length(block)
+        if not delta.bitmap_size(length) < rec.raw_len <= delta.max_delta_length(length):
+            raise self.block_error(block, f"delta record damaged: its length {rec.raw_len} is "
+                                          f"implausible for a block of {length} bytes")
+        out = bytearray(rec.raw_len)
+        try:
+            self.transforms.decode_into(block, payload, rec.codec, memoryview(out))
+            pages = delta.delta_pages(out, length)
+        except DecodeError as err:
+            raise self.block_error(block, f"delta record damaged: {err.reason}") from err
+        return out, pages
+
+    def page_hashes(self, block: int, entry: fmt.IndexEntry) -> bytes | None:
+        """The page-hash vector recorded with stored block `block` (the record right after its
+        record), or None when there is none or it is damaged (the block is then stored whole
+        by the next incremental; verify reports the damage).  Raises DiskIOError."""
+        try:
+            return self.read_page_hashes(block, entry)
+        except BlockError as err:
+            log.debug("%s", err)
+            return None
+
+    def read_page_hashes(self, block: int, entry: fmt.IndexEntry) -> bytes | None:
+        """Like `page_hashes`, but damage raises BlockError; None when the image records no
+        page hashes for the block."""
+        if entry.kind not in fmt.STORED_KINDS or "page_hashes" not in self.header.extra:
+            return None
+        length = delta.pages_in(self.header.block_length(block)) * delta.PAGE_HASH_SIZE
+        offset = entry.offset + fmt.RECORD_HEADER_SIZE + entry.stored_len
+        if offset + fmt.RECORD_HEADER_SIZE + length > self.records_end:
+            return None
+        buf = self.reader.pread(fmt.RECORD_HEADER_SIZE + fmt.max_stored_length(length), offset)
+        rec = fmt.unpack_record(buf)
+        if rec is None or not rec.flags & fmt.FLAG_PAGE_HASHES:
+            if rec is None and buf[:4] == fmt.RECORD_MAGIC:
+                raise self.block_error(block, "page-hash record damaged (bad CRC-32C)")
+            return None    # written without page hashes (a rescue, an unreadable block)
+        if rec.block != block or rec.raw_len != length or \
+                len(buf) < fmt.RECORD_HEADER_SIZE + rec.stored_len:
+            raise self.block_error(block, "page-hash record damaged (does not match the block)")
+        out = bytearray(length)
+        try:
+            decode_verified(self.transforms, block, memoryview(buf)[
+                fmt.RECORD_HEADER_SIZE:fmt.RECORD_HEADER_SIZE + rec.stored_len], rec.codec,
+                rec.sha256, memoryview(out), digest=self.header.hash)
+        except DecodeError as err:
+            raise self.block_error(block, f"page-hash record damaged: {err.reason}") from err
+        return bytes(out)
 
 
 @dataclass
@@ -408,6 +502,10 @@ class WriteStats:
     unused_blocks: int = 0
     parent_blocks: int = 0
     unreadable_blocks: int = 0
+    delta_blocks: int = 0          # of the stored blocks, those stored as deltas
+    delta_bytes: int = 0           # their records' stored bytes
+    delta_block_bytes: int = 0     # the bytes of those blocks
+    page_hash_bytes: int = 0       # page-hash records, headers included
 
 
 class ImageWriter:
@@ -470,6 +568,31 @@ class ImageWriter:
         """Append a record for `block` and its index entry."""
         self.add_entry(block, self.write_record(block, stored, codec, sha256, flags))
 
+    def add_stored(self, block: int, stored: bytes | memoryview, codec: int, sha256: bytes, *,
+                   delta_len: int | None = None,
+                   page_hashes: tuple[bytes | memoryview, int, bytes] | None = None) -> None:
+        """Append the record of a block stored whole, or with `delta_len` (the decoded length of
+        its delta payload) as a delta (docs/FORMAT.md section 18), followed by the record of its
+        page-hash vector, `page_hashes` = (stored bytes, chain id, digest of the vector), and
+        add the block's index entry."""
+        length = self.header.block_length(block)
+        offset = self.pos
+        is_delta = delta_len is not None
+        parts = [fmt.pack_record(block, stored, delta_len if is_delta else length, codec,
+                                 fmt.FLAG_DELTA if is_delta else 0, sha256), stored]
+        if page_hashes is not None:
+            ph, ph_codec, ph_sha = page_hashes
+            parts += [fmt.pack_record(block, ph, delta.pages_in(length) * delta.PAGE_HASH_SIZE,
+                                      ph_codec, fmt.FLAG_PAGE_HASHES, ph_sha), ph]
+            self.stats.page_hash_bytes += fmt.RECORD_HEADER_SIZE + len(ph)
+        self.sink.write(parts)
+        if is_delta:
+            self.stats.delta_blocks += 1
+            self.stats.delta_bytes += len(stored)
+            self.stats.delta_block_bytes += length
+        self.add_entry(block, fmt.IndexEntry(fmt.DELTA if is_delta else fmt.DATA, sha256, offset,
+                                             len(stored), codec))
+
     def write_record(self, block: int, stored: bytes, codec: int, sha256: bytes,
                      flags: int = 0) -> fmt.IndexEntry:
         """Append a record for `block` and return the index entry pointing at it; the caller
@@ -493,7 +616,7 @@ class ImageWriter:
         if block != self._next_block:
             raise ValueError(f"index entry for block {block}, expected {self._next_block}")
         self._next_block += count
-        if entry.kind == fmt.DATA:
+        if entry.kind in fmt.STORED_KINDS:
             self.stats.stored_blocks += count
             self.stats.stored_bytes += entry.stored_len * count
         elif entry.kind == fmt.ZERO:
@@ -621,6 +744,11 @@ def survey_truncated(path: str, check_data: bool = False) -> Survivors:
         seen: set[int] = set()
         bad: list[tuple[int, str]] = []
         for offset, rec in scan_records(image, start, size):
+            if rec.flags & (fmt.FLAG_PAGE_HASHES | fmt.FLAG_DELTA) and rec.block < header.blocks:
+                # a block's page hashes, or a delta (which needs the parent: not a survivor of
+                # this image alone); the records go on after it
+                end = offset + fmt.RECORD_HEADER_SIZE + rec.stored_len
+                continue
             if rec.block >= header.blocks or rec.raw_len != header.block_length(rec.block):
                 break   # not a record of this image: what follows is not records either
             if check_data and read_record_data(image, offset, rec, header) is None:
@@ -668,6 +796,7 @@ def _header_fields(h: fmt.Header) -> dict:
         "digest": h.digest,
         "encrypted": h.encrypted,
         **({"encryption": _encryption_fields(h)} if h.encrypted else {}),
+        "features": list(h.features),
     }
 
 
@@ -689,6 +818,12 @@ def describe(reader: ImageReader) -> dict:
         **_header_fields(h),
         **counts,
         "stored_bytes": stats.get("stored_bytes", 0),
+        # format feature "delta": stored = whole + delta; saved = the delta blocks' bytes not
+        # stored (their length minus their delta records' stored bytes)
+        "whole_blocks": stats.get("stored_blocks", 0) - stats.get("delta_blocks", 0),
+        "delta_blocks": stats.get("delta_blocks", 0),
+        "delta_saved_bytes": stats.get("delta_block_bytes", 0) - stats.get("delta_bytes", 0),
+        "page_hash_bytes": stats.get("page_hash_bytes", 0),
         "image_bytes": reader.physical_size,
         "completed": f.get("completed"),
         "compression_level": (h.compression or {}).get("level"),

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from diskimg import format as fmt
 from diskimg.errors import CorruptImage
+from diskimg.format import delta
 from diskimg.image.chain import Chain
 from diskimg.image.imagefile import ImageReader
 
@@ -53,6 +54,7 @@ class BlockSource:
     block: int
     image: ImageReader
     entry: fmt.IndexEntry
+    level: int = -1       # the holding image's place in the chain (0: the root)
 
     @property
     def sha256(self) -> bytes:
@@ -62,7 +64,7 @@ class BlockSource:
     @property
     def zero(self) -> bool:
         """The block reads as zeros (a zero or unused entry): no image data to read."""
-        return self.entry.kind != fmt.DATA
+        return self.entry.kind not in fmt.STORED_KINDS
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class BlockView:
         self._cache: OrderedDict[int, bytearray] = OrderedDict()
         self._lock = threading.Lock()
         self._zeros = memoryview(bytes(self.block_size))
+        self._top = len(chain.images) - 1
 
     @property
     def stats(self) -> ViewStats:
@@ -134,13 +137,19 @@ class BlockView:
                 raise IndexError(f"block {block} outside the image ({self.blocks} blocks)")
             entry = self.leaf.entry(block)
         if entry.kind == fmt.DATA:     # held by the leaf itself: most blocks, no chain walk
-            return BlockSource(block, self.leaf, entry)
-        img, held = self.chain.resolve(block, entry)
+            return BlockSource(block, self.leaf, entry, self._top)
+        return self._locate_from(self._top, block, entry)
+
+    def _locate_from(self, level: int, block: int, entry: fmt.IndexEntry) -> BlockSource:
+        """Where `block` of the state of image `level` is held, given that image's entry."""
+        lvl, img, held = self.chain.resolve_from(level, block, entry)
         if held.sha256 != entry.sha256:
             raise CorruptImage(f"{img.path}: block {block} has checksum {held.sha256.hex()} but "
-                               f"{self.leaf.path} expects {entry.sha256.hex()}: chain "
-                               f"inconsistent", path=img.path)
-        return BlockSource(block, img, held)
+                               f"{self.chain.images[level].path} expects {entry.sha256.hex()}: "
+                               f"chain inconsistent", path=img.path)
+        if held.kind == fmt.DELTA and fmt.FEATURE_DELTA not in img.header.features:
+            raise img.block_error(block, f"index entry damaged: unknown kind {held.kind}")
+        return BlockSource(block, img, held, lvl)
 
     def check_zero(self, src: BlockSource) -> None:
         """Raise BlockError unless the zero or unused block `src` carries the checksum of
@@ -169,8 +178,58 @@ class BlockView:
                 view = memoryview(out)[:len(cached)]
                 view[:] = cached
                 return view
-        view = src.image.read_block(block, src.entry, out=out)
+        view = self._decode_into(src, out)
         self._mine().decoded += 1
+        return view
+
+    def _decode_into(self, src: BlockSource, out: Buffer) -> memoryview:
+        """The verified content of the stored block `src` (DATA or DELTA), decoded into `out`.
+        A DELTA block is its parent image's state of the block (located through the chain,
+        itself maybe a delta: a delta on a delta on a full) with the delta's pages written
+        over it, and the result must have the DELTA entry's digest.  That one check proves the
+        whole result, parent included, so the parent's block is not hashed on the way: a delta
+        costs one decode of each record and one hash.  When the result is wrong, the block is
+        read again checking every step, so that the error names what is damaged: the parent's
+        block (and its pages) or the delta record."""
+        if src.entry.kind == fmt.DATA:
+            return src.image.read_block(src.block, src.entry, out=out)
+        view = self._apply_deltas(src, out, check=False)
+        actual = self.header.hash(view)
+        if actual == src.entry.sha256:
+            return view
+        view = self._apply_deltas(src, out, check=True)   # raises, naming the damage
+        raise src.image.checksum_mismatch(src.block, src.entry, view, src.entry.sha256,
+                                          self.header.hash(view))
+
+    def _apply_deltas(self, src: BlockSource, out: Buffer, check: bool) -> memoryview:
+        """The delta block `src` built from the nearest block below it stored whole (or zeros)
+        and the deltas above that; with `check`, each step's digest is checked."""
+        block = src.block
+        deltas = []          # a loop, not recursion: a chain may be 10000 images long
+        while src.entry.kind == fmt.DELTA:
+            deltas.append(src)
+            if src.level <= 0:
+                raise src.image.block_error(block, "index entry is a delta, but this is a "
+                                                   "full image")
+            below = self.chain.images[src.level - 1]
+            src = self._locate_from(src.level - 1, block, below.entry(block))
+        length = self.header.block_length(block)
+        view = memoryview(out)[:length]
+        if src.zero:
+            self.check_zero(src)
+            view[:] = self._zeros[:length]
+        else:
+            src.image.read_block(block, src.entry, out=out, check=check)
+        for d in reversed(deltas):
+            payload, pages = d.image.read_delta(block, d.entry)
+            delta.apply_delta(view, payload, pages)
+            if check:
+                actual = self.header.hash(view)
+                if actual != d.entry.sha256:
+                    raise d.image.checksum_mismatch(
+                        block, d.entry, view, d.entry.sha256, actual,
+                        what=f" (the delta's pages applied to block {block} of "
+                             f"{self.chain.images[d.level - 1].path}, which checked out)")
         return view
 
     def read_block(self, block: int, out: Buffer,
@@ -198,7 +257,7 @@ class BlockView:
         if cached is not None:
             return cached
         buf = bytearray(self.header.block_length(block))
-        src.image.read_block(block, src.entry, out=buf)
+        self._decode_into(src, buf)
         self._mine().decoded += 1
         if self._capacity:
             with self._lock:

@@ -28,6 +28,7 @@ from diskimg import __version__, devices, ranges
 from diskimg.disk import identity
 from diskimg.disk.used import content_ids, scan as scan_used
 from diskimg import format as fmt
+from diskimg.format import delta
 from diskimg.disk.blockdev import (
     Source,
     data_ranges,
@@ -38,7 +39,8 @@ from diskimg.disk.blockdev import (
     open_source,
     preadv_full,
 )
-from diskimg.image.chain import open_chain, parent_ref
+from diskimg.image.chain import Chain, open_chain, parent_ref
+from diskimg.image.delta import ParentPages
 from diskimg.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL  # noqa: F401  (the library's names)
 from diskimg import defaults
 from diskimg.errors import (
@@ -91,6 +93,8 @@ class ImageOptions:
     # encrypt a new full image with the command's key (crypto.keyring); a changed-block image
     # is encrypted exactly when its parent is, with the parent's chain key
     encrypt: bool = False
+    delta: bool = True                  # store a changed block as its changed pages when few
+                                        # changed (needs the parent's page hashes)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,9 @@ class ImageResult:
     # recorded as zero or unused, but did not change.
     unchanged_zero_blocks: int = 0
     unreadable_blocks: int = 0          # a rescue: blocks holding unreadable sectors (zeros)
+    delta_blocks: int = 0               # of the stored blocks, those stored as deltas
+    delta_saved_bytes: int = 0          # their bytes minus their delta records' stored bytes
+    page_hash_bytes: int = 0            # what the page-hash records cost
 
 
 def utc_now(clock: Callable[[], datetime] | None = None) -> str:
@@ -289,10 +296,12 @@ def _is_rescue_partial(path: str) -> bool:
 
 
 def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path: str
-                    ) -> ImageReader | None:
+                    ) -> Chain | None:
     """The image whose index the new one is compared against, checked against the source and
     against the new image's path: no image of the chain is ever replaced (not even with
-    --force), and a source that is not the parent's disk is refused unless --force."""
+    --force), and a source that is not the parent's disk is refused unless --force.  Returns
+    the chain whose leaf is the reference (an incremental's parent, a differential's root), kept
+    open for the page hashes of its blocks (image.delta.ParentPages)."""
     ref_path = opts.incremental or opts.differential
     if ref_path is None:
         return None
@@ -329,10 +338,11 @@ def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path:
     except BaseException:
         chain.close()
         raise
-    for img in chain.images:
-        if img is not keep:
+    if opts.differential:     # the root alone: a differential is compared with it only
+        for img in chain.images[1:]:
             img.close()
-    return keep
+        chain = Chain([keep])
+    return chain
 
 
 @dataclass(frozen=True)
@@ -527,8 +537,12 @@ def _image_keys(opts: ImageOptions, ref: ImageReader | None, uuid: str, size: in
 
 
 def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
-            ref: ImageReader | None, progress: Progress | None, started: float,
+            ref_chain: Chain | None, progress: Progress | None, started: float,
             mounted_rw: list[str]) -> ImageResult:
+    ref = ref_chain.leaf if ref_chain is not None else None
+    parent_pages = ParentPages(ref_chain) if ref_chain is not None and opts.delta else None
+    if parent_pages is not None and not parent_pages.available:
+        parent_pages = None      # a chain written before page hashes: whole blocks only
     bs = ref.header.block_size if ref is not None else opts.block_size or DEFAULT_BLOCK_SIZE
     new_uuid = fmt.new_image_uuid()
     if ref is None:
@@ -556,9 +570,15 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         extra={**opts.extra,
                "all_blocks": opts.all_blocks,   # info tells an exact copy from a used-blocks one
                **({"source_mounted_rw": mounted_rw} if mounted_rw else {}),
-               **({"allocation_repaired": repaired} if repaired else {})},
+               **({"allocation_repaired": repaired} if repaired else {}),
+               # every stored block is followed by its page hashes (FORMAT.md section 18)
+               "page_hashes": dict(delta.PAGE_HASH_INFO)},
         transforms=transforms.table, digest=digest,
-        **with_features(parity_fields(opts.parity), (fmt.ENCRYPTED,) if keys else ()),
+        # an image that may hold delta records says so: a reader that cannot resolve them
+        # refuses it instead of reporting its delta blocks as damaged
+        **with_features(parity_fields(opts.parity),
+                        ((fmt.ENCRYPTED,) if keys else ())
+                        + ((fmt.FEATURE_DELTA,) if parent_pages is not None else ())),
     )
     if keys is not None:
         header = keys.seal_header(header, slots)
@@ -572,7 +592,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     # cost 0.5-0.66 s of system time (read-ahead, copy, invalidation), O_DIRECT 0.07-0.14 s
     direct_fd = open_direct(source.path) if source.is_block else None
     stages = _BlockStages(source, header, to_read, used, direct_fd, transforms,
-                          ref.iter_entries() if ref is not None else None)
+                          ref.iter_entries() if ref is not None else None, parent_pages)
     try:
         if progress:
             progress.start(source.size, "B")
@@ -595,6 +615,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                 "zero_blocks": stats.zero_blocks, "unused_blocks": stats.unused_blocks,
                 "unchanged_blocks": unchanged, "changed_blocks": changed,
                 "unchanged_zero_blocks": unchanged_zero, "read_bytes": stages.read_bytes,
+                "delta_blocks": stats.delta_blocks, "delta_bytes": stats.delta_bytes,
+                "delta_block_bytes": stats.delta_block_bytes,
+                "page_hash_bytes": stats.page_hash_bytes,
             },
             "used": None if used_map is None else {
                 "used_bytes": used_map.used_bytes,
@@ -624,6 +647,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         image_bytes=os.path.getsize(image_path), read_bytes=stages.read_bytes,
         seconds=time.monotonic() - started, parent=parent["uuid"] if parent else None,
         chain=chain, unchanged_zero_blocks=unchanged_zero,
+        delta_blocks=stats.delta_blocks,
+        delta_saved_bytes=stats.delta_block_bytes - stats.delta_bytes,
+        page_hash_bytes=stats.page_hash_bytes,
     )
 
 
@@ -667,6 +693,9 @@ class BlockJob:
     stored: bytes | memoryview | None = None
     codec: int = fmt.CODEC_RAW
     hashed: bool = False       # hash_compare is done (by the reader)
+    ref_entry: fmt.IndexEntry | None = None     # the reference's entry (for its page hashes)
+    delta_len: int | None = None                # stored as a delta: its payload's length
+    page_hashes: tuple | None = None            # (stored, chain id, digest) of the vector
 
 
 class _BlockStages:
@@ -686,7 +715,7 @@ class _BlockStages:
 
     def __init__(self, source: Source, header: fmt.Header, to_read: list[tuple[int, int]],
                  used: list[tuple[int, int]], direct_fd: int | None, transforms: TransformChain,
-                 ref_entries: Iterator | None) -> None:
+                 ref_entries: Iterator | None, parent_pages: ParentPages | None = None) -> None:
         self.source = source
         self.header = header
         self.to_read = to_read     # the byte ranges to read: used, and not a hole
@@ -695,6 +724,7 @@ class _BlockStages:
         self.direct_fd = direct_fd
         self.transforms = transforms
         self.ref_entries = ref_entries
+        self.parent_pages = parent_pages
         self.pool = BufferPool(self.bs)
         self.zeros = bytes(self.bs)
         self.read_bytes = 0        # counted by write, on one thread
@@ -715,8 +745,12 @@ class _BlockStages:
                             next(ref_entries)[1].sha256 == zsha for _ in range(run.count))
                     yield run
                 continue
-            yield BlockJob(item.block, header.block_length(item.block), item.parts,
-                           next(ref_entries)[1].sha256 if ref_entries is not None else None)
+            if ref_entries is None:
+                yield BlockJob(item.block, header.block_length(item.block), item.parts, None)
+            else:
+                ref_entry = next(ref_entries)[1]
+                yield BlockJob(item.block, header.block_length(item.block), item.parts,
+                               ref_entry.sha256, ref_entry=ref_entry)
 
     # -- read ----------------------------------------------------------------------------------
 
@@ -830,9 +864,25 @@ class _BlockStages:
     def encode(self, job: BlockJob) -> None:
         """What the record stores: the block through the transform chain (which leaves zstd
         out when it does not pay off and then returns the buffer itself: the pool buffer stays
-        with the job until it is written)."""
+        with the job until it is written); or, when few of its pages differ from the
+        reference's page hashes, its changed pages (a delta record, FORMAT.md section 18).
+        Every stored block gets its page-hash vector, through the same transform chain."""
         data = job.view
-        job.stored, job.codec = self.transforms.encode(job.block, data)
+        hashes = delta.page_hashes(data)
+        payload = None
+        if self.parent_pages is not None and job.ref_entry is not None:
+            old = self.parent_pages.lookup(job.block, job.ref_entry)
+            if old is not None and len(old) == len(hashes):
+                pages = delta.changed_pages(old, hashes)
+                if delta.use_delta(len(pages), len(hashes) // delta.PAGE_HASH_SIZE):
+                    payload = delta.pack_delta(data, pages)
+        if payload is not None:
+            job.stored, job.codec = self.transforms.encode(job.block, payload)
+            job.delta_len = len(payload)
+        else:
+            job.stored, job.codec = self.transforms.encode(job.block, data)
+        ph, ph_codec = self.transforms.encode(job.block, hashes)
+        job.page_hashes = (ph, ph_codec, self.header.hash(hashes))
         if job.stored is not data:
             self.pool.put(data.obj)
             job.view = None
@@ -849,7 +899,9 @@ class _BlockStages:
         if job.kind != fmt.DATA:
             writer.add_entry(job.block, fmt.IndexEntry(job.kind, job.sha256))
             return
-        writer.add_data(job.block, job.stored, job.codec, job.sha256)
+        writer.add_stored(job.block, job.stored, job.codec, job.sha256, delta_len=job.delta_len,
+                          page_hashes=job.page_hashes)
+        job.page_hashes = None
         if job.view is not None:   # stored as read: the buffer is free once written
             self.pool.put(job.view.obj)
             job.view = None

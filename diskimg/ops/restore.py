@@ -287,6 +287,7 @@ class _TruncatedImage:
                 last = pos
                 for off, rec in scan_records(self.reader, pos, end):
                     if (0 <= rec.block < self.header.blocks
+                            and not rec.flags & (fmt.FLAG_PAGE_HASHES | fmt.FLAG_DELTA)
                             and rec.raw_len == self.header.block_length(rec.block)):
                         self.records[rec.block] = (off, rec)   # a later copy wins (a rescue retry)
                     last = off + fmt.RECORD_HEADER_SIZE + rec.stored_len

@@ -30,6 +30,7 @@ from diskimg.image.imagefile import (
     segment_runs,
     survey_truncated,
 )
+from diskimg.image.view import BlockView
 from diskimg.ops.pipeline import default_threads, depth_for, ordered_map
 from diskimg.ops.progress import Progress
 
@@ -96,7 +97,9 @@ def verify_image(path: str, search: Iterable[str] = (), threads: int | None = No
         if progress:   # every image's blocks are checked: the device size once per image
             progress.start(sum(img.header.size for img in chain.images), "B")
         for level, img in enumerate(chain.images):
-            e, c, n = _verify_one(img, threads, progress)
+            # delta blocks of this image are read through the chain up to it (their parents)
+            view = BlockView(Chain(chain.images[:level + 1]), cache_bytes=0)
+            e, c, n = _verify_one(img, threads, progress, view)
             if level < len(chain.images) - 1:
                 e = [_mark_overridden(chain, level, err) for err in e]
             errors += e
@@ -128,12 +131,16 @@ def _runs_in(img: ImageReader, first: int, count: int
         first = stop
 
 
-def _resolved(chain: Chain, level: int, first: int, count: int
+def _resolved(chain: Chain, level: int, first: int, count: int, through_delta: bool = False
               ) -> Iterator[tuple[int, int, int, fmt.IndexEntry | None]]:
     """Resolve blocks first..first+count-1 from image `level` down the chain, run by run:
     (first block, count, level of the image that holds them, its entry).  Entry None: the
     resolution stops at a damaged index segment of that image.  An entry of an unknown kind,
-    or PARENT in the root, is returned as it is (the image's own check reports it)."""
+    or PARENT in the root, is returned as it is (the image's own check reports it).  With
+    `through_delta`, a DELTA entry is followed down too (a delta needs its parent's block:
+    the deepest image reached is what reading the block depends on)."""
+    def down(entry: fmt.IndexEntry) -> bool:
+        return entry.kind == fmt.PARENT or (through_delta and entry.kind == fmt.DELTA)
     if count == 1:   # a single block (most PARENT entries of data): entry by entry is faster
         while True:
             try:
@@ -141,7 +148,7 @@ def _resolved(chain: Chain, level: int, first: int, count: int
             except fmt.SegmentError:
                 yield first, 1, level, None
                 return
-            if entry.kind != fmt.PARENT or level == 0:
+            if not down(entry) or level == 0:
                 yield first, 1, level, entry
                 return
             level -= 1
@@ -149,7 +156,7 @@ def _resolved(chain: Chain, level: int, first: int, count: int
     while todo:
         lvl, b, n = todo.pop()
         for rb, rn, entry in _runs_in(chain.images[lvl], b, n):
-            if entry is not None and entry.kind == fmt.PARENT and lvl > 0:
+            if entry is not None and down(entry) and lvl > 0:
                 todo.append((lvl - 1, rb, rn))
             else:
                 yield rb, rn, lvl, entry
@@ -188,7 +195,7 @@ def _mark_overridden(chain: Chain, level: int, err: VerifyError) -> VerifyError:
     first, last = err.block, err.last_block if err.last_block is not None else err.block
     nearest = None
     for _, _, held_at, entry in _resolved(chain, len(chain.images) - 1, first,
-                                          last - first + 1):
+                                          last - first + 1, through_delta=True):
         if entry is None or held_at <= level:
             return err
         nearest = held_at if nearest is None else min(nearest, held_at)
@@ -214,8 +221,8 @@ def _runs(img: ImageReader, errors: list[VerifyError]
         yield from segment_runs(first, raw)
 
 
-def _verify_one(img: ImageReader, threads: int,
-                progress: Progress | None) -> tuple[list[VerifyError], int, int]:
+def _verify_one(img: ImageReader, threads: int, progress: Progress | None,
+                view: BlockView | None = None) -> tuple[list[VerifyError], int, int]:
     errors: list[VerifyError] = []
     h = img.header
     scratch = threading.local()   # one buffer per worker, reused for every block it checks
@@ -227,14 +234,32 @@ def _verify_one(img: ImageReader, threads: int,
 
     def check(block: int, count: int, entry: fmt.IndexEntry) -> VerifyError | None:
         last = block + count - 1
-        if entry.kind == fmt.DATA:
+        if entry.kind in fmt.STORED_KINDS:
             buf = getattr(scratch, "buf", None)
             if buf is None:
                 buf = scratch.buf = bytearray(h.block_size)
             try:
-                img.read_block(block, entry, out=buf)
+                if entry.kind == fmt.DATA:
+                    img.read_block(block, entry, out=buf)
+                elif fmt.FEATURE_DELTA not in h.features:
+                    return VerifyError(img.uuid, img.path, block, block * h.block_size,
+                                       f"index entry damaged: unknown kind {entry.kind}")
+                else:
+                    view.read_block(block, buf, entry)
             except BlockError as err:
-                return VerifyError(img.uuid, img.path, block, block * h.block_size, err.reason)
+                return _block_error(img, block, err)
+            except fmt.CorruptImage as err:     # the chain below a delta block (its parent)
+                return VerifyError(img.uuid, img.path, block, block * h.block_size,
+                                   f"a delta on its parent's block, which cannot be read: "
+                                   f"{err}")
+            try:
+                img.read_page_hashes(block, entry)
+            except BlockError as err:
+                # only what the next incremental compares with: it stores the block whole
+                return VerifyError(img.uuid, img.path, block, block * h.block_size,
+                                   f"{err.reason} (restore does not read it; the next "
+                                   f"incremental stores this block whole)",
+                                   affects_restore=False)
         reason = None
         if entry.kind in (fmt.ZERO, fmt.UNUSED) and not h.zero_run_ok(block, last, entry.sha256):
             reason = "index entry damaged: zero block with a non-zero checksum"
@@ -251,10 +276,10 @@ def _verify_one(img: ImageReader, threads: int,
     repairs = img.scrub()    # parity: every slice against its checksum, rebuilt where it can be
     for block, count, entry, block_error in ordered_map(
             work, _runs(img, errors), threads, depth=depth_for(h.block_size, threads),
-            inline=lambda item: item[2].kind != fmt.DATA):
+            inline=lambda item: item[2].kind not in fmt.STORED_KINDS):
         checked += count
         run_bytes = min((block + count) * h.block_size, h.size) - block * h.block_size
-        if entry.kind == fmt.DATA:
+        if entry.kind in fmt.STORED_KINDS:
             nbytes += run_bytes
         if block_error:
             errors.append(block_error)
@@ -308,7 +333,7 @@ def _parity_errors(img: ImageReader, repairs) -> list[VerifyError]:
     if fixed:
         try:
             for block, e in img.iter_entries():
-                if e.kind == fmt.DATA and overlaps(fixed, e.offset,
+                if e.kind in fmt.STORED_KINDS and overlaps(fixed, e.offset,
                                                    fmt.RECORD_HEADER_SIZE + e.stored_len):
                     out.append(VerifyError(img.uuid, img.path, block, block * bs,
                                            f"record {note}", affects_restore=False,
@@ -338,6 +363,15 @@ def _parity_errors(img: ImageReader, repairs) -> list[VerifyError]:
         out.append(VerifyError(img.uuid, img.path, None, None, what, affects_restore=False,
                                repairable=True))
     return out
+def _block_error(img: ImageReader, block: int, err: BlockError) -> VerifyError:
+    """The VerifyError of stored block `block` of `img` that could not be read: its own damage,
+    or (a delta) damage of the parent block it applies to, named with that image and block."""
+    bs = img.header.block_size
+    if err.image == img.path:
+        return VerifyError(img.uuid, img.path, block, block * bs, err.reason)
+    return VerifyError(img.uuid, img.path, block, block * bs,
+                       f"a delta on a damaged parent block: {err.image}: block {err.block}: "
+                       f"{err.reason}")
 
 
 def _scan_truncated(err: TruncatedImage) -> tuple[list[VerifyError], int, int]:

@@ -1,7 +1,7 @@
 """Images written by every released format version stay readable.
 
-fixtures/compat/vN/ (and vN-FEATURE/ for a format feature) holds images made once by
-scripts/make_compat_fixture.py when format version N (or the feature) was released, with expected.json recording what they are and what they restore to.  For every
+fixtures/compat/vN/ holds images made once by scripts/make_compat_fixture.py when format version N
+was released (vN-FEATURE/: images using a format feature of version N, e.g. v3-delta), with expected.json recording what they are and what they restore to.  For every
 version directory and every image in it: the image file is the one recorded, `diskimg verify`
 passes, `diskimg info --json` reports the recorded UUID, kind, parent and chain, and restoring
 it gives contents with the recorded SHA-256.  A ``vN-FEATURE`` directory holds the images of one
@@ -110,6 +110,8 @@ def test_info(vdir, image, copy, capsys):
     # fixtures before version 2 recorded no digest: their blocks are SHA-256
     assert info["digest"] == image.get("digest", "sha256")
     assert f"v{info['format_version']}" == vdir.name.split("-")[0]
+    if "features" in image:   # recorded per image since v3-delta
+        assert info.get("features", []) == image["features"]
 
 
 @pytest.mark.parametrize("vdir, image", CASES)

@@ -58,9 +58,13 @@ def _check_mismatch(err: ChecksumMismatch, img: Path, uuid: str, good: bytes,
     # the image's block digest (BLAKE3 for a new image), computed here independently
     assert err.expected == blake3.blake3(good).digest()
     assert err.actual == blake3.blake3(bad).digest()
-    # the message and the reason verify reports are as before the fields existed
+    # the message and the reason verify reports are as before the fields existed, with the
+    # damaged page named from the page hashes recorded with the block (format feature delta)
     assert err.reason == (f"checksum mismatch: calculated {err.actual.hex()}, "
-                          f"should be {err.expected.hex()}")
+                          f"should be {err.expected.hex()}; page 0 (bytes {BAD * BS}-"
+                          f"{BAD * BS + 4095}) of 16 differs from the page hash recorded "
+                          f"with the block")
+    assert err.pages == (POS // 4096,)
     assert str(err) == f"{img}: block {BAD} (byte {BAD * BS}): {err.reason}"
 
 

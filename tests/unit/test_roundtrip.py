@@ -99,6 +99,15 @@ def test_incremental_stores_only_changed_blocks(tmp_path):
     assert (res.stored_blocks, res.changed_blocks, res.unchanged_blocks) == (3, 3, 7)
     with ImageReader(str(tmp_path / "inc.img")) as r:
         kinds = [e.kind for _, e in r.iter_entries()]
+    # one changed byte of 16 pages: stored as deltas (format feature "delta")
+    assert [i for i, k in enumerate(kinds) if k == fmt.DELTA] == [1, 4, 9]
+    assert res.delta_blocks == 3 and res.stored_bytes < 3 * (4096 + 1024)
+    res = create_image(str(tmp_path / "src"), str(tmp_path / "inc-whole.img"),
+                       ImageOptions(block_size=BS, incremental=str(tmp_path / "full.img"),
+                                    delta=False))
+    with ImageReader(str(tmp_path / "inc-whole.img")) as r:
+        assert r.header.features == ()
+        kinds = [e.kind for _, e in r.iter_entries()]
     assert [i for i, k in enumerate(kinds) if k == fmt.DATA] == [1, 4, 9]
 
 
