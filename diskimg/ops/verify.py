@@ -422,10 +422,11 @@ def verify_structure(path: str, progress: Progress | None = None) -> VerifyResul
         while pos < end:
             last = pos
             for off, rec in scan_records(img.reader, pos, end):
-                if rec.block >= h.blocks or rec.raw_len != h.block_length(rec.block):
+                side = rec.flags & (fmt.FLAG_PAGE_HASHES | fmt.FLAG_DELTA)  # delta, section 18
+                if rec.block >= h.blocks or (not side and rec.raw_len != h.block_length(rec.block)):
                     break
                 records += 1
-                nbytes += rec.raw_len
+                nbytes += 0 if side else rec.raw_len
                 last = off + fmt.RECORD_HEADER_SIZE + rec.stored_len
                 if progress:
                     progress.advance(fmt.RECORD_HEADER_SIZE + rec.stored_len)

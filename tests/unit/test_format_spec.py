@@ -446,7 +446,7 @@ class SpecReader:
         self.transforms = transform_table(h)
         self.digest = block_digest(h, version)
         self.hash = DIGESTS[self.digest]
-        self.features = features(h, version)
+        self.features = set(features or ())   # checked above (section 13)
         extra = h.get("extra") if isinstance(h.get("extra"), dict) else {}
         self.page_hashes = "page_hashes" in extra
         features = h.get("features")
@@ -558,15 +558,17 @@ class SpecReader:
 
     def _undo(self, n: int, data: bytes, codec: int, length: int) -> bytes:
         chain = self.transforms[codec]
+        stored = len(data)           # the record's stored length (bound by encryption, 17.4)
         for i in reversed(range(len(chain))):      # undo the transforms, the last one first
             limit = length if i == 0 else length + length // 128 + 1024
             if chain[i] == "zstd":
                 data = _unzstd(data, limit, f"block {n}")
-            elif chain[i] == "aes-256-gcm":          # 16.4
+            elif chain[i] == "aes-256-gcm":          # 17.4
                 if self.keys is None:
                     raise SpecError(f"block {n}: encrypted record in a plain image")
+                # the block's length, also for its page-hash and delta records (18.1, 18.3)
                 aad = b"diskimg-record-v1" + self.keys.uuid16 + struct.pack(
-                    "<QIIB", n, length, stored, codec)
+                    "<QIIB", n, self.length(n), stored, codec)
                 data = aes_open(self.keys.data, data, aad, f"block {n}")
         if len(data) != length:
             raise SpecError(f"block {n}: {len(data)} bytes, {length} expected")

@@ -104,7 +104,7 @@ def test_incremental_stores_only_changed_blocks(tmp_path):
     assert res.delta_blocks == 3 and res.stored_bytes < 3 * (4096 + 1024)
     res = create_image(str(tmp_path / "src"), str(tmp_path / "inc-whole.img"),
                        ImageOptions(block_size=BS, incremental=str(tmp_path / "full.img"),
-                                    delta=False))
+                                    delta=False, parity=0))
     with ImageReader(str(tmp_path / "inc-whole.img")) as r:
         assert r.header.features == ()
         kinds = [e.kind for _, e in r.iter_entries()]
