@@ -19,6 +19,7 @@ from diskimg import __version__, errors
 from diskimg.cli import devices, images
 from diskimg.cli.lazy import render
 from diskimg.cli.options import common
+from diskimg.store import S3_OPTIONS, is_remote
 from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -96,13 +97,18 @@ def _setup_logging(args: argparse.Namespace) -> None:
 _PATH_ARGS = ("source", "image", "target", "incremental", "differential", "mapfile")
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute; an s3:// URL or "-" (a stream) as it is."""
+    return path if path == "-" or is_remote(path) else os.path.abspath(path)
+
+
 def _absolute_paths(args: argparse.Namespace) -> None:
     for name in _PATH_ARGS:
         value = getattr(args, name, None)
         if isinstance(value, str) and value:
-            setattr(args, name, os.path.abspath(value))
+            setattr(args, name, _absolute(value))
     if isinstance(getattr(args, "search", None), list):
-        args.search = [os.path.abspath(d) for d in args.search]
+        args.search = [_absolute(d) for d in args.search]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if want_json:
             _absolute_paths(args)
         _setup_logging(args)
+        S3_OPTIONS["endpoint_url"] = getattr(args, "endpoint_url", None)
         return render.show(args.func(args), as_json=want_json, debug=args.debug)
     except KeyboardInterrupt:
         errors.begin_cleanup()    # a Ctrl-C that Python dropped is not raised again from here

