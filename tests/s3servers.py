@@ -110,7 +110,7 @@ class Server:
             except ProcessLookupError:
                 pass
             try:
-                proc.wait(15)
+                proc.wait(3)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()

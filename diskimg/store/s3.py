@@ -71,7 +71,6 @@ _clients_lock = threading.Lock()
 def configure(endpoint_url: str | None = None) -> None:
     """Set what the command line gave (``--endpoint-url``); it wins over the environment."""
     _settings["endpoint_url"] = endpoint_url or None
-    _clients.clear()
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -445,13 +444,26 @@ class S3Store(Store):
 
     def stat(self, name: str) -> StoreStat:
         client = _client()
-        r = _retrying(self.path(name), "look at the object",
-                      lambda: client.head_object(Bucket=self.bucket, Key=self.key(name)))
+        try:
+            r = _retrying(self.path(name), "look at the object",
+                          lambda: client.head_object(Bucket=self.bucket, Key=self.key(name)))
+        except NotAnImage:
+            # a HEAD's 404 has no body to tell a missing object from a missing bucket
+            self._check_bucket(self.path(name))
+            raise
         modified = r.get("LastModified")
         return StoreStat(size=int(r["ContentLength"]),
                          mtime=modified.timestamp() if modified is not None else None,
                          identity=("s3", _settings["endpoint_url"], self.bucket,
                                    self.key(name)))
+
+    def _check_bucket(self, url: str) -> None:
+        """Raise UsageError when the bucket does not exist."""
+        client = _client()
+        try:
+            _retrying(url, "look at the bucket", lambda: client.head_bucket(Bucket=self.bucket))
+        except NotAnImage as err:
+            raise UsageError(f"{url}: no such bucket {self.bucket!r}") from err
 
     def open(self, name: str) -> S3Reader:
         return S3Reader(self, self.key(name), self.path(name), self.stat(name))
