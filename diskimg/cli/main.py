@@ -10,6 +10,7 @@ modules are imported when a command first uses them (``lazy.py``), so ``--help``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -136,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             _absolute_paths(args)
         _setup_logging(args)
         S3_OPTIONS["endpoint_url"] = getattr(args, "endpoint_url", None)
-        return render.show(args.func(args), as_json=want_json, debug=args.debug)
+        outcome = args.func(args)
+        if args.command == "image" and getattr(args, "image", None) == "-":
+            # standard output holds the image: what is said of it goes to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                return render.show(outcome, as_json=want_json, debug=args.debug)
+        return render.show(outcome, as_json=want_json, debug=args.debug)
     except KeyboardInterrupt:
         errors.begin_cleanup()    # a Ctrl-C that Python dropped is not raised again from here
         return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)

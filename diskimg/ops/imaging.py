@@ -53,7 +53,7 @@ from diskimg.errors import (
     UsageError,
 )
 from diskimg.image.imagefile import ImageReader, ImageWriter, peek_header
-from diskimg.store import is_remote, open_directory, open_store
+from diskimg.store import is_remote, is_stream, open_directory, open_store
 from diskimg.transforms import TransformChain, writing_chain
 from diskimg.ops.pipeline import (
     IN_FLIGHT_BYTES,
@@ -132,6 +132,8 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
     if is_remote(image):
         _check_remote_image_path(image, force)
         return
+    if is_stream(image):
+        return      # standard output: checked (not a terminal) when the sink is made
     src = identity.identify(source.path)
     for path in (image, image + ".partial", *extra):
         ident = identity.identify(path)
@@ -202,6 +204,8 @@ def _check_replaceable(image: str) -> None:
 def check_no_children(image: str, search: tuple[str, ...] = ()) -> None:
     """Refuse to replace `image` when an image next to it (or in a search directory) was
     made against it: replacing it would break that image and every one after it."""
+    if is_stream(image):
+        return
     if is_remote(image):
         store, name = open_store(image)
         if store.exists(name):
@@ -291,7 +295,8 @@ def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path:
     chain = open_chain(ref_path, opts.search)
     keep = chain.images[-1] if opts.incremental else chain.images[0]
     try:
-        target = identity.identify(image_path) if not is_remote(image_path) else None
+        target = (identity.identify(image_path)
+                  if not is_remote(image_path) and not is_stream(image_path) else None)
         for img in chain.images:
             if target is None or img.local_path is None:
                 # an object: the new image is one of the chain only under the same name

@@ -26,7 +26,7 @@ from typing import Iterable
 from diskimg.errors import DiskimgError, UsageError
 
 __all__ = ["Store", "StoreReader", "StoreSink", "StoreStat", "open_store", "open_directory",
-           "is_remote", "S3_OPTIONS"]
+           "is_remote", "is_stream", "S3_OPTIONS"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,11 @@ class Store(ABC):
 S3_OPTIONS: dict[str, str | None] = {"endpoint_url": None}
 
 
+def is_stream(location: str) -> bool:
+    """Whether `location` is ``-``: standard output (image) or standard input (restore)."""
+    return str(location) == "-"
+
+
 def is_remote(location: str) -> bool:
     """Whether `location` is an object-storage URL (``s3://bucket/prefix/name``)."""
     return str(location)[:5].lower() == "s3://"
@@ -192,6 +197,9 @@ def open_store(location: str) -> tuple[Store, str]:
     location = str(location)
     if is_remote(location):
         return _s3().S3Store.for_url("s3://" + location[5:])
+    if location == "-":
+        from diskimg.store.stream import StreamStore
+        return StreamStore(), "-"
     from diskimg.store.local import LocalStore
     return LocalStore.for_file(location)
 
