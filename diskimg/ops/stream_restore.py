@@ -22,9 +22,8 @@ import time
 from typing import Callable
 
 from diskimg import format as fmt
-from diskimg.disk import identity  # noqa: F401  (the same target checks as restore)
 from diskimg.disk.blockdev import open_target
-from diskimg.errors import CorruptImage, DecodeError, DiskIOError, DiskimgError, UsageError
+from diskimg.errors import DecodeError, DiskIOError, DiskimgError, StreamEnded, UsageError
 from diskimg.image.imagefile import segment_runs
 from diskimg.image.records import decode_verified
 from diskimg.ops.restore import Overwrite, RestoreResult, Salvaged, _leave, check_target
@@ -36,11 +35,6 @@ from diskimg.units import human
 log = logging.getLogger(__name__)
 
 STREAM = "-"
-
-
-class StreamEnded(CorruptImage):
-    """The stream stopped before the image's end, or carried a damaged record (exit 1); the
-    message says what was written to the target."""
 
 
 def restore_stream(target: str, *, confirm: Callable | None = None, salvage: bool = False,
