@@ -204,3 +204,118 @@ def use_s3(monkeypatch, server: Server) -> None:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.setitem(S3_OPTIONS, "endpoint_url", None)
+
+
+class Relay:
+    """A TCP relay to a server on 127.0.0.1: a flaky or slow network, not a fake server (every
+    answer comes from the real one).  It listens on `host` (an address a network namespace
+    reaches, or 127.0.0.1), resets the first `resets` connections it is given, and with `rate`
+    passes at most that many bytes a second each way of each connection."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1", resets: int = 0,
+                 rate: int | None = None) -> None:
+        self.target = target_port
+        self.resets = resets
+        self.rate = rate
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(64)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.endpoint = f"http://{self.host}:{self.port}"
+        self.stopped = False
+        self._conns: list[socket.socket] = []
+        import threading
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import struct
+        import threading
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.resets > 0:
+                self.resets -= 1
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                continue
+            try:
+                up = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                conn.close()
+                continue
+            self._conns += [conn, up]
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        chunk = 1 << 16 if self.rate is None else max(1024, self.rate // 20)
+        try:
+            while data := a.recv(chunk):
+                b.sendall(data)
+                if self.rate is not None:
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stopped = True
+        self.sock.close()
+        for s in self._conns:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+class NetNamespace:
+    """A network namespace joined to the host by a veth pair: the host end is `host_ip`, the
+    namespace's `ns_ip` (a /30 of 10.231.N.0).  `prefix()` runs a command inside it."""
+
+    def __init__(self, name: str, n: int) -> None:
+        self.name = name
+        self.host_ip = f"10.231.{n}.1"
+        self.ns_ip = f"10.231.{n}.2"
+        self.veth = f"dimg{n}h"
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+        try:
+            for cmd in (["ip", "link", "add", self.veth, "type", "veth", "peer", "name",
+                         f"dimg{n}n", "netns", name],
+                        ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.veth],
+                        ["ip", "link", "set", self.veth, "up"],
+                        ["ip", "netns", "exec", name, "ip", "addr", "add", f"{self.ns_ip}/30",
+                         "dev", f"dimg{n}n"],
+                        ["ip", "netns", "exec", name, "ip", "link", "set", f"dimg{n}n", "up"],
+                        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"]):
+                subprocess.run(cmd, check=True, capture_output=True)
+        except BaseException:
+            self.delete()
+            raise
+
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+    @staticmethod
+    def works() -> bool:
+        """Whether network namespaces can be made here (root, ip, a kernel that allows it)."""
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            return False
+        name = f"diskimg-probe-{os.getpid()}"
+        r = subprocess.run(["ip", "netns", "add", name], capture_output=True)
+        if r.returncode != 0:
+            return False
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        return True

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import uuid
 
 import pytest
 from helpers import cli
-from s3servers import READ_ONLY_KEY, READ_ONLY_SECRET, SECRET_KEY, use_s3
+from s3servers import READ_ONLY_KEY, READ_ONLY_SECRET, SECRET_KEY, Relay, use_s3
 
 BS = 64 << 10
 MiB = 1 << 20
@@ -167,58 +165,9 @@ def test_endpoint_url_option(s3, tmp_path, monkeypatch):
     assert res.rc == 3 and len(res.err_lines) == 1 and "cannot reach the server" in res.err
 
 
-class _ResettingProxy:
-    """A TCP proxy to the server that resets the first `resets` connections it is given (a
-    flaky network, not a fake server: every answer comes from the real one)."""
-
-    def __init__(self, target_port: int, resets: int) -> None:
-        self.target = target_port
-        self.resets = resets
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.stopped = False
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        import struct
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.resets > 0:
-                self.resets -= 1
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
-                continue
-            up = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.stopped = True
-        self.sock.close()
-
-
 def test_transient_errors_are_retried_and_said_at_v(s3, tmp_path, monkeypatch):
     url = _roundtrip(s3, tmp_path)
-    proxy = _ResettingProxy(int(s3.endpoint.rsplit(":", 1)[1]), resets=2)
+    proxy = Relay(int(s3.endpoint.rsplit(":", 1)[1]), resets=2)
     try:
         monkeypatch.delenv("AWS_ENDPOINT_URL")
         res = cli("-v", "verify", url, "--endpoint-url", f"http://127.0.0.1:{proxy.port}")
