@@ -22,6 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+# the server helper talks to the server with boto3, which the repository's .venv holds (the
+# bench itself runs on the system's Python, with the standard library only)
+sys.path += [str(p) for p in sorted((REPO / ".venv" / "lib").glob("python3*/site-packages"))]
 from s3servers import SeaweedFS  # noqa: E402
 
 MiB = 1 << 20
@@ -72,7 +75,7 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
                  stages=[[diskimg, "image", src, url, "--force", "--no-progress"]]),
             dict(key="s3_upload", label="upload the image file (boto3, same client)",
                  stages=[[python, "-c", UPLOAD, str(out_img), BUCKET, "upload/disk.dimg", "up"]]),
-            *([dict(key="s3_restic", label="dd | restic backup --stdin",
+            *([dict(key="s3_restic", label="dd \\| restic backup --stdin",
                     stages=[["dd", f"if={src}", "bs=4M", "status=none"],
                             [restic, "-r", repo, "backup", "--stdin", "--stdin-filename",
                              "disk.img", "-q"]])] if restic else []),
@@ -85,7 +88,7 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
             dict(key="s3_download", label="download the image file (boto3, same client)",
                  stages=[[python, "-c", UPLOAD, str(down), BUCKET, "upload/disk.dimg", "down"]],
                  after=lambda rec: down.unlink(missing_ok=True)),
-            *([dict(key="s3_restic_restore", label="restic dump | dd conv=fsync",
+            *([dict(key="s3_restic_restore", label="restic dump \\| dd conv=fsync",
                     stages=[[restic, "-r", repo, "dump", "latest", "disk.img"],
                             ["dd", f"of={tgt}", "bs=4M", "conv=fsync", "status=none"]],
                     before=reset_target, after=fsck_target)] if restic else []),
@@ -119,7 +122,7 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
                                   "s3_restic", None),
                                  ("restore from S3 vs downloading the file", "s3_restore",
                                   "s3_download", GOALS["restore"]),
-                                 ("restore from S3 vs restic dump | dd", "s3_restore",
+                                 ("restore from S3 vs restic dump \\| dd", "s3_restore",
                                   "s3_restic_restore", None)):
             ra, rb = bench.results.get(a), bench.results.get(b)
             if not (ra and rb and ra["ok"] and rb["ok"]):

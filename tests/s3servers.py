@@ -38,8 +38,11 @@ def free_ports(n: int) -> list[int]:
 
 
 def _bin(name: str) -> str | None:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else shutil.which(name)
+    """`name` beside this Python, in the repository's .venv, or on PATH."""
+    for d in (Path(sys.executable).parent, Path(__file__).resolve().parents[1] / ".venv" / "bin"):
+        if (d / name).exists():
+            return str(d / name)
+    return shutil.which(name)
 
 
 class Server:

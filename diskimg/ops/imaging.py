@@ -526,7 +526,8 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
 
     # the most the image may take: each block read stored whole (plus its record header), and
     # the index (object storage sizes its upload parts by it)
-    hint = sum(n for _, n in to_read) + header.blocks * (fmt.ENTRY_SIZE + 64) + (1 << 20)
+    hint = sum(n + (n // bs + 1) * fmt.RECORD_HEADER_SIZE for _, n in to_read) + \
+        header.blocks * fmt.ENTRY_SIZE + (1 << 20)
     writer = ImageWriter(image_path, header, size_hint=hint)   # removes its partial if it fails
     # a device is read with O_DIRECT: on the benchmark disk, reading through the page cache
     # cost 0.5-0.66 s of system time (read-ahead, copy, invalidation), O_DIRECT 0.07-0.14 s

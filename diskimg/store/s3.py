@@ -28,8 +28,10 @@ about 0.3 s to import, which no local command pays.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -55,9 +57,9 @@ MAX_PART = 5 << 30            # S3's maximum
 MAX_PARTS = 10_000
 PLANNED_PARTS = 9_000         # parts the hint is spread over: room for a short hint
 UPLOADS_IN_FLIGHT = 4
-WINDOW = 8 * MiB              # a read-ahead window of sequential reads
-AHEAD = 4                     # windows fetched ahead of a sequential reader
-KEEP = 12                     # windows kept (the ones ahead and a few behind)
+WINDOW = 4 * MiB              # a read-ahead window of sequential reads
+AHEAD = 6                     # windows fetched ahead of a sequential reader
+KEEP = AHEAD + 2              # windows kept (the ones ahead, the current one, one behind)
 ATTEMPTS = 6                  # tries of one request (0.25 s .. 8 s apart, with jitter)
 
 _ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -206,14 +208,27 @@ class S3Reader(StoreReader):
         self._last_end: int | None = None
         self._pool: ThreadPoolExecutor | None = None
 
-    def _get(self, start: int, end: int) -> bytes:
+    def _get(self, start: int, end: int) -> bytes | bytearray:
         """Bytes [start, end) of the object (end within it), retried as a whole."""
         client = _client()
 
-        def call() -> bytes:
+        def call() -> bytes | bytearray:
             r = client.get_object(Bucket=self.store.bucket, Key=self.key,
                                   Range=f"bytes={start}-{end - 1}")
-            return r["Body"].read()
+            body = r["Body"]
+            try:
+                # into one buffer of the final size: reading whole would hold the received
+                # chunks and their join at once, twice the range
+                buf = bytearray(end - start)
+                view, got = memoryview(buf), 0
+                while got < len(buf):
+                    n = body.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                return buf if got == len(buf) else buf[:got]
+            finally:
+                body.close()
 
         data = _retrying(self.path, "read the image", call)
         if len(data) != end - start:
@@ -245,15 +260,17 @@ class S3Reader(StoreReader):
         last_end, self._last_end = self._last_end, end
         sequential = last_end is not None and abs(offset - last_end) <= 2 * WINDOW
         if not sequential or end - offset > 2 * WINDOW:
-            return self._get(offset, end)
+            return bytes(self._get(offset, end))
         first, last = offset // WINDOW, (end - 1) // WINDOW
         windows = self.size // WINDOW + 1
         for i in range(last + 1, min(last + 1 + AHEAD, windows)):
             self._window(i)
-        chunks = [self._window(i) for i in range(first, last + 1)]
-        data = b"".join(f.result() for f in chunks)
-        cut = offset - first * WINDOW
-        return data[cut:cut + end - offset]
+        futures = [(i, self._window(i)) for i in range(first, last + 1)]
+        pieces = []
+        for i, fut in futures:
+            window, base = fut.result(), i * WINDOW
+            pieces.append(memoryview(window)[max(offset, base) - base:min(end, base + WINDOW) - base])
+        return b"".join(pieces)
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
         view = memoryview(buf).cast("B")
@@ -271,8 +288,45 @@ class S3Reader(StoreReader):
 
 # -- writing ---------------------------------------------------------------------------------
 
+class _PartBody(io.RawIOBase):
+    """A part's bytes as the file the client reads (and rewinds to sign and to retry), over a
+    pooled buffer: no copy of the part is made."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+
 class S3Sink(StoreSink):
-    """A multipart upload fed by `write`; see the module docstring."""
+    """A multipart upload fed by `write`; see the module docstring.  Parts are filled in a
+    fixed pool of UPLOADS_IN_FLIGHT + 1 buffers allocated once: one being filled, the others
+    being uploaded; `write` waits for a free one.  Memory is that pool whatever the image's
+    size (buffers allocated and freed per part would fragment the heap of a process whose
+    threads all allocate: its resident size grew to twice the parts' size in a test)."""
 
     def __init__(self, store: S3Store, name: str, size_hint: int | None) -> None:
         self.store = store
@@ -281,25 +335,30 @@ class S3Sink(StoreSink):
         self.partial_path = self.path + " (unfinished upload)"
         self.pos = 0
         self.part_size = part_size_for(size_hint)
-        self._buf = bytearray()
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._buffers = 1
+        self._buf = bytearray(self.part_size)
+        self._fill = 0
         self._upload_id: str | None = None
         self._parts: list[Future] = []
-        self._slots = threading.BoundedSemaphore(UPLOADS_IN_FLIGHT)
         self._pool: ThreadPoolExecutor | None = None
         self._done = False
         store.abort_unfinished(name)
 
     def write(self, parts: Iterable[bytes | memoryview]) -> None:
         for p in parts:
-            self._buf += p
-            self.pos += len(p)
-        while len(self._buf) >= self._next_size():
-            n = self._next_size()
-            data = bytes(self._buf[:n])
-            del self._buf[:n]
-            self._send(data)
+            view = memoryview(p).cast("B")
+            self.pos += len(view)
+            while view:
+                room = len(self._buf) - self._fill
+                n = min(room, len(view))
+                self._buf[self._fill:self._fill + n] = view[:n]
+                self._fill += n
+                view = view[n:]
+                if self._fill == len(self._buf):
+                    self._send()
 
-    def _next_size(self) -> int:
+    def _part_size(self) -> int:
         done = len(self._parts)
         if done < PLANNED_PARTS:
             return self.part_size
@@ -309,35 +368,62 @@ class S3Sink(StoreSink):
     def _client_call(self, what: str, call: Callable[[], T]) -> T:
         return _retrying(self.path, what, call)
 
-    def _send(self, data: bytes) -> None:
+    def _next_buffer(self) -> bytearray:
+        """A free buffer for the next part: a new one while the pool is not full, else the
+        first one an upload gives back."""
+        size = self._part_size()
+        try:
+            buf = self._free.get_nowait()
+        except queue.Empty:
+            if self._buffers <= UPLOADS_IN_FLIGHT:
+                self._buffers += 1
+                return bytearray(size)
+            while True:
+                try:
+                    buf = self._free.get(timeout=1)
+                    break
+                except queue.Empty:
+                    self._raise_failed()
+        if len(buf) != size:
+            buf = bytearray(size)        # past 9,000 parts: larger parts
+        return buf
+
+    def _raise_failed(self) -> None:
+        """Raise the error of a part that failed for good (it stops the whole upload)."""
+        for fut in self._parts:
+            if fut.done() and fut.exception() is not None:
+                fut.result()
+
+    def _send(self) -> None:
+        """Upload the filled buffer as the next part (in the background)."""
         client = _client()
         if self._upload_id is None:
             r = self._client_call("start the upload", lambda: client.create_multipart_upload(
                 Bucket=self.store.bucket, Key=self.key))
             self._upload_id = r["UploadId"]
             self._pool = ThreadPoolExecutor(UPLOADS_IN_FLIGHT, thread_name_prefix="s3-upload")
-            log.info("%s: multipart upload of %s parts", self.path,
-                     f"{self.part_size // MiB} MiB")
+            log.info("%s: multipart upload in parts of %d MiB", self.path, self.part_size // MiB)
         if len(self._parts) >= MAX_PARTS:
             raise OperationFailed(f"{self.path}: more than {MAX_PARTS} parts", path=self.path)
-        for fut in self._parts:       # fail early: a part that failed for good stops it all
-            if fut.done() and fut.exception() is not None:
-                fut.result()
-        self._slots.acquire()          # at most UPLOADS_IN_FLIGHT parts held in memory
+        self._raise_failed()
         number = len(self._parts) + 1
         upload_id = self._upload_id
+        buf, length = self._buf, self._fill
         assert self._pool is not None
 
         def upload() -> dict:
             try:
+                view = memoryview(buf)[:length]
                 r = self._client_call(f"upload part {number}", lambda: client.upload_part(
                     Bucket=self.store.bucket, Key=self.key, UploadId=upload_id,
-                    PartNumber=number, Body=data))
+                    PartNumber=number, Body=_PartBody(view), ContentLength=length))
                 return {"PartNumber": number, "ETag": r["ETag"]}
             finally:
-                self._slots.release()
+                self._free.put(buf)
 
         self._parts.append(self._pool.submit(upload))
+        self._buf = self._next_buffer()
+        self._fill = 0
 
     def sync(self) -> None:
         """Nothing is durable before the upload completes (rescue does not write here)."""
@@ -346,14 +432,12 @@ class S3Sink(StoreSink):
         client = _client()
         try:
             if self._upload_id is None:   # small enough for one request
-                data = bytes(self._buf)
+                data = bytes(memoryview(self._buf)[:self._fill])
                 self._client_call("upload the image", lambda: client.put_object(
                     Bucket=self.store.bucket, Key=self.key, Body=data))
             else:
-                if self._buf:
-                    data = bytes(self._buf)
-                    self._buf = bytearray()
-                    self._send(data)
+                if self._fill:
+                    self._send()
                 parts = [f.result() for f in self._parts]
                 upload_id = self._upload_id
                 self._client_call("complete the upload", lambda: client.complete_multipart_upload(
@@ -370,6 +454,12 @@ class S3Sink(StoreSink):
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self._buf = bytearray()
+        self._fill = 0
+        while True:
+            try:
+                self._free.get_nowait()
+            except queue.Empty:
+                break
 
     def abort(self) -> None:
         self._shutdown()
