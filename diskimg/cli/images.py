@@ -163,12 +163,12 @@ def _confirm(args: argparse.Namespace) -> Callable:
 
 def _cmd_restore(args: argparse.Namespace) -> render.RestoreDone:
     if args.image == "-":
-        if args.only_changed or args.verify or args.search:
-            raise UsageError("restore -: --only-changed, --verify and --search need an image "
-                             "file (a stream is read once, front to back)")
+        if args.only_changed or args.verify:
+            raise UsageError("restore -: --only-changed and --verify need an image file (a "
+                             "stream is read once, front to back)")
         with render.Bar("restoring", args.no_progress or args.json) as bar:
             result = stream_restore.restore_stream(
-                args.target, confirm=_confirm(args), salvage=args.salvage,
+                args.target, search=args.search, confirm=_confirm(args), salvage=args.salvage,
                 keep_partial=args.keep_partial, progress=bar)
         return render.RestoreDone(args.image, args.target, False, result)
     with render.Bar("restoring", args.no_progress or args.json) as bar:

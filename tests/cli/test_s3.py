@@ -222,3 +222,29 @@ def test_json_keeps_urls(s3, tmp_path):
     assert res.rc == 0 and res.json["path"] == url
     res = cli("verify", url, "--json", "--search", s3.prefix)
     assert res.rc == 0 and json.dumps(res.json).count(url) >= 1
+
+
+def test_incremental_stream_against_a_parent_in_the_store(s3, tmp_path):
+    """`image SRC - --incremental s3://...` streams an incremental whose parent is in the store;
+    `restore - TARGET --search s3://prefix/` restores it, reading the parent from the store."""
+    import subprocess
+
+    from helpers import PYTHON
+    src = _source(tmp_path / "src.raw", size=8 * MiB, data=4 * MiB)
+    full = s3.prefix + "full.dimg"
+    assert cli("image", src, full).rc == 0
+    with open(src, "r+b") as f:
+        f.seek(6 * MiB)
+        f.write(os.urandom(50_000))
+    env = {**os.environ}
+    inc = tmp_path / "inc.dimg"
+    with open(inc, "wb") as out:
+        r = subprocess.run([PYTHON, "-m", "diskimg", "image", str(src), "-", "--incremental",
+                            full], stdout=out, stderr=subprocess.PIPE, env=env)
+    assert r.returncode == 0, r.stderr
+    target = tmp_path / "out.raw"
+    with open(inc, "rb") as f:
+        r = subprocess.run([PYTHON, "-m", "diskimg", "restore", "-", str(target), "--search",
+                            s3.prefix], stdin=f, capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == src.read_bytes()

@@ -3,6 +3,7 @@
 Run as real processes joined by real pipes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -54,11 +55,21 @@ def test_incremental_to_stdout_with_its_parent_reachable(tmp_path):
     res = cli("restore", tmp_path / "inc.dimg", tmp_path / "out.raw")
     assert res.rc == 0, res.err
     assert (tmp_path / "out.raw").read_bytes() == src.read_bytes()
-    # a stream restore takes whole images only: refused before anything is written
+    # restored from a stream, its parent found in --search (by UUID: renamed there)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "full.dimg").rename(elsewhere / "monday.dimg")
     with open(tmp_path / "inc.dimg", "rb") as f:
         r = _diskimg("restore", "-", tmp_path / "none.raw", stdin=f)
-    assert r.returncode == 2 and b"incremental" in r.stderr
+    assert r.returncode == 2 and b"parent image" in r.stderr    # refused before writing
     assert not (tmp_path / "none.raw").exists()
+    target = tmp_path / "old.raw"
+    target.write_bytes(os.urandom(8 * MiB))
+    with open(tmp_path / "inc.dimg", "rb") as f:
+        r = _diskimg("restore", "-", target, "--yes", "--search", elsewhere, "--json", stdin=f)
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == src.read_bytes()
+    assert json.loads(r.stdout)["chain_paths"] == [str(elsewhere / "monday.dimg"), "-"]
 
 
 def test_restore_from_stdin_zeroes_what_the_index_says(tmp_path):
