@@ -113,7 +113,7 @@ class Server:
             except ProcessLookupError:
                 pass
             try:
-                proc.wait(3)
+                proc.wait(1)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
