@@ -226,7 +226,9 @@ class S3Reader(StoreReader):
                     if not n:
                         break
                     got += n
-                return buf if got == len(buf) else buf[:got]
+                if got != len(buf):    # the connection ended early: retried like a reset
+                    raise bce.IncompleteReadError(actual_bytes=got, expected_bytes=len(buf))
+                return buf
             finally:
                 body.close()
 
