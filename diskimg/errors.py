@@ -186,6 +186,12 @@ class TruncatedImage(CorruptImage):
         self.size = size
 
 
+class StreamEnded(CorruptImage):
+    """A restore from a stream (standard input) that stopped: the stream ended before the
+    image's end, or carried a damaged record (exit 1).  ``path``: "-"; the message says what
+    was written to the target."""
+
+
 class MetadataError(CorruptImage):
     """Header, footer or trailer metadata that fails its checks: the whole image is unusable
     (exit 1).  ``path``, ``part`` ("header", "trailer" or "footer") and ``reason``."""

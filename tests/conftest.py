@@ -112,3 +112,33 @@ def no_default_parity():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(defaults, "DEFAULT_PARITY", 0)
         yield
+
+# -- S3 servers (tests/s3servers.py): started once per session, stopped whatever happens ----
+
+def _server_fixture(cls, bucket: str):
+    from s3servers import MotoServer, SeaweedFS  # noqa: F401
+    if cls.available() is None:
+        pytest.skip(f"{cls.name} is not installed (scripts/test installs it)")
+    server = cls()
+    try:
+        server.start()
+        server.make_bucket(bucket)
+        server.bucket = bucket
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs():
+    """A SeaweedFS S3 server on 127.0.0.1 with the bucket `diskimg` (see tests/s3servers.py)."""
+    from s3servers import SeaweedFS
+    yield from _server_fixture(SeaweedFS, "diskimg")
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """moto's S3 server on 127.0.0.1 with the bucket `diskimg`."""
+    from s3servers import MotoServer
+    yield from _server_fixture(MotoServer, "diskimg")
+

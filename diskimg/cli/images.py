@@ -20,6 +20,7 @@ from diskimg.cli.lazy import (
     repair,
     rescue,
     restore,
+    stream_restore,
     verify,
 )
 from diskimg.cli.options import chain_options, common, key_options, size_arg, threads
@@ -35,7 +36,8 @@ def _add_image(sub) -> None:
     p = sub.add_parser("image", parents=[common()], help="image a block device or file",
                        description="Read SOURCE block by block into the image file IMAGE.")
     p.add_argument("source", metavar="SOURCE", help="block device or regular file to image")
-    p.add_argument("image", metavar="IMAGE", help="image file to write")
+    p.add_argument("image", metavar="IMAGE",
+                   help="image file to write, s3://BUCKET/PREFIX/NAME, or - (standard output)")
     p.add_argument("--block-size", type=size_arg, default=None, metavar="SIZE",
                    help=f"power of two, 64K to 16M (default: {human(defaults.DEFAULT_BLOCK_SIZE)}; "
                         f"a changed-block image uses its parent's)")
@@ -216,7 +218,8 @@ def _add_restore(sub) -> None:
     p = sub.add_parser("restore", parents=[common()], help="restore an image to a device or file",
                        description="Write IMAGE (resolving its chain) to TARGET block by block, "
                                    "verifying every block before it is written.")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE",
+                   help="image file, s3://BUCKET/PREFIX/NAME, or - (standard input)")
     p.add_argument("target", metavar="TARGET", help="block device or file (created if missing)")
     p.add_argument("--yes", "-y", action="store_true",
                    help="overwrite an existing TARGET without asking")
@@ -258,6 +261,15 @@ def _confirm(args: argparse.Namespace) -> Callable:
 
 
 def _cmd_restore(args: argparse.Namespace) -> render.RestoreDone:
+    if args.image == "-":
+        if args.only_changed or args.verify:
+            raise UsageError("restore -: --only-changed and --verify need an image file (a "
+                             "stream is read once, front to back)")
+        with render.Bar("restoring", args.no_progress or args.json) as bar:
+            result = stream_restore.restore_stream(
+                args.target, search=args.search, confirm=_confirm(args), salvage=args.salvage,
+                keep_partial=args.keep_partial, progress=bar)
+        return render.RestoreDone(args.image, args.target, False, result)
     with render.Bar("restoring", args.no_progress or args.json) as bar:
         result = restore.restore_image(
             args.image, args.target, search=args.search, only_changed=args.only_changed,

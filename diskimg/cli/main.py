@@ -10,6 +10,7 @@ modules are imported when a command first uses them (``lazy.py``), so ``--help``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from diskimg.cli import backup, devices, images, keys, monitor, mounts
 from diskimg.cli.lazy import render
 from diskimg.cli.options import Parser, common, credentials
 from diskimg.crypto import keyring
+from diskimg.store import S3_OPTIONS, is_remote
 from diskimg.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -103,13 +105,18 @@ _PATH_ARGS = ("source", "image", "target", "incremental", "differential", "mapfi
               "mountpoint", "out")
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute; an s3:// URL or "-" (a stream) as it is."""
+    return path if path == "-" or is_remote(path) else os.path.abspath(path)
+
+
 def _absolute_paths(args: argparse.Namespace) -> None:
     for name in _PATH_ARGS:
         value = getattr(args, name, None)
         if isinstance(value, str) and value:
-            setattr(args, name, os.path.abspath(value))
+            setattr(args, name, _absolute(value))
     if isinstance(getattr(args, "search", None), list):
-        args.search = [os.path.abspath(d) for d in args.search]
+        args.search = [_absolute(d) for d in args.search]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         if want_json:
             _absolute_paths(args)
         _setup_logging(args)
+        S3_OPTIONS["endpoint_url"] = getattr(args, "endpoint_url", None)
         creds = credentials(args, confirm=getattr(args, "encrypt", False)
                             and not getattr(args, "incremental", None)
                             and not getattr(args, "differential", None))
         with keyring.using(creds):
-            return render.show(args.func(args), as_json=want_json, debug=args.debug)
+            outcome = args.func(args)
+            if args.command == "image" and getattr(args, "image", None) == "-":
+                # standard output holds the image: what is said of it goes to stderr
+                with contextlib.redirect_stdout(sys.stderr):
+                    return render.show(outcome, as_json=want_json, debug=args.debug)
+            return render.show(outcome, as_json=want_json, debug=args.debug)
     except KeyboardInterrupt:
         errors.begin_cleanup()    # a Ctrl-C that Python dropped is not raised again from here
         return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)

@@ -51,6 +51,9 @@ def common(top: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="debug logging, tracebacks on errors",
                    **default)
     p.add_argument("--log-file", metavar="FILE", help="also write the log to FILE", **default)
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="the S3 server of s3:// images (default: AWS_ENDPOINT_URL, the "
+                        "profile's endpoint_url, or AWS)", **default)
     return p
 
 

@@ -51,8 +51,20 @@ def find_parent(child: ImageReader, search: Iterable[str] = (),
     (replaced parent)."""
     ref = child.header.parent
     assert ref is not None
+    return find_image(ref, _search_stores(child, search, near), child.path,
+                      exclude_identity=child.reader.stat.identity,
+                      exclude_name=(child.store.location, child.name))
+
+
+def find_image(ref: dict, stores: list[Store], child_path: str, *,
+               exclude_identity: tuple = (),
+               exclude_name: tuple[str, str] | None = None) -> ImageReader:
+    """Open the image a child's parent reference `ref` (uuid, name, index_sha256) names,
+    looked for in `stores` in order, by name and then by UUID among every image there; the
+    index digest proves it is the very image.  `child_path` names the child in errors (a path,
+    or "-" for a stream); the child itself (`exclude_*`) is never taken for its parent.  Raises
+    MissingParent, ChainError (replaced parent) or PermissionDenied."""
     uuid, name, digest = ref["uuid"], ref["name"], ref["index_sha256"]
-    stores = _search_stores(child, search, near)
     impostors: list[str] = []
     # by recorded name first, then any image in those stores with the right UUID
     candidates = [(store, name) for store in stores]
@@ -61,14 +73,13 @@ def find_parent(child: ImageReader, search: Iterable[str] = (),
             candidates += [(store, n) for n in store.list() if n != name]
         except DiskimgError:
             continue
-    me = child.reader.stat.identity
     for store, found_name in candidates:
         try:
             st = store.stat(found_name)
         except DiskimgError:
             continue
-        if not st.is_file or (me and st.identity == me) or \
-                (store.location, found_name) == (child.store.location, child.name):
+        if not st.is_file or (exclude_identity and st.identity == exclude_identity) or \
+                (store.location, found_name) == exclude_name:
             continue
         path = store.path(found_name)
         try:
@@ -85,11 +96,11 @@ def find_parent(child: ImageReader, search: Iterable[str] = (),
         if parent.index_sha256 != digest:
             parent.close()
             raise ChainError(f"{path}: has the parent's UUID {uuid} but a different index "
-                             f"(digest {parent.index_sha256[:16]}…, child {child.path} expects "
+                             f"(digest {parent.index_sha256[:16]}…, child {child_path} expects "
                              f"{digest[:16]}…): it is not the image the child was made against")
         return parent
     if impostors:
-        raise ChainError(f"parent image {uuid} ({name}) of {child.path} not found: "
+        raise ChainError(f"parent image {uuid} ({name}) of {child_path} not found: "
                          + "; ".join(impostors) + " (replaced by a different image?)")
     for store in stores:  # not found because a directory may not be searched: say so
         try:
@@ -98,7 +109,7 @@ def find_parent(child: ImageReader, search: Iterable[str] = (),
             raise PermissionDenied(err.path, "look for the parent image") from err
         except DiskimgError:
             pass
-    raise MissingParent(uuid, name, [store.location for store in stores], child.path)
+    raise MissingParent(uuid, name, [store.location for store in stores], child_path)
 
 
 @dataclass
@@ -150,10 +161,12 @@ class Chain:
             entry = self.images[level].entry(block)
 
 
-def open_chain(path: str, search: Iterable[str] = ()) -> Chain:
-    """Open the image at `path` and every image it depends on, checking they fit together."""
+def open_chain(path: str | ImageReader, search: Iterable[str] = ()) -> Chain:
+    """Open the image at `path` (or the open image `path`, which the chain then owns) and every
+    image it depends on, checking they fit together."""
     search = list(search)
-    leaf = ImageReader(path)
+    leaf = path if isinstance(path, ImageReader) else ImageReader(path)
+    path = leaf.path
     images = [leaf]
     try:
         while images[0].header.parent is not None:

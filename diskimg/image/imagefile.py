@@ -513,10 +513,11 @@ class ImageWriter:
     makes it complete and publishes it under its name."""
 
     def __init__(self, path: str, header: fmt.Header, resume_at: int | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, size_hint: int | None = None) -> None:
         """Start ``PATH.partial`` afresh, or with `resume_at` reopen an existing one and go on
         appending records after its first `resume_at` bytes (a resumed rescue).  With `store`,
-        `path` is a name in it."""
+        `path` is a name in it.  `size_hint`: the most the image may take (object storage
+        sizes its upload parts by it)."""
         if store is None:
             store, name = open_store(str(path))
         else:
@@ -528,14 +529,16 @@ class ImageWriter:
         self.partial = store.path(store.partial_name(name))
         self.header = header
         if header.parity is None:
-            self.sink: StoreSink = store.create(name, resume_at=resume_at)
+            self.sink: StoreSink = store.create(name, resume_at=resume_at,
+                                                size_hint=size_hint)
         else:
             from diskimg.image import parity
             resume = None
             if resume_at is not None:   # the logical offset: cut where it lies in the file
                 with store.open(store.partial_name(name)) as raw:
                     resume_at, resume = parity.resume_point(raw, header.parity, resume_at)
-            self.sink = parity.ParitySink(store.create(name, resume_at=resume_at),
+            self.sink = parity.ParitySink(store.create(name, resume_at=resume_at,
+                                                       size_hint=size_hint),
                                           header.parity, header.pack(), resume,
                                           write_through=header.extra.get("rescue") is True)
         if resume_at is None:

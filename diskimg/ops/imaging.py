@@ -56,7 +56,7 @@ from diskimg.errors import (
 )
 from diskimg.crypto import keyring
 from diskimg.image.imagefile import ImageReader, ImageWriter, peek_header
-from diskimg.store import open_directory, open_store
+from diskimg.store import is_remote, is_stream, open_directory, open_store
 from diskimg.transforms import TransformChain, writing_chain
 from diskimg.ops.pipeline import (
     IN_FLIGHT_BYTES,
@@ -168,6 +168,11 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
     resumes it), an interrupted rescue's partial file is refused too: starting over would
     discard it.  (check_no_children, after the chain is loaded, refuses to replace an image
     that others depend on.)"""
+    if is_remote(image):
+        _check_remote_image_path(image, force)
+        return
+    if is_stream(image):
+        return      # standard output: checked (not a terminal) when the sink is made
     src = identity.identify(source.path)
     for path in (image, image + ".partial", *extra):
         ident = identity.identify(path)
@@ -200,6 +205,16 @@ def check_image_path(image: str, source: Source, force: bool, extra: tuple[str, 
                                       f"image to another disk")
 
 
+def _check_remote_image_path(image: str, force: bool) -> None:
+    """An image in object storage cannot be the source nor lie on it; an existing object is
+    replaced only with --force, and only when it is an image."""
+    store, name = open_store(image)
+    if store.exists(name):
+        if not force:
+            raise UsageError(f"{image}: already exists; use --force to overwrite it")
+        _check_replaceable(image)
+
+
 def _check_replaceable(image: str) -> None:
     """What --force may replace: a diskimg image (its header magic) that no loop device reads.
     A disk's file (`image /dev/sdb /var/vm.img --force`), or any other file, is never
@@ -216,6 +231,8 @@ def _check_replaceable(image: str) -> None:
                               path=image) from err
     if magic != fmt.HEADER_MAGIC:
         raise UnsafeTarget(image, "is not a diskimg image; --force replaces only images")
+    if store.local_path(name) is None:
+        return
     loops = identity.loops_backed_by(image)
     if loops:
         raise UnsafeTarget(image, f"backs the loop device {', '.join(loops)}; --force never "
@@ -226,7 +243,13 @@ def _check_replaceable(image: str) -> None:
 def check_no_children(image: str, search: tuple[str, ...] = ()) -> None:
     """Refuse to replace `image` when an image next to it (or in a search directory) was
     made against it: replacing it would break that image and every one after it."""
-    if os.path.isfile(image):
+    if is_stream(image):
+        return
+    if is_remote(image):
+        store, name = open_store(image)
+        if store.exists(name):
+            _check_no_children(image, search)
+    elif os.path.isfile(image):
         _check_no_children(image, search)
 
 
@@ -238,7 +261,9 @@ def _check_no_children(image: str, search: tuple[str, ...]) -> None:
     if header is None:
         return      # not an image (or a damaged one): nothing can depend on it
     uuid = header.uuid
-    me = identity.identify(image)
+    mine = store.local_path(name)
+    me = identity.identify(mine) if mine is not None else None
+    me_remote = (store.location, name)
     locations = dict.fromkeys([store.location] + [open_directory(d).location for d in search])
     for location in locations:
         there = open_directory(location)
@@ -249,7 +274,10 @@ def _check_no_children(image: str, search: tuple[str, ...]) -> None:
         for name in names:
             path = there.path(name)
             local = there.local_path(name)
-            if local is not None and identity.same(identity.identify(local), me):
+            if me is not None and local is not None and \
+                    identity.same(identity.identify(local), me):
+                continue
+            if (there.location, name) == me_remote:
                 continue
             child = peek_header(there, name)
             parent = child.parent if child is not None else None
@@ -308,11 +336,16 @@ def _load_reference(opts: ImageOptions, source: Source, ident: dict, image_path:
     chain = open_chain(ref_path, opts.search)
     keep = chain.images[-1] if opts.incremental else chain.images[0]
     try:
-        target = identity.identify(image_path)
+        target = (identity.identify(image_path)
+                  if not is_remote(image_path) and not is_stream(image_path) else None)
         for img in chain.images:
-            if img.local_path is None:   # not a local file: the new image cannot be it
-                continue
-            why = identity.overlap(target, identity.identify(img.local_path))
+            if target is None or img.local_path is None:
+                # an object: the new image is one of the chain only under the same name
+                if img.path != image_path:
+                    continue
+                why = "the same object"
+            else:
+                why = identity.overlap(target, identity.identify(img.local_path))
             if why:
                 what = ("the parent image itself" if img is chain.images[-1] and opts.incremental
                         else f"image {img.uuid} of {ref_path}'s chain")
@@ -540,7 +573,11 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
             ref_chain: Chain | None, progress: Progress | None, started: float,
             mounted_rw: list[str]) -> ImageResult:
     ref = ref_chain.leaf if ref_chain is not None else None
-    parent_pages = ParentPages(ref_chain) if ref_chain is not None and opts.delta else None
+    # a stream (image to "-") is written without parity and delta records, unless asked for:
+    # `diskimg restore -` reads records front to back and does not unwrap either yet
+    stream = is_stream(image_path)
+    parent_pages = ParentPages(ref_chain) if ref_chain is not None and opts.delta \
+        and not stream else None
     if parent_pages is not None and not parent_pages.available:
         parent_pages = None      # a chain written before page hashes: whole blocks only
     bs = ref.header.block_size if ref is not None else opts.block_size or DEFAULT_BLOCK_SIZE
@@ -576,7 +613,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         transforms=transforms.table, digest=digest,
         # an image that may hold delta records says so: a reader that cannot resolve them
         # refuses it instead of reporting its delta blocks as damaged
-        **with_features(parity_fields(opts.parity),
+        **with_features(parity_fields(0 if stream and opts.parity is None else opts.parity),
                         ((fmt.ENCRYPTED,) if keys else ())
                         + ((fmt.FEATURE_DELTA,) if parent_pages is not None else ())),
     )
@@ -587,7 +624,11 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
                   else list(data_ranges(source.fd, source.size)))
     to_read = ranges.intersect(data_spans, used)
 
-    writer = ImageWriter(image_path, header)   # removes its partial file if it fails
+    # the most the image may take: each block read stored whole (plus its record header), and
+    # the index (object storage sizes its upload parts by it)
+    hint = sum(n + (n // bs + 1) * fmt.RECORD_HEADER_SIZE for _, n in to_read) + \
+        header.blocks * fmt.ENTRY_SIZE + (1 << 20)
+    writer = ImageWriter(image_path, header, size_hint=hint)   # removes its partial if it fails
     # a device is read with O_DIRECT: on the benchmark disk, reading through the page cache
     # cost 0.5-0.66 s of system time (read-ahead, copy, invalidation), O_DIRECT 0.07-0.14 s
     direct_fd = open_direct(source.path) if source.is_block else None
@@ -644,7 +685,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         blocks=header.blocks, stored_blocks=stats.stored_blocks, zero_blocks=stats.zero_blocks,
         unused_blocks=stats.unused_blocks, unchanged_blocks=unchanged,
         changed_blocks=changed, stored_bytes=stats.stored_bytes,
-        image_bytes=os.path.getsize(image_path), read_bytes=stages.read_bytes,
+        image_bytes=writer.pos, read_bytes=stages.read_bytes,
         seconds=time.monotonic() - started, parent=parent["uuid"] if parent else None,
         chain=chain, unchanged_zero_blocks=unchanged_zero,
         delta_blocks=stats.delta_blocks,

@@ -41,7 +41,7 @@ from diskimg.errors import DiskimgError, DiskIOError, Interrupted, MapfileError
 from diskimg.errors import OperationFailed, ReadError, UsageError
 from diskimg.image.imagefile import ImageWriter, read_record_data, scan_records
 from diskimg.image.imagefile import unlock_header
-from diskimg.store import open_store
+from diskimg.store import is_remote, open_store
 from diskimg.ops.imaging import (
     ImageResult,
     check_block_size,
@@ -498,6 +498,10 @@ def rescue_image(source_path: str, image_path: str, opts: RescueOptions = Rescue
     an interrupted rescue away).  Raises Interrupted (keeping the partial image and the map),
     DiskIOError (the image, the mapfile, or a source read the system refuses: a ReadError) and
     the errors of imaging.create_image."""
+    if is_remote(image_path):
+        raise UsageError(f"{image_path}: a rescue writes a local image (it resumes from what "
+                         f"an interrupted run kept); rescue to a local disk, then copy the "
+                         f"image to object storage")
     check_block_size(opts.block_size)
     if opts.digest is not None and opts.digest not in fmt.KNOWN_DIGESTS:
         raise UsageError(f"--digest {opts.digest}: one of {', '.join(fmt.KNOWN_DIGESTS)} "

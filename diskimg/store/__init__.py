@@ -26,7 +26,7 @@ from typing import Iterable
 from diskimg.errors import DiskimgError, UsageError
 
 __all__ = ["Store", "StoreReader", "StoreSink", "StoreStat", "BytesReader", "open_store",
-           "open_directory"]
+           "open_directory", "is_remote", "is_stream", "S3_OPTIONS"]
 
 
 @dataclass(frozen=True)
@@ -166,10 +166,12 @@ class Store(ABC):
         """Raises NotAnImage (no such name), PermissionDenied or DiskIOError ("open")."""
 
     @abstractmethod
-    def create(self, name: str, resume_at: int | None = None) -> StoreSink:
+    def create(self, name: str, resume_at: int | None = None,
+               size_hint: int | None = None) -> StoreSink:
         """A sink publishing `name` on commit; with `resume_at` (resumable stores), the
         unpublished data an earlier sink of `name` left, cut to its first `resume_at` bytes,
-        to be appended to."""
+        to be appended to.  `size_hint` is the most the object may hold, if known (object
+        storage sizes its upload parts by it)."""
 
     @abstractmethod
     def delete(self, name: str) -> None:
@@ -195,16 +197,40 @@ class Store(ABC):
         return True
 
 
-def _check_scheme(location: str) -> None:
-    if location.lower().startswith("s3://"):
-        raise UsageError(f"{location}: object storage is not supported yet")
+#: what the command line says of object storage (``--endpoint-url``), for diskimg.store.s3,
+#: which is imported only when an s3:// location is used
+S3_OPTIONS: dict[str, str | None] = {"endpoint_url": None}
+
+
+def is_stream(location: str) -> bool:
+    """Whether `location` is ``-``: standard output (image) or standard input (restore)."""
+    return str(location) == "-"
+
+
+def is_remote(location: str) -> bool:
+    """Whether `location` is an object-storage URL (``s3://bucket/prefix/name``)."""
+    return str(location)[:5].lower() == "s3://"
+
+
+def _s3():
+    try:
+        from diskimg.store import s3
+    except ImportError as err:   # boto3 missing: an install without the dependency
+        raise UsageError(f"object storage needs boto3 (pip install boto3): {err}") from err
+    s3.configure(S3_OPTIONS["endpoint_url"])
+    return s3
 
 
 def open_store(location: str) -> tuple[Store, str]:
     """The store holding the image at `location` and its name there.  A local path gives the
-    directory it is in (`store.path(name)` gives back `location` as written)."""
+    directory it is in (`store.path(name)` gives back `location` as written); an
+    ``s3://bucket/prefix/name`` URL the objects under ``prefix/``."""
     location = str(location)
-    _check_scheme(location)
+    if is_remote(location):
+        return _s3().S3Store.for_url("s3://" + location[5:])
+    if location == "-":
+        from diskimg.store.stream import StreamStore
+        return StreamStore(), "-"
     from diskimg.store.local import LocalStore
     return LocalStore.for_file(location)
 
@@ -212,6 +238,7 @@ def open_store(location: str) -> tuple[Store, str]:
 def open_directory(location: str) -> Store:
     """The store at a directory (or prefix) `location`: where parents are looked for."""
     location = str(location)
-    _check_scheme(location)
+    if is_remote(location):
+        return _s3().S3Store.for_prefix("s3://" + location[5:])
     from diskimg.store.local import LocalStore
     return LocalStore(location)

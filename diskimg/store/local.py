@@ -205,7 +205,8 @@ class LocalStore(Store):
             raise _failed(err, path, "read the image", "open") from err
         return LocalReader(fd, path, _stat_of(st))
 
-    def create(self, name: str, resume_at: int | None = None) -> LocalSink:
+    def create(self, name: str, resume_at: int | None = None,
+               size_hint: int | None = None) -> LocalSink:
         return LocalSink(self.path(name), self.path(self.partial_name(name)), resume_at)
 
     def rename(self, src: str, dst: str) -> None:
