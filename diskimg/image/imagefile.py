@@ -558,6 +558,12 @@ class ImageWriter:
         """Bytes written: where the next record goes."""
         return self.sink.pos
 
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the file (or object) as stored: with parity, its windows' parity and
+        tables and its tails too (once finished)."""
+        return getattr(self.sink, "inner", self.sink).pos
+
     def open_partial(self) -> StoreReader:
         """A reader of what was written so far (rescue reads back the records it stored)."""
         raw = self.store.open(self.store.partial_name(self.name))

@@ -116,6 +116,10 @@ def _restore(src: ForwardReader, header: fmt.Header, pos: int, parents: Chain | 
                 rec = fmt.unpack_record(head)
                 if rec is None:
                     break          # the index (or damage: the footer check tells)
+                if rec.flags & fmt.FLAG_PAGE_HASHES and rec.block < blocks:
+                    # a stored block's page hashes (section 18.1): for the next incremental
+                    pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
+                    continue
                 if rec.block >= blocks or rec.raw_len != header.block_length(rec.block):
                     raise stop(f"record at byte {pos} names block {rec.block} of "
                                f"{rec.raw_len} bytes, not a block of this image")

@@ -118,7 +118,7 @@ def test_a_second_run_is_told_who_holds_the_job(setup):
 @pytest.mark.parametrize("body, message", [
     ("[jobs.x]\nsource = 3\n", "jobs.x.source: a device path or a table expected, got 3"),
     ('[jobs.x]\nsource = "/dev/sdb"\ndestination = "s3://b/x"\n',
-     "jobs.x.destination: s3://b/x: object storage is not supported yet"),
+     "jobs.x.destination: s3://b/x: backup jobs keep their images in a local directory"),
     ("jobs = 3\n", "jobs: a table of jobs expected"),
     ("[jobs.x\n", "not valid TOML"),
 ])

@@ -74,7 +74,7 @@ def test_incremental_to_stdout_with_its_parent_reachable(tmp_path):
 
 def test_restore_from_stdin_zeroes_what_the_index_says(tmp_path):
     src = _source(tmp_path / "src.raw")
-    assert cli("image", src, tmp_path / "s.dimg", "--block-size", "64K").rc == 0
+    assert cli("image", src, tmp_path / "s.dimg", "--block-size", "64K", "--parity", "0").rc == 0
     target = tmp_path / "old.raw"
     target.write_bytes(os.urandom(8 * MiB))            # old contents everywhere
     with open(tmp_path / "s.dimg", "rb") as f:
@@ -88,7 +88,7 @@ def test_restore_from_stdin_zeroes_what_the_index_says(tmp_path):
 
 def test_a_stream_that_ends_early(tmp_path):
     src = _source(tmp_path / "src.raw")
-    assert cli("image", src, tmp_path / "s.dimg", "--block-size", "64K").rc == 0
+    assert cli("image", src, tmp_path / "s.dimg", "--block-size", "64K", "--parity", "0").rc == 0
     cut = tmp_path / "cut.dimg"
     cut.write_bytes((tmp_path / "s.dimg").read_bytes()[:2 * MiB])
     out = tmp_path / "out.raw"
@@ -108,7 +108,8 @@ def test_a_stream_that_ends_early(tmp_path):
 
 def test_a_damaged_record_stops_it(tmp_path):
     src = _source(tmp_path / "src.raw")
-    assert cli("image", src, tmp_path / "s.dimg", "--block-size", "64K", "--level", "1").rc == 0
+    assert cli("image", src, tmp_path / "s.dimg", "--block-size", "64K", "--level", "1",
+               "--parity", "0").rc == 0
     raw = bytearray((tmp_path / "s.dimg").read_bytes())
     raw[len(raw) // 3] ^= 0xFF
     (tmp_path / "bad.dimg").write_bytes(raw)
