@@ -18,7 +18,9 @@ from diskimg.image.imagefile import ImageReader
 from helpers import (MiB, SECTOR, cli, cmp_same, compressible, dd_copy, fill_tree, fsck_clean,
                      flip_byte, mkfs, run, tree_sha256)
 
-pytestmark = pytest.mark.root
+# damage is put at places of the layout of images without parity (tests/*/test_parity*.py
+# test images with parity)
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_default_parity")]
 
 PAGE = 4096
 SIZE = 16 * MiB + 3 * SECTOR     # a short last block
