@@ -10,7 +10,6 @@ slow the machine's own work.  Units are written atomically; ``systemctl daemon-r
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass

@@ -4,7 +4,6 @@ screenshot is not blank and the page text holds each disk's serial and verdict."
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import shutil
 import struct

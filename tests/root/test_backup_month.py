@@ -11,7 +11,6 @@ filesystem UUID (ambiguous while both nodes exist: refused).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal

@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 
-from diskimg import format as fmt
 from helpers import cli, compressible
 from imagecraft import footer_json, header_json, write_footer_json, write_header_json
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import logging
 import struct
-from itertools import compress
 
 from diskimg import ranges
 
-from diskimg.disk.used.raw import RangeCollector, SourceReader, Unrecognised, bit_runs, u16, u32
+from diskimg.disk.used.raw import RangeCollector, SourceReader, Unrecognised, u16, u32
 
 log = logging.getLogger(__name__)
 
