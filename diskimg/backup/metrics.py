@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
+from diskimg import atomicfile
 from diskimg.errors import PermissionDenied, UsageError, is_permission_error
 
 LEVEL_VALUES = ("full", "differential", "incremental")
@@ -107,26 +107,14 @@ def write_atomic(path: str, data: bytes, what: str) -> None:
     """Write `data` to `path` through a temporary file in its directory and a rename."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+        fd, tmp = atomicfile.temp_beside(path)
     except FileNotFoundError:
         raise UsageError(f"{directory}: no such directory (for the {what})") from None
     except OSError as err:
         if is_permission_error(err):
             raise PermissionDenied(directory, f"write the {what} in") from err
         raise UsageError(f"{directory}: cannot write the {what}: {err.strerror or err}") from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomicfile.publish(fd, tmp, path, data)
 
 
 def write_textfile(directory: str, status: dict) -> str:

@@ -7,9 +7,9 @@ device, model and serial.  Checked with ``promtool check metrics`` in the tests.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Iterable
 
+from diskimg import atomicfile
 from diskimg.errors import OperationFailed, PermissionDenied, is_permission_error
 from diskimg.health import trends
 from diskimg.health.history import History, known_serial
@@ -91,20 +91,7 @@ def write_textfile(directory: str, history: History | None, observations: Iterab
     text = render(observations, now)
     target = os.path.join(directory, FILENAME)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".diskimg.prom.", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomicfile.write_atomically(target, text.encode())
     except OSError as e:
         if is_permission_error(e):
             raise PermissionDenied(directory, "write the metrics file in") from e

@@ -10,8 +10,8 @@ should not start work on a rescue system that did not ask for it.
 from __future__ import annotations
 
 import os
-import tempfile
 
+from diskimg import atomicfile
 from diskimg.errors import OperationFailed, PermissionDenied, is_permission_error
 
 UNIT_DIR = "/etc/systemd/system"
@@ -66,13 +66,7 @@ def install(unit_dir: str, argv: list[str], interval_seconds: int) -> list[str]:
         os.makedirs(unit_dir, exist_ok=True)
         for name, text in units(argv, interval_seconds).items():
             path = os.path.join(unit_dir, name)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=unit_dir)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            atomicfile.write_atomically(path, text.encode())
             paths.append(path)
     except OSError as e:
         if is_permission_error(e):

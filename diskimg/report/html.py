@@ -19,11 +19,11 @@ from __future__ import annotations
 import html
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from diskimg import atomicfile
 from diskimg import format as fmt
 from diskimg.errors import DiskimgError, OperationFailed, PermissionDenied, is_permission_error
 
@@ -367,20 +367,8 @@ def write_report(out: str, db: str | None, images: Iterable[str], now: float,
     """Write the page to ``out`` (atomically: a temporary file renamed over it)."""
     page, disks, paths, errors = render_page(db, list(images), now, since)
     data = page.encode()
-    directory = os.path.dirname(os.path.abspath(out))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomicfile.write_atomically(out, data)
     except OSError as e:
         if is_permission_error(e):
             raise PermissionDenied(out, "write the report") from e

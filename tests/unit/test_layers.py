@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 PKG = REPO / "diskimg"
 
 # Each unit (a subpackage, or a top-level module) and the units it may import besides itself.
-BASE = {"diskimg", "errors", "units", "defaults", "ranges"}
+BASE = {"diskimg", "errors", "units", "defaults", "ranges", "atomicfile"}
 LOW = BASE | {"format", "transforms", "store", "disk", "crypto"}
 ALLOWED: dict[str, set[str]] = {
     "diskimg": BASE,          # the package itself: its public API is re-exported lazily
@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "units": set(),
     "defaults": set(),
     "ranges": set(),
+    "atomicfile": set(),
     "transforms": BASE,
     "store": BASE,
     "disk": BASE,
