@@ -88,11 +88,26 @@ def _add_image(sub) -> None:
 
 
 def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
+    # the used-block scan starts now, on its own thread, and reads the source while the
+    # imaging modules are imported (their first use is the next line); a rescue reads every
+    # block and asks the disk's health first, --all-blocks needs no scan
+    early = None
+    if not (args.rescue or args.all_blocks or args.source == "-"):
+        from diskimg.disk.prescan import EarlyScan
+        early = EarlyScan(args.source)
+    try:
+        return _image(args, early)
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _image(args: argparse.Namespace, early) -> render.ImageDone:
     opts = imaging.ImageOptions(
         block_size=args.block_size, level=args.level, threads=threads(args), force=args.force,
         incremental=args.incremental, differential=args.differential,
         search=tuple(args.search), all_blocks=args.all_blocks, digest=args.digest,
-        parity=args.parity, encrypt=args.encrypt, delta=args.delta)
+        parity=args.parity, encrypt=args.encrypt, delta=args.delta, prescan=early)
     imaging.parity_fields(args.parity)   # a percentage out of range: refused before any work
     if opts.block_size is not None:
         imaging.check_block_size(opts.block_size)

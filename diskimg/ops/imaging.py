@@ -95,6 +95,9 @@ class ImageOptions:
     encrypt: bool = False
     delta: bool = True                  # store a changed block as its changed pages when few
                                         # changed (needs the parent's page hashes)
+    # the source's used-block scan, started early (disk.prescan.EarlyScan: the CLI starts it
+    # before importing this module); used when it scanned this very source
+    prescan: object | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -595,7 +598,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     if opts.all_blocks:
         used = [(0, source.size)]
     else:
-        used_map = scan_used(source.fd, source.size, sector_size=source.logical_sector)
+        used_map = opts.prescan.take(source) if opts.prescan is not None else None
+        if used_map is None:
+            used_map = scan_used(source.fd, source.size, sector_size=source.logical_sector)
         used = list(used_map.ranges)
     # blocks the filesystem's metadata owns that its allocation map marked free (read all the
     # same): `info` reports them, so the header says so (readers ignore unknown extra keys)

@@ -547,6 +547,9 @@ def test_startup_imports_only_what_the_command_needs(tmp_path):
     assert not {"pySMART", "pyudev", "tqdm", "diskimg.ops.imaging", "diskimg.health.smart"} & got
     got = _imported("image", str(tmp_path / "a.raw"), str(tmp_path / "b.dimg"), cwd=tmp_path)
     assert "diskimg.ops.imaging" in got and not {"pySMART", "tqdm"} & got
+    # only the image commands' parsers are built: the other groups' modules stay unread
+    assert not {"diskimg.cli.backup", "diskimg.cli.monitor", "diskimg.cli.devices",
+                "diskimg.cli.keys", "diskimg.cli.mounts"} & got
     # health history (issue 17): nothing of it unless asked
     assert not {"sqlite3", "diskimg.health.history", "diskimg.health.monitor",
                 "diskimg.report"} & got
@@ -554,6 +557,21 @@ def test_startup_imports_only_what_the_command_needs(tmp_path):
     assert not {"zstandard", "pyudev", "diskimg.ops.imaging"} & got
     got = _imported("list", cwd=tmp_path)
     assert not {"zstandard", "pySMART", "diskimg.ops.imaging"} & got
+
+
+def test_a_command_word_given_as_an_option_value_still_parses(tmp_path):
+    """The parser is built for the first word that names a command; when that word was an
+    option's value (here the log file is called "list"), the line is parsed again with every
+    command, so it means what it always meant."""
+    img = _image_of(tmp_path)
+    r = subprocess.run([PYTHON, "-m", "diskimg", "--log-file", "list", "info", str(img)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "uuid" in r.stdout and (tmp_path / "list").exists()
+    r = subprocess.run([PYTHON, "-m", "diskimg", "--log-file", "list", "imag"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "invalid choice: 'imag'" in r.stderr
+    assert "'backup'" in r.stderr       # the full list of commands, as always
 
 
 def test_entry_point_is_light():

@@ -632,3 +632,50 @@ def test_min_gap_merges_small_holes():
     assert r.merged(2000, min_gap=40) == ((0, 50), (100, 20), (1000, 10))
     assert r.merged(2000, min_gap=51) == ((0, 120), (1000, 10))
     assert r.merged(1005) == ((0, 10), (40, 10), (100, 20), (1000, 5))
+
+
+# --------------------------------------------------------------------------------------------
+# the early scan (disk/prescan.py): a head start that is used only for the very same source
+
+@need("mke2fs")
+def test_early_scan_hands_over_the_same_map_only_for_the_same_source(tmp_path):
+    from diskimg.disk.blockdev import open_source
+    from diskimg.disk.prescan import EarlyScan
+
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    for p in (a, b):
+        p.write_bytes(b"")
+        os.truncate(p, 32 * MiB)
+        run("mke2fs", "-q", "-F", "-t", "ext4", str(p))
+    early = EarlyScan(str(a))
+    src = open_source(str(a))
+    try:
+        got = early.take(src)
+        assert got is not None and got == scan(src.fd, src.size)
+        assert early.take(src) is got                 # taken twice: the same map
+    finally:
+        src.close()
+    other = open_source(str(b))                       # same size, same filesystem kind
+    try:
+        assert EarlyScan(str(a)).take(other) is None
+    finally:
+        other.close()
+    grown = EarlyScan(str(a))
+    grown.close()
+    os.truncate(a, 33 * MiB)                          # the file changed size since
+    src = open_source(str(a))
+    try:
+        assert grown.take(src) is None
+    finally:
+        src.close()
+
+
+def test_early_scan_never_opens_a_pipe_or_a_missing_source(tmp_path):
+    from diskimg.disk.prescan import EarlyScan
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path / "missing", tmp_path, "/dev/null"):
+        early = EarlyScan(str(path))          # an open of the fifo would block here forever
+        assert early._thread is None
+        early.close()

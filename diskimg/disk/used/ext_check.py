@@ -143,6 +143,14 @@ def owned_blocks(rd: SourceReader, base: int, sb: bytes, *, bs: int, blocks: int
     found: list[tuple[int, int]] = []
     add = found.append
     nf = _NF
+    # every inode bitmap and table read below, asked for at once: the kernel reads them in
+    # parallel while the loop unpacks the first (on the benchmark disk, 0.09 s of one-by-one
+    # reads with a cold cache)
+    rd.will_need([span for g in groups
+                  if not (has_itable_unused and g.flags & _BG_INODE_UNINIT)
+                  for span in ((base + g.bitmap * bs, bs),
+                               (base + g.table * bs,
+                                (ipg - g.unused if has_itable_unused else ipg) * isz))])
     for g in groups:
         if has_itable_unused and g.flags & _BG_INODE_UNINIT:
             continue

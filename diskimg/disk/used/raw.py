@@ -51,6 +51,18 @@ class SourceReader:
             done += len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def will_need(self, spans: list[tuple[int, int]]) -> None:
+        """Tell the kernel which (offset, length) spans are read next, so that it reads them
+        all at once instead of one by one as the parser asks (a hint: errors are ignored,
+        the reads themselves still check everything)."""
+        for offset, length in spans:
+            if 0 <= offset < self.size and length > 0:
+                try:
+                    os.posix_fadvise(self.fd, offset, min(length, self.size - offset),
+                                     os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return
+
 
 class RangeCollector:
     """Collects byte ranges; merges in-order ones on the fly so memory follows the result."""
