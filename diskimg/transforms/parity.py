@@ -36,7 +36,11 @@ def slice_crcs(buf: bytes | bytearray | memoryview, size: int) -> list[int]:
     return [zlib.crc32(mv[i:i + size]) for i in range(0, len(mv), size)]
 
 
-_MATRICES: dict[tuple[int, int], bytes] = {}
+# the default code's (32+2) rows, so that imaging with the default parity never imports zfec
+# (tests/unit/test_parity.py checks them against zfec)
+_MATRICES: dict[tuple[int, int], bytes] = {(32, 2): bytes.fromhex(
+    "9258f4c34d59a42e368f3c1387639ea9929e7fba0a97b69735f7e799af013575"
+    "6380807ffcb88e0e08f7cca05d12d47a58254e07df47a9fb2e72b3065edab880")}
 
 
 def parity_matrix(k: int, parity: int) -> bytes:

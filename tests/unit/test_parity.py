@@ -433,6 +433,20 @@ def test_isal_parity_is_zfecs_for_any_code(case):
         assert b"".join(rs.encode(shares, m)) == bytes(fast[x::length])
 
 
+def test_the_default_codes_rows_are_zfecs():
+    """parity_matrix keeps the default code's rows as a constant (no zfec import while imaging):
+    they are zfec's."""
+    import zfec
+    from diskimg.defaults import DEFAULT_PARITY
+    from diskimg.transforms import parity as rs
+    geom = pf.Geometry.for_percent(DEFAULT_PARITY)
+    k, m = geom.k, geom.m
+    assert (k, m) == (32, 2)
+    units = [bytes(c) + b"\x01" + bytes(k - 1 - c) for c in range(k)]
+    rows = zfec.Encoder(k, k + m).encode(units, list(range(k, k + m)))
+    assert rs.parity_matrix(k, m) == b"".join(rows)
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.binary(max_size=20 * 512), size=st.sampled_from([1, 7, 512, 4096]))
 def test_isal_slice_crcs_are_zlibs(data, size):
