@@ -698,12 +698,19 @@ class HealingReader(StoreReader):
                     buf = self.raw.pread(count * s, phys)
                 except DiskIOError:
                     buf = None
-                for j in range(count):
-                    slot = first + j
-                    piece = buf[j * s:(j + 1) * s] if buf is not None else self._slot(win, slot)
-                    if crcs is not None and (piece is None or len(piece) != s
-                                             or rs.slice_crc(piece) != crcs[slot]):
-                        bad_groups.add(slot % win.depth)
+                if crcs is not None and buf is not None and len(buf) == count * s:
+                    # the whole chunk read: its checksums in one go
+                    got = rs.slice_crcs(buf, s)
+                    bad_groups.update((first + j) % win.depth for j in range(count)
+                                      if got[j] != crcs[first + j])
+                elif crcs is not None:
+                    for j in range(count):
+                        slot = first + j
+                        piece = buf[j * s:(j + 1) * s] if buf is not None else None
+                        if piece is None or len(piece) != s:
+                            piece = self._slot(win, slot)
+                        if piece is None or len(piece) != s or rs.slice_crc(piece) != crcs[slot]:
+                            bad_groups.add(slot % win.depth)
                 first += count
                 if progress:
                     progress(count * s)

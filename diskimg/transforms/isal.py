@@ -71,7 +71,7 @@ class Isal:
         arrays = [_array(d, length) for d in data]
         outa = (ctypes.c_char * (rows * length)).from_buffer(out)
         try:
-            dp = (ctypes.c_void_p * k)(*[ctypes.addressof(a) for a in arrays])
+            dp = (ctypes.c_void_p * k)(*[_address(a) for a in arrays])
             base = ctypes.addressof(outa)
             cp = (ctypes.c_void_p * rows)(*[base + j * length for j in range(rows)])
             self._encode(length, k, rows, self.tables(matrix, k, rows), dp, cp)
@@ -87,22 +87,33 @@ class Isal:
             return []
         arr = _array(buf, n)
         try:
-            base = ctypes.addressof(arr)
+            base = _address(arr)
             crc = self._crc
             return [crc(0, a, size) for a in range(base, base + n, size)]
         finally:
             del arr
 
 
-def _array(buf, length: int) -> ctypes.Array:
-    """A ctypes view of the first `length` bytes of `buf`: no copy of a writable buffer, a copy
-    of a read-only one (bytes)."""
+def _array(buf, length: int):
+    """A ctypes object whose address is the first of the first `length` bytes of `buf`, valid
+    while it lives: no copy of a writable buffer or of a bytes object (c_char_p points into it),
+    a copy of another read-only buffer."""
+    if type(buf) is bytes:
+        if len(buf) < length:
+            raise ValueError("buffer shorter than its row")
+        return ctypes.c_char_p(buf)
     mv = memoryview(buf).cast("B")
     if len(mv) < length:
         raise ValueError("buffer shorter than its row")
     if mv.readonly:
         return (ctypes.c_char * length).from_buffer_copy(mv[:length])
     return (ctypes.c_char * length).from_buffer(mv)
+
+
+def _address(obj) -> int:
+    if isinstance(obj, ctypes.c_char_p):
+        return ctypes.cast(obj, ctypes.c_void_p).value
+    return ctypes.addressof(obj)
 
 
 _loaded: list[Isal | None] = []
