@@ -32,24 +32,21 @@ from diskimg.transforms import parity as rs
 
 log = logging.getLogger(__name__)
 
-_MAX_PARTS = 512     # iovecs per write (IOV_MAX is 1024)
 
 
-def encode_window(win: pf.Window, data: memoryview) -> tuple[list[bytes], list[int]]:
-    """The parity slices of window `win` (slot order) and the CRC-32s of all its slots, for its
-    data slices in `data` (`win.data_bytes` long)."""
+def encode_window(win: pf.Window, data: memoryview) -> tuple[bytearray, list[int]]:
+    """The parity area of window `win` (its `m * depth` parity slices in slot order) and the
+    CRC-32s of all its slots, for its data slices in `data` (`win.data_bytes` long).
+
+    Slot p is in group p mod depth, so data share i of every group lies in the run of slots
+    i*depth .. (i+1)*depth - 1 and parity share j of every group in parity slots j*depth ..:
+    the whole window is one encoding of `n` rows of `depth` slices into `m` rows, which is the
+    parity area as it is stored."""
     g = win.geom
-    s, d = g.slice, win.depth
-    zero = bytes(s)
-    crcs = [rs.slice_crc(data[i * s:(i + 1) * s]) for i in range(win.data_slots)]
-    par: list[bytes] = [b""] * win.parity_slots
-    for group in range(d):
-        shares = [data[(group + i * d) * s:(group + i * d + 1) * s] for i in range(win.n)]
-        shares += [zero] * (g.k - win.n)
-        for i, p in enumerate(rs.encode(shares, g.m)):
-            par[i * d + group] = p
-    crcs += [rs.slice_crc(p) for p in par]
-    return par, crcs
+    row = win.depth * g.slice
+    data = memoryview(data).cast("B")[:win.data_bytes]
+    par = rs.encode_rows([data[i * row:(i + 1) * row] for i in range(win.n)], g.k, g.m, row)
+    return par, rs.slice_crcs(data, g.slice) + rs.slice_crcs(par, g.slice)
 
 
 class ParitySink(StoreSink):
@@ -123,7 +120,7 @@ class ParitySink(StoreSink):
         self._fill = self._flushed = 0
 
     def _encode(self, win: pf.Window, buf: bytearray, flushed: int
-                ) -> tuple[pf.Window, bytearray, int, list[bytes], bytes]:
+                ) -> tuple[pf.Window, bytearray, int, bytearray, bytes]:
         par, crcs = encode_window(win, memoryview(buf)[:win.data_bytes])
         return win, buf, flushed, par, pf.pack_table(win.index, crcs, self.geom)
 
@@ -135,14 +132,12 @@ class ParitySink(StoreSink):
         self._pending = None
         self._write_window(win, memoryview(buf)[flushed:win.data_bytes], par, table)
 
-    def _write_window(self, win: pf.Window, data: memoryview, par: list[bytes],
+    def _write_window(self, win: pf.Window, data: memoryview, par: bytearray,
                       table: bytes, last: bool = False) -> None:
         g = self.geom
         parts: list = [data] if len(data) else []
-        parts += [table, bytes(g.padded(len(table)) - len(table))]
+        parts += [table, bytes(g.padded(len(table)) - len(table)), par]
         self.inner.write(parts)
-        for i in range(0, len(par), _MAX_PARTS):
-            self.inner.write(par[i:i + _MAX_PARTS])
         if win.index:
             prev = self._prev_table
             self.inner.write([prev, bytes(g.padded(len(prev)) - len(prev))])
@@ -703,12 +698,19 @@ class HealingReader(StoreReader):
                     buf = self.raw.pread(count * s, phys)
                 except DiskIOError:
                     buf = None
-                for j in range(count):
-                    slot = first + j
-                    piece = buf[j * s:(j + 1) * s] if buf is not None else self._slot(win, slot)
-                    if crcs is not None and (piece is None or len(piece) != s
-                                             or rs.slice_crc(piece) != crcs[slot]):
-                        bad_groups.add(slot % win.depth)
+                if crcs is not None and buf is not None and len(buf) == count * s:
+                    # the whole chunk read: its checksums in one go
+                    got = rs.slice_crcs(buf, s)
+                    bad_groups.update((first + j) % win.depth for j in range(count)
+                                      if got[j] != crcs[first + j])
+                elif crcs is not None:
+                    for j in range(count):
+                        slot = first + j
+                        piece = buf[j * s:(j + 1) * s] if buf is not None else None
+                        if piece is None or len(piece) != s:
+                            piece = self._slot(win, slot)
+                        if piece is None or len(piece) != s or rs.slice_crc(piece) != crcs[slot]:
+                            bad_groups.add(slot % win.depth)
                 first += count
                 if progress:
                     progress(count * s)

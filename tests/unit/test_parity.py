@@ -393,3 +393,105 @@ def test_any_erasures_within_capacity_decode_to_the_original(tmp_path_factory, c
         reader.heal(0, len(data))
         assert reader.pread(len(data), 0) == data
         assert not reader.repairs.lost
+
+
+# -- the encoder: ISA-L gives zfec's bytes ---------------------------------------------------
+
+def test_isal_is_there_for_the_tests():
+    """scripts/test installs libisal2: the fast encoder is the one the tests above ran."""
+    from diskimg.transforms import isal
+    assert isal.load() is not None
+
+
+@st.composite
+def rows_to_encode(draw):
+    k = draw(st.integers(1, 80))
+    m = draw(st.integers(1, min(16, 256 - k)))
+    n = draw(st.integers(1, k))
+    length = draw(st.integers(1, 3000))
+    seed = draw(st.integers(0, 2**32))
+    rnd = random.Random(seed)
+    return k, m, [bytearray(rnd.randbytes(length)) for _ in range(n)], length
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=rows_to_encode())
+def test_isal_parity_is_zfecs_for_any_code(case):
+    """For any k + m, any number of data rows (the rest zeros: a short group) and any row
+    length: ISA-L's encoding with zfec's parity rows is zfec's encoding, byte for byte, and
+    both equal zfec run group by group (one byte position is one group)."""
+    from diskimg.transforms import isal
+    from diskimg.transforms import parity as rs
+    k, m, rows, length = case
+    fast = rs.encode_rows(rows, k, m, length)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(isal, "load", lambda: None)
+        slow = rs.encode_rows(rows, k, m, length)
+    assert fast == slow
+    for x in sorted({0, length // 2, length - 1}):     # a few groups by zfec directly
+        shares = [bytes([r[x]]) for r in rows] + [bytes(1)] * (k - len(rows))
+        assert b"".join(rs.encode(shares, m)) == bytes(fast[x::length])
+
+
+def test_the_default_codes_rows_are_zfecs():
+    """parity_matrix keeps the default code's rows as a constant (no zfec import while imaging):
+    they are zfec's."""
+    import zfec
+    from diskimg.defaults import DEFAULT_PARITY
+    from diskimg.transforms import parity as rs
+    geom = pf.Geometry.for_percent(DEFAULT_PARITY)
+    k, m = geom.k, geom.m
+    assert (k, m) == (32, 2)
+    units = [bytes(c) + b"\x01" + bytes(k - 1 - c) for c in range(k)]
+    rows = zfec.Encoder(k, k + m).encode(units, list(range(k, k + m)))
+    assert rs.parity_matrix(k, m) == b"".join(rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=20 * 512), size=st.sampled_from([1, 7, 512, 4096]))
+def test_isal_slice_crcs_are_zlibs(data, size):
+    import zlib
+    from diskimg.transforms import parity as rs
+    data = data[:len(data) - len(data) % size]
+    want = [zlib.crc32(data[i:i + size]) for i in range(0, len(data), size)]
+    assert rs.slice_crcs(bytearray(data), size) == want        # writable: no copy
+    assert rs.slice_crcs(data, size) == want                   # read-only bytes
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=40000))
+def test_containers_with_and_without_isal_are_identical(tmp_path_factory, data):
+    from diskimg.transforms import isal
+    fast = _container(tmp_path_factory.mktemp("fast"), data).read_bytes()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(isal, "load", lambda: None)
+        slow = _container(tmp_path_factory.mktemp("slow"), data).read_bytes()
+    assert fast == slow
+
+
+def test_the_compat_image_is_written_again_byte_for_byte(tmp_path):
+    """fixtures/compat/v3-parity/full.img was written with zfec: its logical stream written again
+    through today's encoder gives the same file (the format did not change)."""
+    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "compat" / "v3-parity"
+    store = LocalStore(str(fixture))
+    with store.open("full.img") as raw:
+        tail = find_tail(raw)
+        logical = HealingReader(raw, tail).pread(tail.layout.logical_size, 0)
+    out = LocalStore(str(tmp_path))
+    sink = ParitySink(out.create("again.img"), tail.layout.geom, tail.header)
+    sink.write([logical])
+    sink.commit()
+    assert (tmp_path / "again.img").read_bytes() == (fixture / "full.img").read_bytes()
+
+
+def test_image_without_isal_says_so_at_v_and_is_the_same(small_windows, source, tmp_path,
+                                                         monkeypatch):
+    from diskimg.transforms import isal
+    monkeypatch.setattr(isal, "_NAMES", ("libisal-not-here.so.0",))
+    monkeypatch.setattr(isal, "_loaded", [])
+    img = tmp_path / "zfec.img"
+    res = cli("image", source, img, "--block-size", "64K", "--no-progress", "-v")
+    assert res.rc == 0, res.err
+    assert "libisal (ISA-L) not found: parity is encoded with zfec" in res.err
+    res = cli("verify", img, "--no-progress")
+    assert res.rc == 0, res.err
