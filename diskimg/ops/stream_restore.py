@@ -13,7 +13,15 @@ An incremental or differential image refers to its parents' blocks by index entr
 arrive last: its parents are found (by name, then UUID, in the --search directories or prefixes
 and the current directory) and checked before anything is written, and the blocks it refers to
 them are read from them and written when the index arrives, each checked against the digest
-the stream's entry carries (docs/FORMAT.md section 10).
+the stream's entry carries (docs/FORMAT.md section 10).  A delta record (section 18) is
+applied over its block as the parents hold it, then checked against the record's digest.
+
+The images a plain `diskimg image` makes are read as they are: with parity (section 16), the
+records are read out of the windows as they arrive, the checksum tables and parity skipped
+(diskimg.image.stream_parity); the current window is kept, and a record that fails its check is
+healed from its window's parity (the stream is read on past the window for it) and checked
+again.  Encrypted (section 17): the command's key opens the header before anything is written,
+and decrypts the records and the index.
 """
 from __future__ import annotations
 
@@ -131,6 +139,9 @@ def _restore(src: ForwardReader | ParityStreamReader, header: fmt.Header, pos: i
                 if rec is None and healing and src.heal(pos, fmt.RECORD_HEADER_SIZE):
                     head = src.pread(fmt.RECORD_HEADER_SIZE, pos)
                     rec = fmt.unpack_record(head)
+                    if rec is not None:
+                        log.warning("%s: the record header at byte %d was damaged in the "
+                                    "stream and healed by its parity", STREAM, pos)
                 if rec is None:
                     break          # the index (or damage: the footer check tells)
                 if rec.flags & fmt.FLAG_PAGE_HASHES and rec.block < blocks:

@@ -226,6 +226,8 @@ def test_encrypted_image_through_a_pipe(tmp_path):
     r = _cat_into_restore(img, tmp_path / "none.raw")
     assert r.returncode == 2 and b"key" in r.stderr, r.stderr       # no key given
     assert not (tmp_path / "none.raw").exists()          # refused before writing
+    r = _cat_into_restore(img, tmp_path / "none.raw", "--paper-key", "-")
+    assert r.returncode == 2 and b"standard input holds the image" in r.stderr
     r = _cat_into_restore(img, tmp_path / "out.raw", "--key-file", kf)
     assert r.returncode == 0, r.stderr
     assert subprocess.run(["cmp", src, tmp_path / "out.raw"]).returncode == 0
