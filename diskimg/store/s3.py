@@ -58,7 +58,10 @@ PLANNED_PARTS = 9_000         # parts the hint is spread over: room for a short 
 UPLOADS_IN_FLIGHT = 4
 WINDOW = 8 * MiB              # a read-ahead window of sequential reads
 AHEAD = 6                     # windows fetched ahead of a sequential reader
-STREAK = 1 * MiB              # bytes read in sequence before windows are fetched ahead
+SMALL_READ = 64 << 10         # a read this small is served from a chunk of SMALL_CHUNK bytes,
+SMALL_CHUNK = 256 << 10       # kept (the last SMALL_KEPT): opening an image reads its header,
+SMALL_KEPT = 4                # trailer, footer and index in a dozen small reads close together
+STREAK = 256 << 10            # bytes read in sequence before windows are fetched ahead
 KEEP = AHEAD + 2              # windows kept (the ones ahead, the current one, one behind)
 ATTEMPTS = 6                  # tries of one request (0.25 s .. 8 s apart, with jitter)
 
@@ -207,6 +210,7 @@ class S3Reader(StoreReader):
         self._lock = threading.Lock()
         self._last_end: int | None = None
         self._streak = 0
+        self._small: list[tuple[int, bytes | bytearray]] = []
         self._pool: ThreadPoolExecutor | None = None
 
     def _get(self, start: int, end: int) -> bytes | bytearray:
@@ -278,12 +282,36 @@ class S3Reader(StoreReader):
             self._window(i)
         return end, [(i, self._window(i)) for i in range(first, last + 1)]
 
+    def _small_read(self, offset: int, end: int) -> memoryview | None:
+        """Bytes [offset, end) of a small scattered read, from a chunk kept or fetched (one
+        round trip for the several small reads near each other that opening an image makes:
+        the header at the start; the trailer, footer and index, and a parity tail, at the
+        end); None for a read too large for it."""
+        if end - offset > SMALL_READ:
+            return None
+        with self._lock:
+            for start, data in self._small:
+                if start <= offset and end <= start + len(data):
+                    return memoryview(data)[offset - start:end - start]
+        start = offset - offset % SMALL_READ
+        if start + SMALL_CHUNK >= self.size:        # near the end: the last chunk
+            start = max(0, self.size - SMALL_CHUNK)
+        stop = min(self.size, start + SMALL_CHUNK)
+        if end > stop:
+            return None
+        data = self._get(start, stop)
+        with self._lock:
+            self._small.insert(0, (start, data))
+            del self._small[SMALL_KEPT:]
+        return memoryview(data)[offset - start:end - start]
+
     def pread(self, length: int, offset: int) -> bytes:
         end, windows = self._plan(length, offset)
         if offset >= end:
             return b""
         if windows is None:
-            return bytes(self._get(offset, end))
+            small = self._small_read(offset, end)
+            return bytes(small if small is not None else self._get(offset, end))
         pieces = []
         for i, fut in windows:
             window, base = fut.result(), i * WINDOW
@@ -297,7 +325,9 @@ class S3Reader(StoreReader):
         if offset >= end:
             return 0
         if windows is None:
-            data = self._get(offset, end)
+            data = self._small_read(offset, end)
+            if data is None:
+                data = self._get(offset, end)
             view[:len(data)] = data
             return len(data)
         for i, fut in windows:
