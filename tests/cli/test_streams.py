@@ -36,6 +36,8 @@ def test_image_to_stdout_is_the_image_file(tmp_path):
     assert r.returncode == 0, r.stderr
     assert b"full image - of" in r.stderr          # the summary goes to stderr
     assert cli("verify", tmp_path / "s.dimg").rc == 0
+    # the ordinary image: with the default parity, as a file would be
+    assert json.loads(cli("info", tmp_path / "s.dimg", "--json").out)["parity"] is not None
     # piped straight into a restore
     a = subprocess.Popen([PYTHON, "-m", "diskimg", "image", str(src), "-"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
