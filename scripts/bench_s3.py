@@ -122,9 +122,9 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
             r = bench.results.get(key)
             if r is None:
                 continue
-            server = f"{r['server_cpu']:.2f}" if "server_cpu" in r else ""
+            weed_cpu = f"{r['server_cpu']:.2f}" if "server_cpu" in r else ""
             rows.append(f"| {r['label']} | " + (
-                f"{r['wall']:.2f} | {r['cpu']:.2f} | {server} | {r['rss_mib']:.0f} |"
+                f"{r['wall']:.2f} | {r['cpu']:.2f} | {weed_cpu} | {r['rss_mib']:.0f} |"
                 if r["ok"] else f"FAILED: {r.get('error')} | | | |"))
         lines += ["", "| command | wall s | CPU s | server (weed) CPU s | peak RSS MiB |",
                   "|---|---|---|---|---|", *rows]
@@ -151,11 +151,15 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
         for what, a, b in (("image to S3", "s3_image", "s3_upload"),
                            ("restore from S3", "s3_restore", "s3_download")):
             ra, rb = bench.results.get(a), bench.results.get(b)
-            if ra and rb and ra.get("ok") and rb.get("ok") and "server_cpu" in ra:
+            if ra and rb and ra.get("ok") and rb.get("ok") and "server_cpu" in ra \
+                    and "server_cpu" in rb:
                 floor = (ra["cpu"] + ra["server_cpu"]) / cores
+                anchor = (rb["cpu"] + rb["server_cpu"]) / cores
                 floors.append(f"- {what}: (diskimg {ra['cpu']:.2f} + weed {ra['server_cpu']:.2f} "
                               f"CPU s) / {cores} cores = {floor:.2f} s at the least, "
-                              f"{floor / rb['wall']:.2f}x the anchor's {rb['wall']:.2f} s")
+                              f"{floor / rb['wall']:.2f}x the anchor's {rb['wall']:.2f} s wall "
+                              f"(whose own floor is ({rb['cpu']:.2f} + {rb['server_cpu']:.2f}) / "
+                              f"{cores} = {anchor:.2f} s)")
         if floors:
             lines += ["", f"CPU floor on this {cores}-core machine (client and server share it):",
                       *floors]
