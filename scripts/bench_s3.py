@@ -156,10 +156,12 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
                 floor = (ra["cpu"] + ra["server_cpu"]) / cores
                 anchor = (rb["cpu"] + rb["server_cpu"]) / cores
                 floors.append(f"- {what}: (diskimg {ra['cpu']:.2f} + weed {ra['server_cpu']:.2f} "
-                              f"CPU s) / {cores} cores = {floor:.2f} s at the least, "
+                              f"CPU s) / {cores} cores = {floor:.2f} s at the least: "
                               f"{floor / rb['wall']:.2f}x the anchor's {rb['wall']:.2f} s wall "
-                              f"(whose own floor is ({rb['cpu']:.2f} + {rb['server_cpu']:.2f}) / "
-                              f"{cores} = {anchor:.2f} s)")
+                              f"is the best ratio this machine allows (the anchor's own floor: "
+                              f"({rb['cpu']:.2f} + {rb['server_cpu']:.2f}) / {cores} = "
+                              f"{anchor:.2f} s; under load both walls stretch, the floors "
+                              f"do not)")
         if floors:
             lines += ["", f"CPU floor on this {cores}-core machine (client and server share it):",
                       *floors]
