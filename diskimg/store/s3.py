@@ -18,8 +18,9 @@ about 0.3 s to import, which no local command pays.
   outright leaves an unfinished upload that holds no object: the next write of the same name
   aborts it and says so (a warning), so no orphan parts pile up unseen.
 - Reading (`S3Reader`) is ranged GETs.  Reads that follow each other (restore, verify) are
-  served from windows of `WINDOW` bytes fetched concurrently ahead of the reader; scattered
-  reads (a header, the footer, index segments) fetch exactly what is asked.
+  served, once STREAK bytes were read in sequence, from windows of `WINDOW` bytes fetched
+  concurrently ahead of the reader; small scattered reads (a header, a trailer, the footer,
+  index segments) from chunks of SMALL_CHUNK bytes kept; larger ones fetch what is asked.
 - Transient failures (connection errors, timeouts, HTTP 5xx, 429, SlowDown) are retried with
   exponential backoff and jitter, each retry logged at INFO (``-v``); permanent ones become
   one diskimg error: no such object -> NotAnImage (exit 2), no such bucket -> UsageError
