@@ -139,9 +139,9 @@ def _restore(src: ForwardReader | ParityStreamReader, header: fmt.Header, pos: i
                 if rec is None and healing and src.heal(pos, fmt.RECORD_HEADER_SIZE):
                     head = src.pread(fmt.RECORD_HEADER_SIZE, pos)
                     rec = fmt.unpack_record(head)
-                    if rec is not None:
-                        log.warning("%s: the record header at byte %d was damaged in the "
-                                    "stream and healed by its parity", STREAM, pos)
+                    log.warning("%s: %s at byte %d was damaged in the stream and healed by "
+                                "its parity", STREAM, "the record header" if rec is not None
+                                else "the image's index", pos)
                 if rec is None:
                     break          # the index (or damage: the footer check tells)
                 if rec.flags & fmt.FLAG_PAGE_HASHES and rec.block < blocks:
@@ -199,8 +199,21 @@ def _restore(src: ForwardReader | ParityStreamReader, header: fmt.Header, pos: i
                 src.read_all()
             except ValueError as err:      # an image with parity: its tail is damaged
                 raise stop(str(err)) from err
+            def healed(read: Callable, offset: int, length: int):
+                """read(), and with parity once more after healing [offset, offset+length)."""
+                try:
+                    return read()
+                except DiskimgError as err:
+                    if not (healing and src.heal(offset, length)):
+                        raise
+                    result = read()
+                    log.warning("%s: the image's index or footer was damaged in the stream and "
+                                "healed by its parity (%s)", STREAM, err)
+                    return result
+
             try:
-                footer = fmt.read_footer(src, STREAM, src.size, header, pos)
+                footer = healed(lambda: fmt.read_footer(src, STREAM, src.size, header, pos),
+                                pos, src.size - pos)
             except DiskimgError as err:
                 raise stop(f"no valid index after the records ({err})") from err
             zeroed = holes = parent_blocks = 0
@@ -208,8 +221,12 @@ def _restore(src: ForwardReader | ParityStreamReader, header: fmt.Header, pos: i
             per = footer.entries_per_segment
             for seg, (off, length) in enumerate(footer.segments):
                 first = seg * per
-                raw = fmt.read_segment(src, STREAM, off, length, first,
-                                       min(per, blocks - first), opener)
+                try:
+                    raw = healed(lambda: fmt.read_segment(src, STREAM, off, length, first,
+                                                          min(per, blocks - first), opener),
+                                 off, length)
+                except DiskimgError as err:
+                    raise stop(f"index segment {seg} is damaged ({err})") from err
                 for block, count, entry in segment_runs(first, raw):
                     if entry.kind in (fmt.DATA, fmt.DELTA):
                         for b in range(block, block + count):

@@ -190,6 +190,16 @@ def test_parity_heals_a_damaged_stream(parity_image, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count(b"healed by its parity") >= 2
     assert subprocess.run(["cmp", src, tmp_path / "out.raw"]).returncode == 0
+    # the footer, at the end of the logical stream (docs/FORMAT.md 16.2 places it in the file)
+    p = json.loads(cli("info", img, "--json").out)["parity"]
+    k, m, depth, s = p["data"], p["parity"], p["depth"], p["slice"]
+    window, table = k * depth * s, 28 + 4 * (k + m) * depth + 4
+    stored = (k + m) * depth * s + 2 * (-(-table // s) * s)
+    at = p["logical_bytes"] - 100
+    bad = _flip(img, [at // window * stored + at % window], tmp_path / "bad-footer.dimg")
+    r = _cat_into_restore(bad, tmp_path / "out2.raw")
+    assert r.returncode == 0 and b"healed by its parity" in r.stderr, r.stderr
+    assert subprocess.run(["cmp", src, tmp_path / "out2.raw"]).returncode == 0
 
 
 def test_parity_stream_beyond_repair_and_cut_short(parity_image, tmp_path):
