@@ -125,10 +125,23 @@ def _first_line(data: bytes, path: str) -> bytes:
     return line
 
 
-def _ask_passphrase(confirm: bool, prompt: str = "Passphrase") -> bytes:
+def _has_terminal() -> bool:
+    """Whether the process has a controlling terminal to ask on (getpass asks there)."""
+    import os
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
+
+
+def _ask_passphrase(confirm: bool, prompt: str = "Passphrase",
+                    stdin_is_image: bool = False) -> bytes:
+    """Ask on the terminal.  `stdin_is_image` (restore -): standard input is the image, so it
+    is no terminal, but the user's terminal still is (``ssh host cat x | diskimg restore -``)."""
     import getpass
     import sys
-    if not sys.stdin.isatty():
+    if not sys.stdin.isatty() and not (stdin_is_image and _has_terminal()):
         raise UsageError("--passphrase asks on a terminal, and there is none: use "
                          f"--passphrase-file FILE or ${PASSPHRASE_ENV} in scripts")
     try:
@@ -168,8 +181,12 @@ def credentials(args: argparse.Namespace, confirm: bool = False):
             raise UsageError(f"{key_file}: a key file holds at least {MIN_KEY_FILE} bytes, "
                              f"this one {len(data)} (make one: head -c 32 /dev/urandom > KF)")
         creds.key_file, creds.key_file_bytes = key_file, data
+    stdin_is_image = getattr(args, "image", None) == "-"
+    if paper == "-" and stdin_is_image:
+        raise UsageError("--paper-key -: standard input holds the image; give the paper key "
+                         "in a file")
     if ask:
-        creds.passphrase = _ask_passphrase(confirm)
+        creds.passphrase = _ask_passphrase(confirm, stdin_is_image=stdin_is_image)
     elif pfile or env:
         path = pfile or env
         creds.passphrase = _first_line(read_secret_file(path, "passphrase file"), path)

@@ -576,11 +576,9 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
             ref_chain: Chain | None, progress: Progress | None, started: float,
             mounted_rw: list[str]) -> ImageResult:
     ref = ref_chain.leaf if ref_chain is not None else None
-    # a stream (image to "-") is written without parity and delta records, unless asked for:
-    # `diskimg restore -` reads records front to back and does not unwrap either yet
-    stream = is_stream(image_path)
-    parent_pages = ParentPages(ref_chain) if ref_chain is not None and opts.delta \
-        and not stream else None
+    # a stream (image to "-") is the ordinary image, parity and delta records included:
+    # `diskimg restore -` reads them front to back (diskimg.ops.stream_restore)
+    parent_pages = ParentPages(ref_chain) if ref_chain is not None and opts.delta else None
     if parent_pages is not None and not parent_pages.available:
         parent_pages = None      # a chain written before page hashes: whole blocks only
     bs = ref.header.block_size if ref is not None else opts.block_size or DEFAULT_BLOCK_SIZE
@@ -618,7 +616,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
         transforms=transforms.table, digest=digest,
         # an image that may hold delta records says so: a reader that cannot resolve them
         # refuses it instead of reporting its delta blocks as damaged
-        **with_features(parity_fields(0 if stream and opts.parity is None else opts.parity),
+        **with_features(parity_fields(opts.parity),
                         ((fmt.ENCRYPTED,) if keys else ())
                         + ((fmt.FEATURE_DELTA,) if parent_pages is not None else ())),
     )

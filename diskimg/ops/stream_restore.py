@@ -13,28 +13,42 @@ An incremental or differential image refers to its parents' blocks by index entr
 arrive last: its parents are found (by name, then UUID, in the --search directories or prefixes
 and the current directory) and checked before anything is written, and the blocks it refers to
 them are read from them and written when the index arrives, each checked against the digest
-the stream's entry carries (docs/FORMAT.md section 10).
+the stream's entry carries (docs/FORMAT.md section 10).  A delta record (section 18) is
+applied over its block as the parents hold it, then checked against the record's digest.
+
+The images a plain `diskimg image` makes are read as they are: with parity (section 16), the
+records are read out of the windows as they arrive, the checksum tables and parity skipped
+(diskimg.image.stream_parity); the current window is kept, and a record that fails its check is
+healed from its window's parity (the stream is read on past the window for it) and checked
+again.  Encrypted (section 17): the command's key opens the header before anything is written,
+and decrypts the records and the index.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from diskimg import format as fmt
 from diskimg.disk.blockdev import open_target
-from diskimg.errors import ChainError, DecodeError, DiskIOError, DiskimgError, StreamEnded
+from diskimg.errors import ChainError, DecodeError, DigestMismatch, DiskIOError, DiskimgError
+from diskimg.errors import StreamEnded
 from diskimg.errors import UsageError
+from diskimg.format import delta
 from diskimg.image.chain import Chain, find_image, open_chain
-from diskimg.image.imagefile import segment_runs
+from diskimg.image.imagefile import segment_runs, transforms_of, unlock_header
 from diskimg.image.records import decode_verified
+from diskimg.image.view import BlockView
 from diskimg.ops.restore import Overwrite, RestoreResult, Salvaged, _leave, check_target
 from diskimg.ops.restore import describe_target
 from diskimg.store import open_directory
 from diskimg.store.stream import ForwardReader
-from diskimg.transforms import reading_chain
+from diskimg.transforms import TransformChain
 from diskimg.units import human
+
+if TYPE_CHECKING:
+    from diskimg.image.stream_parity import ParityStreamReader
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +63,17 @@ def restore_stream(target: str, *, search: Iterable[str] = (), confirm: Callable
     Raises what restore_image raises before writing (NotAnImage, MissingParent, UnsafeTarget,
     UsageError: overwriting not confirmed), and StreamEnded (exit 1) once writing started."""
     started = time.monotonic()
-    src = ForwardReader(fd, STREAM)
-    header, pos = fmt.read_header(src, STREAM)
-    unread = sorted(set(header.features) & {"parity", "encrypted", "delta"})
-    if unread:
-        raise UsageError(f"{STREAM}: an image with {', '.join(unread)} cannot be restored from "
-                         f"a stream yet: save it to a file (or object storage) and restore that")
+    fwd = ForwardReader(fd, STREAM)
+    header, pos = fmt.read_header(fwd, STREAM)
+    # an encrypted image: its key (the command's --key-file, --passphrase... options), refused
+    # before anything is written when it does not open the header
+    header = unlock_header(header, STREAM)
+    src: ForwardReader | ParityStreamReader = fwd
+    if header.parity is not None:
+        # the records are read as they arrive, the parity and tables skipped as they pass;
+        # the current window is kept, to heal a record that fails its check
+        from diskimg.image.stream_parity import ParityStreamReader
+        src = ParityStreamReader(fwd, header.parity)
     parents = _open_parents(header, search) if header.parent is not None else None
     try:
         return _restore(src, header, pos, parents, target, confirm, salvage, keep_partial,
@@ -82,11 +101,14 @@ def _open_parents(header: fmt.Header, search: Iterable[str]) -> Chain:
     return parents
 
 
-def _restore(src: ForwardReader, header: fmt.Header, pos: int, parents: Chain | None,
+def _restore(src: ForwardReader | ParityStreamReader, header: fmt.Header, pos: int, parents: Chain | None,
              target: str, confirm, salvage: bool, keep_partial: bool, progress,
              started: float) -> RestoreResult:
     bs, blocks = header.block_size, header.blocks
-    transforms = reading_chain(header.transforms)
+    transforms = transforms_of(header)
+    opener = header.keys.open_segment if header.keys is not None else None
+    healing = header.parity is not None    # src is a ParityStreamReader
+    view = BlockView(parents) if parents is not None else None   # the parents' blocks, for deltas
     exists, is_block, tsize = check_target(target, header.size)
     if exists:
         question = Overwrite(describe_target(target, is_block, tsize), STREAM, header.size)
@@ -114,47 +136,84 @@ def _restore(src: ForwardReader, header: fmt.Header, pos: int, parents: Chain | 
                     raise stop(f"the stream ended at byte {src.size}, before the image's "
                                f"index")
                 rec = fmt.unpack_record(head)
+                if rec is None and healing and src.heal(pos, fmt.RECORD_HEADER_SIZE):
+                    head = src.pread(fmt.RECORD_HEADER_SIZE, pos)
+                    rec = fmt.unpack_record(head)
+                    log.warning("%s: %s at byte %d was damaged in the stream and healed by "
+                                "its parity", STREAM, "the record header" if rec is not None
+                                else "the image's index", pos)
                 if rec is None:
                     break          # the index (or damage: the footer check tells)
                 if rec.flags & fmt.FLAG_PAGE_HASHES and rec.block < blocks:
                     # a stored block's page hashes (section 18.1): for the next incremental
                     pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
                     continue
-                if rec.block >= blocks or rec.raw_len != header.block_length(rec.block):
+                is_delta = bool(rec.flags & fmt.FLAG_DELTA)
+                length = header.block_length(rec.block) if rec.block < blocks else 0
+                if rec.block >= blocks or not (
+                        delta.bitmap_size(length) < rec.raw_len <= delta.max_delta_length(length)
+                        if is_delta else rec.raw_len == length):
                     raise stop(f"record at byte {pos} names block {rec.block} of "
                                f"{rec.raw_len} bytes, not a block of this image")
+                if is_delta and view is None:
+                    raise stop(f"record at byte {pos} is a delta of block {rec.block}, but "
+                               f"this is a full image")
                 payload = src.pread(rec.stored_len, pos + fmt.RECORD_HEADER_SIZE)
                 if len(payload) < rec.stored_len:
                     raise stop(f"the stream ended at byte {src.size}, inside the record of "
                                f"block {rec.block}")
-                view = memoryview(out)[:rec.raw_len]
+                block_view = memoryview(out)[:length]
                 try:
-                    decode_verified(transforms, rec.block, payload, rec.codec, rec.sha256,
-                                    view, digest=header.hash)
+                    try:
+                        _decode(transforms, rec, payload, block_view, header, view, is_delta)
+                    except DecodeError:
+                        if not (healing and src.heal(pos, fmt.RECORD_HEADER_SIZE
+                                                     + rec.stored_len)):
+                            raise
+                        payload = src.pread(rec.stored_len, pos + fmt.RECORD_HEADER_SIZE)
+                        _decode(transforms, rec, payload, block_view, header, view, is_delta)
+                        log.warning("%s: block %d (record at byte %d) was damaged in the "
+                                    "stream and healed by its parity", STREAM, rec.block, pos)
                 except DecodeError as err:
                     if not salvage:
                         raise stop(f"block {rec.block} (record at byte {pos}) is damaged: "
                                    f"{err.reason}") from err
-                    salvaged.append(Salvaged(rec.block, 1, rec.block * bs, rec.raw_len,
+                    salvaged.append(Salvaged(rec.block, 1, rec.block * bs, length,
                                              f"record damaged: {err.reason}"))
                     try:    # restored as zeros, as restore --salvage does
-                        tgt.write(bytes(rec.raw_len), rec.block * bs)
+                        tgt.write(bytes(length), rec.block * bs)
                     except OSError as err2:
                         raise DiskIOError(target, "write", err2, rec.block * bs) from err2
                 else:
                     try:
-                        tgt.write(view, rec.block * bs)
+                        tgt.write(block_view, rec.block * bs)
                     except OSError as err:
                         raise DiskIOError(target, "write", err, rec.block * bs) from err
                     written[rec.block] = rec.sha256
-                    written_bytes += rec.raw_len
+                    written_bytes += length
                     if progress:
-                        progress.advance(rec.raw_len)
+                        progress.advance(length)
                 pos += fmt.RECORD_HEADER_SIZE + rec.stored_len
                 src.release(pos)
-            src.read_all()
             try:
-                footer = fmt.read_footer(src, STREAM, src.size, header, pos)
+                src.read_all()
+            except ValueError as err:      # an image with parity: its tail is damaged
+                raise stop(str(err)) from err
+            def healed(read: Callable, offset: int, length: int):
+                """read(), and with parity once more after healing [offset, offset+length)."""
+                try:
+                    return read()
+                except DiskimgError as err:
+                    if not (healing and src.heal(offset, length)):
+                        raise
+                    result = read()
+                    log.warning("%s: the image's index or footer was damaged in the stream and "
+                                "healed by its parity (%s)", STREAM, err)
+                    return result
+
+            try:
+                footer = healed(lambda: fmt.read_footer(src, STREAM, src.size, header, pos),
+                                pos, src.size - pos)
             except DiskimgError as err:
                 raise stop(f"no valid index after the records ({err})") from err
             zeroed = holes = parent_blocks = 0
@@ -162,10 +221,14 @@ def _restore(src: ForwardReader, header: fmt.Header, pos: int, parents: Chain | 
             per = footer.entries_per_segment
             for seg, (off, length) in enumerate(footer.segments):
                 first = seg * per
-                raw = fmt.read_segment(src, STREAM, off, length, first,
-                                       min(per, blocks - first))
+                try:
+                    raw = healed(lambda: fmt.read_segment(src, STREAM, off, length, first,
+                                                          min(per, blocks - first), opener),
+                                 off, length)
+                except DiskimgError as err:
+                    raise stop(f"index segment {seg} is damaged ({err})") from err
                 for block, count, entry in segment_runs(first, raw):
-                    if entry.kind == fmt.DATA:
+                    if entry.kind in (fmt.DATA, fmt.DELTA):
                         for b in range(block, block + count):
                             if written.get(b) != entry.sha256 and not any(
                                     s.block == b for s in salvaged):
@@ -236,3 +299,23 @@ def _from_parents(parents: Chain, block: int, entry: fmt.IndexEntry, out: bytear
     except OSError as err:
         raise DiskIOError(target, "write", err, block * bs) from err
     return length
+
+
+def _decode(transforms: TransformChain, rec: fmt.RecordHeader, payload: bytes, out: memoryview,
+            header: fmt.Header, view: BlockView | None, is_delta: bool) -> None:
+    """Decode record `rec` into `out` (its block) and check it against the record's digest.  A
+    delta record (docs/FORMAT.md section 18) is applied over the block's content in the
+    parents' chain (`view`, each block read checked).  Raises DecodeError."""
+    if not is_delta:
+        decode_verified(transforms, rec.block, payload, rec.codec, rec.sha256, out,
+                        digest=header.hash)
+        return
+    assert view is not None
+    payload_out = bytearray(rec.raw_len)
+    transforms.decode_into(rec.block, payload, rec.codec, memoryview(payload_out))
+    pages = delta.delta_pages(payload_out, len(out))
+    view.read_block(rec.block, out)
+    delta.apply_delta(out, payload_out, pages)
+    actual = header.hash(out)
+    if actual != rec.sha256:
+        raise DigestMismatch(rec.sha256, actual)

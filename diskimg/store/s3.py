@@ -18,8 +18,9 @@ about 0.3 s to import, which no local command pays.
   outright leaves an unfinished upload that holds no object: the next write of the same name
   aborts it and says so (a warning), so no orphan parts pile up unseen.
 - Reading (`S3Reader`) is ranged GETs.  Reads that follow each other (restore, verify) are
-  served from windows of `WINDOW` bytes fetched concurrently ahead of the reader; scattered
-  reads (a header, the footer, index segments) fetch exactly what is asked.
+  served, once STREAK bytes were read in sequence, from windows of `WINDOW` bytes fetched
+  concurrently ahead of the reader; small scattered reads (a header, a trailer, the footer,
+  index segments) from chunks of SMALL_CHUNK bytes kept; larger ones fetch what is asked.
 - Transient failures (connection errors, timeouts, HTTP 5xx, 429, SlowDown) are retried with
   exponential backoff and jitter, each retry logged at INFO (``-v``); permanent ones become
   one diskimg error: no such object -> NotAnImage (exit 2), no such bucket -> UsageError
@@ -28,7 +29,6 @@ about 0.3 s to import, which no local command pays.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import queue
@@ -59,6 +59,10 @@ PLANNED_PARTS = 9_000         # parts the hint is spread over: room for a short 
 UPLOADS_IN_FLIGHT = 4
 WINDOW = 8 * MiB              # a read-ahead window of sequential reads
 AHEAD = 6                     # windows fetched ahead of a sequential reader
+SMALL_READ = 64 << 10         # a read this small is served from a chunk of SMALL_CHUNK bytes,
+SMALL_CHUNK = 256 << 10       # kept (the last SMALL_KEPT): opening an image reads its header,
+SMALL_KEPT = 4                # trailer, footer and index in a dozen small reads close together
+STREAK = 256 << 10            # bytes read in sequence before windows are fetched ahead
 KEEP = AHEAD + 2              # windows kept (the ones ahead, the current one, one behind)
 ATTEMPTS = 6                  # tries of one request (0.25 s .. 8 s apart, with jitter)
 
@@ -206,6 +210,8 @@ class S3Reader(StoreReader):
         self._windows: OrderedDict[int, Future] = OrderedDict()
         self._lock = threading.Lock()
         self._last_end: int | None = None
+        self._streak = 0
+        self._small: list[tuple[int, bytes | bytearray]] = []
         self._pool: ThreadPoolExecutor | None = None
 
     def _get(self, start: int, end: int) -> bytes | bytearray:
@@ -255,30 +261,81 @@ class S3Reader(StoreReader):
                 self._windows.move_to_end(i)
             return fut
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def _plan(self, length: int, offset: int) -> tuple[int, list[tuple[int, Future]] | None]:
+        """The end of the read and, for a read that continues a sequential run, the windows
+        that serve it (the next AHEAD ones are asked for too); None: fetch it as it is.
+
+        Read-ahead starts only once the run has read STREAK bytes: opening an image reads its
+        header, footer and index (a few small reads, some of them close together), and
+        checking an object (--force, a look for images depending on one) reads its first
+        bytes only: fetching windows ahead for those would GET up to 56 MiB for nothing."""
         end = min(offset + length, self.size)
-        if offset >= end:
-            return b""
-        last_end, self._last_end = self._last_end, end
-        sequential = last_end is not None and abs(offset - last_end) <= 2 * WINDOW
-        if not sequential or end - offset > 2 * WINDOW:
-            return bytes(self._get(offset, end))
+        with self._lock:
+            last_end, self._last_end = self._last_end, end
+            sequential = last_end is not None and abs(offset - last_end) <= 2 * WINDOW
+            self._streak = self._streak + (end - offset) if sequential else 0
+            streak = self._streak
+        if not sequential or streak < STREAK or end - offset > 2 * WINDOW:
+            return end, None
         first, last = offset // WINDOW, (end - 1) // WINDOW
         windows = self.size // WINDOW + 1
         for i in range(last + 1, min(last + 1 + AHEAD, windows)):
             self._window(i)
-        futures = [(i, self._window(i)) for i in range(first, last + 1)]
+        return end, [(i, self._window(i)) for i in range(first, last + 1)]
+
+    def _small_read(self, offset: int, end: int) -> memoryview | None:
+        """Bytes [offset, end) of a small scattered read, from a chunk kept or fetched (one
+        round trip for the several small reads near each other that opening an image makes:
+        the header at the start; the trailer, footer and index, and a parity tail, at the
+        end); None for a read too large for it."""
+        if end - offset > SMALL_READ:
+            return None
+        with self._lock:
+            for start, data in self._small:
+                if start <= offset and end <= start + len(data):
+                    return memoryview(data)[offset - start:end - start]
+        start = offset - offset % SMALL_READ
+        if start + SMALL_CHUNK >= self.size:        # near the end: the last chunk
+            start = max(0, self.size - SMALL_CHUNK)
+        stop = min(self.size, start + SMALL_CHUNK)
+        if end > stop:
+            return None
+        data = self._get(start, stop)
+        with self._lock:
+            self._small.insert(0, (start, data))
+            del self._small[SMALL_KEPT:]
+        return memoryview(data)[offset - start:end - start]
+
+    def pread(self, length: int, offset: int) -> bytes:
+        end, windows = self._plan(length, offset)
+        if offset >= end:
+            return b""
+        if windows is None:
+            small = self._small_read(offset, end)
+            return bytes(small if small is not None else self._get(offset, end))
         pieces = []
-        for i, fut in futures:
+        for i, fut in windows:
             window, base = fut.result(), i * WINDOW
             pieces.append(memoryview(window)[max(offset, base) - base:min(end, base + WINDOW) - base])
         return b"".join(pieces)
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
+        """Into `buf` straight from the windows (one copy)."""
         view = memoryview(buf).cast("B")
-        data = self.pread(len(view), offset)
-        view[:len(data)] = data
-        return len(data)
+        end, windows = self._plan(len(view), offset)
+        if offset >= end:
+            return 0
+        if windows is None:
+            data = self._small_read(offset, end)
+            if data is None:
+                data = self._get(offset, end)
+            view[:len(data)] = data
+            return len(data)
+        for i, fut in windows:
+            window, base = fut.result(), i * WINDOW
+            lo, hi = max(offset, base), min(end, base + WINDOW)
+            view[lo - offset:hi - offset] = memoryview(window)[lo - base:hi - base]
+        return end - offset
 
     def close(self) -> None:
         with self._lock:
@@ -289,39 +346,6 @@ class S3Reader(StoreReader):
 
 
 # -- writing ---------------------------------------------------------------------------------
-
-class _PartBody(io.RawIOBase):
-    """A part's bytes as the file the client reads (and rewinds to sign and to retry), over a
-    pooled buffer: no copy of the part is made."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view = view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = max(0, min(len(b), len(self._view) - self._pos))
-        b[:n] = self._view[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def __len__(self) -> int:
-        return len(self._view)
-
 
 class S3Sink(StoreSink):
     """A multipart upload fed by `write`; see the module docstring.  Parts are filled in a
@@ -415,10 +439,15 @@ class S3Sink(StoreSink):
 
         def upload() -> dict:
             try:
-                view = memoryview(buf)[:length]
+                # the pooled buffer itself when the part fills it (all parts but the last: no
+                # copy).  A bytes-like body, not a file object: the client then hashes it for
+                # the signature in one call and sends it in one, and sends no "Expect:
+                # 100-continue" (a round trip per part); a file object is read 16 KiB at a time
+                # in Python, twice.
+                body = buf if length == len(buf) else bytes(memoryview(buf)[:length])
                 r = self._client_call(f"upload part {number}", lambda: client.upload_part(
                     Bucket=self.store.bucket, Key=self.key, UploadId=upload_id,
-                    PartNumber=number, Body=_PartBody(view), ContentLength=length))
+                    PartNumber=number, Body=body, ContentLength=length))
                 return {"PartNumber": number, "ETag": r["ETag"]}
             finally:
                 self._free.put(buf)

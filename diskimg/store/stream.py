@@ -106,6 +106,11 @@ class ForwardReader:
     def size(self) -> int:
         return self._base + len(self._buf)
 
+    @property
+    def base(self) -> int:
+        """The first offset still held (what is before it was released)."""
+        return self._base
+
     def _fill(self, upto: int) -> None:
         while not self.eof and self.size < upto:
             try:

@@ -170,6 +170,30 @@ def test_open_pread_and_read_into(store):
         assert r.read_into(buf, len(data) - 96) == 96 and buf[:96] == data[-96:]
 
 
+def test_reads_of_every_pattern_return_the_bytes(store):
+    """The patterns an image is read in, over an object larger than S3Reader's windows (8 MiB):
+    small scattered reads near each other (header, trailer, footer: served from chunks kept),
+    one crossing a chunk's end, a sequential run of records across windows (read ahead), the
+    same into a buffer, and scattered reads again."""
+    data = os.urandom(20 << 20)
+    _put(store, "big", data)
+    with store.open("big") as r:
+        for off, n in [(0, 10), (100, 4000), (len(data) - 32, 32), (len(data) - 300_000, 5000),
+                       (len(data) - 70_000, 60_000), ((256 << 10) - 10, 20), (1 << 20, 70_000)]:
+            assert r.pread(n, off) == data[off:off + n], (off, n)
+        off, n = 0, 300_000
+        buf = bytearray(n)
+        while off < len(data):
+            if (off // n) % 2:
+                got = r.read_into(buf, off)
+                assert bytes(buf[:got]) == data[off:off + n], off
+            else:
+                assert r.pread(n, off) == data[off:off + n], off
+            off += n
+        assert r.pread(5000, 3 << 20) == data[3 << 20:(3 << 20) + 5000]
+        assert r.pread(9 << 20, 10 << 20) == data[10 << 20:19 << 20]
+
+
 def test_missing_names_are_errors_naming_the_path(store):
     for op in (store.stat, store.open, store.delete):
         with pytest.raises(NotAnImage) as exc:
