@@ -18,8 +18,9 @@ about 0.3 s to import, which no local command pays.
   outright leaves an unfinished upload that holds no object: the next write of the same name
   aborts it and says so (a warning), so no orphan parts pile up unseen.
 - Reading (`S3Reader`) is ranged GETs.  Reads that follow each other (restore, verify) are
-  served from windows of `WINDOW` bytes fetched concurrently ahead of the reader; scattered
-  reads (a header, the footer, index segments) fetch exactly what is asked.
+  served, from the `STREAK`th in a row on, from windows of `WINDOW` bytes fetched concurrently
+  ahead of the reader; scattered reads (a header, the footer, index segments) fetch exactly
+  what is asked.
 - Transient failures (connection errors, timeouts, HTTP 5xx, 429, SlowDown) are retried with
   exponential backoff and jitter, each retry logged at INFO (``-v``); permanent ones become
   one diskimg error: no such object -> NotAnImage (exit 2), no such bucket -> UsageError
@@ -60,6 +61,7 @@ UPLOADS_IN_FLIGHT = 4
 WINDOW = 8 * MiB              # a read-ahead window of sequential reads
 AHEAD = 6                     # windows fetched ahead of a sequential reader
 KEEP = AHEAD + 2              # windows kept (the ones ahead, the current one, one behind)
+STREAK = 3                    # reads in a row that follow each other before reading ahead
 ATTEMPTS = 6                  # tries of one request (0.25 s .. 8 s apart, with jitter)
 
 _ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -206,6 +208,7 @@ class S3Reader(StoreReader):
         self._windows: OrderedDict[int, Future] = OrderedDict()
         self._lock = threading.Lock()
         self._last_end: int | None = None
+        self._streak = 0                     # reads in a row that followed each other
         self._pool: ThreadPoolExecutor | None = None
 
     def _get(self, start: int, end: int) -> bytes | bytearray:
@@ -261,7 +264,11 @@ class S3Reader(StoreReader):
             return b""
         last_end, self._last_end = self._last_end, end
         sequential = last_end is not None and abs(offset - last_end) <= 2 * WINDOW
-        if not sequential or end - offset > 2 * WINDOW:
+        self._streak = self._streak + 1 if sequential else 0
+        # read ahead only for a reader that keeps going (restore, verify): a header's two
+        # reads, or a footer's, are not worth windows of megabytes (`backup list` reads the
+        # headers of every image in a prefix)
+        if self._streak < STREAK or end - offset > 2 * WINDOW:
             return bytes(self._get(offset, end))
         first, last = offset // WINDOW, (end - 1) // WINDOW
         windows = self.size // WINDOW + 1
@@ -573,24 +580,56 @@ class S3Store(Store):
         _retrying(self.path(name), "delete the object",
                   lambda: client.delete_object(Bucket=self.bucket, Key=self.key(name)))
 
+    def _uploads(self, prefix: str, url: str) -> list[dict]:
+        """The multipart uploads whose keys start with `prefix` (a key), every page."""
+        client = _client()
+        uploads: list[dict] = []
+        marker: dict = {}
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": prefix, **marker}
+            r = _retrying(url, "list unfinished uploads",
+                          lambda: client.list_multipart_uploads(**kwargs))
+            uploads += r.get("Uploads", [])
+            if not r.get("IsTruncated") or not r.get("NextKeyMarker"):
+                return uploads
+            marker = {"KeyMarker": r["NextKeyMarker"],
+                      "UploadIdMarker": r.get("NextUploadIdMarker") or ""}
+
     def unfinished_uploads(self, name: str) -> list[dict]:
         """The multipart uploads of `name` started and neither completed nor aborted."""
-        client = _client()
         key = self.key(name)
-        r = _retrying(self.path(name), "list unfinished uploads",
-                      lambda: client.list_multipart_uploads(Bucket=self.bucket, Prefix=key))
-        return [u for u in r.get("Uploads", []) if u.get("Key") == key]
+        return [u for u in self._uploads(key, self.path(name)) if u.get("Key") == key]
 
-    def abort_unfinished(self, name: str) -> int:
-        """Abort what an interrupted run left of an upload of `name` (saying so); how many."""
+    def unfinished(self, prefix: str = "") -> list[str]:
+        """The names under this prefix with a multipart upload never completed nor aborted
+        (a run killed while it uploaded): no object, but parts the bucket keeps (and bills)."""
+        names = {u["Key"][len(self.prefix):]
+                 for u in self._uploads(self.prefix + prefix, self.location)
+                 if "/" not in u["Key"][len(self.prefix):]}
+        return sorted(names)
+
+    def unfinished_label(self, name: str) -> str:
+        return name + " (unfinished upload)"
+
+    def discard_unfinished(self, name: str) -> None:
+        if not self._abort(name, self.unfinished_uploads(name)):
+            raise NotAnImage(self.path(name), "no unfinished upload")
+
+    def _abort(self, name: str, uploads: list[dict]) -> int:
         client = _client()
-        uploads = self.unfinished_uploads(name)
         for u in uploads:
             upload_id = u["UploadId"]
             _retrying(self.path(name), "abort an unfinished upload",
                       lambda: client.abort_multipart_upload(Bucket=self.bucket,
                                                             Key=self.key(name),
                                                             UploadId=upload_id))
+        return len(uploads)
+
+    def abort_unfinished(self, name: str) -> int:
+        """Abort what an interrupted run left of an upload of `name` (saying so); how many."""
+        uploads = self.unfinished_uploads(name)
+        self._abort(name, uploads)
+        for u in uploads:
             started = u.get("Initiated")
             log.warning("%s: aborted an unfinished upload of this name%s (an interrupted "
                         "run's); starting again", self.path(name),
