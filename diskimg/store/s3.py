@@ -61,7 +61,7 @@ UPLOADS_IN_FLIGHT = 4
 WINDOW = 8 * MiB              # a read-ahead window of sequential reads
 AHEAD = 6                     # windows fetched ahead of a sequential reader
 KEEP = AHEAD + 2              # windows kept (the ones ahead, the current one, one behind)
-STREAK = 3                    # reads in a row that follow each other before reading ahead
+STREAK = 3                    # reads in a row going forward before reading ahead
 ATTEMPTS = 6                  # tries of one request (0.25 s .. 8 s apart, with jitter)
 
 _ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -263,11 +263,11 @@ class S3Reader(StoreReader):
         if offset >= end:
             return b""
         last_end, self._last_end = self._last_end, end
-        sequential = last_end is not None and abs(offset - last_end) <= 2 * WINDOW
-        self._streak = self._streak + 1 if sequential else 0
-        # read ahead only for a reader that keeps going (restore, verify): a header's two
-        # reads, or a footer's, are not worth windows of megabytes (`backup list` reads the
-        # headers of every image in a prefix)
+        forward = last_end is not None and 0 <= offset - last_end <= 2 * WINDOW
+        self._streak = self._streak + 1 if forward else 0
+        # read ahead only for a reader that keeps going forward (restore, verify): a
+        # header's two reads, or the tails and footer read near the end, are not worth
+        # windows of megabytes (`backup list` reads those of every image in a prefix)
         if self._streak < STREAK or end - offset > 2 * WINDOW:
             return bytes(self._get(offset, end))
         first, last = offset // WINDOW, (end - 1) // WINDOW
