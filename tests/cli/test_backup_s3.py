@@ -349,3 +349,19 @@ endpoint-url = "{moto_s3.endpoint}"
     res = cli("backup", "list", "m", "--config", config, "--endpoint-url",
               "http://127.0.0.1:1")
     assert res.rc == 3 and "cannot reach the server" in res.err
+
+
+def test_timer_of_an_s3_job_waits_for_the_network(s3env, tmp_path):
+    units = tmp_path / "units"
+    units.mkdir()
+    res = cli("backup", "timer", "install", "week", "--config", s3env.config, "--unit-dir", units)
+    assert res.rc == 0, res.err
+    service = units / "diskimg-backup-week.service"
+    text = service.read_text()
+    assert "After=network-online.target" in text and "Wants=network-online.target" in text
+    assert "EnvironmentFile=-/etc/diskimg/week.env" in text
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    p = subprocess.run(["systemd-analyze", "verify", str(units / "diskimg-backup-week.timer"),
+                        str(service)], capture_output=True, text=True)
+    assert p.returncode == 0 and "diskimg-backup-week" not in p.stderr, p.stdout + p.stderr
