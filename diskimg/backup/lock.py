@@ -12,7 +12,8 @@ import os
 import socket
 from datetime import datetime, timezone
 
-from diskimg.errors import JobBusy, PermissionDenied, UsageError, is_permission_error
+from diskimg.errors import JobBusy, JobClaimed, PermissionDenied, UsageError
+from diskimg.errors import is_permission_error
 
 
 class JobLock:
@@ -75,18 +76,6 @@ def host_identity() -> dict:
     return {"host": socket.gethostname(), "machine_id": machine}
 
 
-class JobClaimed(JobBusy):
-    """The job's prefix in object storage holds the claim of a run started on another host
-    (exit 2, nothing done).  The flock is local to each host, so a second host is stopped by
-    this object instead; if that run is gone for good (the host died), the object is stale and
-    deleting it by hand lets the job run again."""
-
-    def __init__(self, path: str, job: str, holder: dict | None) -> None:
-        super().__init__(path, job, holder)
-        self.message += (f" (a run on another host, or what is left of one: the lock is "
-                         f"per host; if that run is gone, delete {path})")
-
-
 class RemoteClaim:
     """A run's claim on a job whose images live in object storage: the object
     ``JOB.running.json`` under the destination's prefix (one PUT, deleted when the run ends),
@@ -130,7 +119,7 @@ class RemoteClaim:
         holder = self._read()
         if holder is not None:
             if not self._mine(holder, me):
-                raise JobClaimed(self.path, self.job, holder)
+                raise JobClaimed(self.path, self.job, _shown(holder))
             self.stale = holder
         claim = {**me, "pid": os.getpid(), "what": self.what, "token": self.token,
                  "since": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -143,7 +132,7 @@ class RemoteClaim:
             raise
         back = self._read()
         if back is None or back.get("token") != self.token:
-            raise JobClaimed(self.path, self.job, back)
+            raise JobClaimed(self.path, self.job, _shown(back))
         self.held = True
         return self
 
@@ -161,3 +150,8 @@ class RemoteClaim:
             logging.getLogger(__name__).warning(
                 "warning: cannot remove the claim %s (%s); this host's next run replaces it",
                 self.path, err)
+
+
+def _shown(holder: dict | None) -> dict | None:
+    """A claim as errors show it (without its token)."""
+    return None if holder is None else {k: v for k, v in holder.items() if k != "token"}
