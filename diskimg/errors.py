@@ -354,6 +354,18 @@ class JobBusy(UsageError):
         return {"job": self.job, "holder": self.holder}
 
 
+class JobClaimed(JobBusy):
+    """The job's prefix in object storage holds the claim of a run started on another host
+    (exit 2, nothing done).  The flock is local to each host, so a second host is stopped by
+    this object instead; if that run is gone for good (the host died), the object is stale and
+    deleting it by hand lets the job run again."""
+
+    def __init__(self, path: str, job: str, holder: dict | None) -> None:
+        super().__init__(path, job, holder)
+        self.message += (f" (a run on another host, or what is left of one: the lock is "
+                         f"per host; if that run is gone, delete {path})")
+
+
 class HealthGateFailed(DiskimgError):
     """A backup job's source has the health verdict FAIL and the job says stop (exit 1: a
     check found a problem).  ``path`` is the device, ``reasons`` the FAIL and WARN reasons."""

@@ -56,8 +56,9 @@ def _cpu_of(pid: int) -> float:
 
 
 def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target, fsck_target,
-           sparse: tuple[int, int] | None, make_sparse, log) -> list[str]:
-    """Measure; return the report's lines."""
+           sparse: tuple[int, int] | None, make_sparse, log, backup: bool = False) -> list[str]:
+    """Measure; return the report's lines.  With `backup` (``--backup --s3``), also a backup
+    job whose destination is s3:// (issue 16)."""
     python = str(Path(diskimg).with_name("python"))
     server = SeaweedFS()
     saved = dict(os.environ)
@@ -116,9 +117,12 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
                                 "--force", "--no-progress"]], runs=1)
             finally:
                 sfile.unlink(missing_ok=True)
+        if backup and bench.ok("s3_image"):
+            _backup_job(bench, diskimg, src, url, log)
         rows = []
         for key in ("s3_image", "s3_upload", "s3_restic", "s3_restore", "s3_download",
-                    "s3_restic_restore", "s3_sparse"):
+                    "s3_restic_restore", "s3_sparse", "s3_backup_run", "s3_backup_image",
+                    "s3_backup_list"):
             r = bench.results.get(key)
             if r is None:
                 continue
@@ -144,6 +148,10 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
             ratio = ra["wall"] / rb["wall"]
             met = ("yes" if ratio <= goal else "no") if goal else ""
             lines.append(f"| {what} | {ratio:.2f} | {'≤ %.1f' % goal if goal else ''} | {met} |")
+        ra, rb = bench.results.get("s3_backup_run"), bench.results.get("s3_backup_image")
+        if ra and rb and ra["ok"] and rb["ok"]:
+            lines.append(f"| backup run to S3 vs image --incremental to S3 (unchanged disk) | "
+                         f"{ra['wall'] / rb['wall']:.2f} | | |")
         # what the machine allows: the client and the server share its cores, so a command
         # takes at least (its CPU + the server's) / cores, however well it overlaps
         cores = os.cpu_count() or 1
@@ -175,3 +183,28 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
         os.environ.clear()
         os.environ.update(saved)
         server.stop()
+
+
+def _backup_job(bench, diskimg: str, src: str, url: str, log) -> None:
+    """`diskimg backup run` of an unchanged disk to s3:// (lock, claim object, catalogue read
+    by ranged GETs, level policy, the incremental upload) against `diskimg image
+    --incremental` of it to s3://, alternated; then `backup list` of the job's images."""
+    outdir = bench.outdir
+    conf = outdir / "jobs-s3.toml"
+    conf.write_text(f'state-dir = "{outdir / "backup-s3-state"}"\n[jobs.bench]\n'
+                    f'source = "{src}"\ndestination = "s3://{BUCKET}/jobs"\n'
+                    f'full-every = "never"\nhealth = "ignore"\n')
+    log("backup to s3://: the job's full image (not timed)")
+    subprocess.run([diskimg, "backup", "run", "bench", "--level", "full", "--config", str(conf),
+                    "--no-progress"], check=True, capture_output=True)
+    inc = f"s3://{BUCKET}/images/inc.dimg"
+    bench.measure_together([
+        dict(key="s3_backup_run", label="diskimg backup run to s3:// (unchanged incremental)",
+             stages=[[diskimg, "backup", "run", "bench", "--config", str(conf),
+                      "--no-progress", "--json"]]),
+        dict(key="s3_backup_image", label="diskimg image --incremental to s3:// (unchanged)",
+             stages=[[diskimg, "image", src, inc, "--force", "--incremental", url,
+                      "--no-progress", "--json"]]),
+    ])
+    bench.measure("s3_backup_list", "diskimg backup list (the job's images, by ranged GETs)",
+                  [[diskimg, "backup", "list", "bench", "--config", str(conf), "--json"]])

@@ -4,12 +4,15 @@ the images in its destination, never from a database that could fall out of step
 Each image a job makes records, in its header's ``extra.backup``, the job's name, the level
 and the time of the run (the job's clock, which names the image too).  A name is a restore
 point when its image is complete (its trailer and footer read) and every image of its chain is
-there and complete too.  What a killed run leaves (``NAME.partial``) is never one.
+there and complete too.  What a killed run leaves (``NAME.partial``, an unfinished upload) is
+never one.
 
 ``Destination`` is all the access a job needs to where its images live: list the names, read a
-header, open an image, delete one, and keep a small sidecar file per image (the last
-verification's result, ``NAME.verified.json``).  It goes through the Store seam, so an
-``s3://`` destination plugs in behind it once object storage exists.
+header, open an image, delete one, find what interrupted runs left, and keep a small sidecar
+object per image (the last verification's result, ``NAME.verified.json``).  It goes through
+the Store seam: a directory and an ``s3://bucket/prefix`` are the same calls (in object
+storage a killed run leaves an uncompleted multipart upload instead of a ``.partial`` file:
+no object, so never a restore point, and found by `Store.unfinished`).
 """
 from __future__ import annotations
 
@@ -46,26 +49,38 @@ def image_name(job: str, when: datetime, level: str) -> str:
 
 
 class Destination:
-    """Where a job's images live (a directory now; object storage behind the same calls)."""
+    """Where a job's images live: a directory or an ``s3://bucket/prefix``, both through the
+    Store seam (listing, ranged reads of headers, deletes, small sidecar objects)."""
 
     def __init__(self, location: str) -> None:
         from diskimg.store import open_directory
         self.location = location
         self.store = open_directory(location)
 
+    @property
+    def remote(self) -> bool:
+        return self.store.local_path("") is None
+
     def check_exists(self) -> None:
         """Refuse a destination that is not there: a backup disk that is not mounted must not
-        turn into images filling the root filesystem under its mountpoint."""
+        turn into images filling the root filesystem under its mountpoint; a bucket that does
+        not exist (or may not be listed) is said in one line before anything is done."""
         import os
-        if self.store.local_path("") is not None and not os.path.isdir(self.location):
+        if self.remote:
+            self.store.list(".")        # NoSuchBucket -> UsageError, 403 -> PermissionDenied
+        elif not os.path.isdir(self.location):
             raise UsageError(f"{self.location}: the destination directory does not exist (is "
                              f"the backup disk mounted?); create it first")
 
     def path(self, name: str) -> str:
         return self.store.path(name)
 
-    def names(self) -> list[str]:
-        return self.store.list()
+    def names(self, prefix: str = "") -> list[str]:
+        return self.store.list(prefix)
+
+    def unfinished(self, prefix: str = "") -> list[str]:
+        """Images whose writing was interrupted (see Store.unfinished)."""
+        return self.store.unfinished(prefix)
 
     def header(self, name: str):
         from diskimg.image.imagefile import peek_header
@@ -87,6 +102,8 @@ class Destination:
         return data if isinstance(data, dict) else None
 
     def write_sidecar(self, name: str, data: dict) -> None:
+        """Replace `name` whole: a rename in a directory, one PUT in object storage (a
+        reader sees the old record or the new one, never half of one)."""
         sink = self.store.create(name)
         try:
             sink.write([json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"])
@@ -144,7 +161,8 @@ class Catalogue:
     job: str
     location: str
     points: tuple[Point, ...]        # every image of the job, oldest first
-    leftovers: tuple[str, ...]       # NAME.partial files of interrupted runs
+    leftovers: tuple[str, ...]       # what interrupted runs left, as a listing names it
+    unfinished: tuple[str, ...] = ()  # ... by the names of the images they were writing
 
     @property
     def restore_points(self) -> list[Point]:
@@ -187,24 +205,33 @@ def _backup_meta(header) -> dict | None:
 
 
 def scan(dest: Destination, job: str) -> Catalogue:
-    """Every image of `job` in `dest`, read from the images themselves, oldest first."""
+    """Every image of `job` in `dest`, read from the images themselves, oldest first.  Only
+    the names the job gives its images (``JOB-...``) are looked at, each opened once: its
+    header, footer and trailer read by ranged reads, never the records."""
     points: list[Point] = []
-    leftovers: list[str] = []
-    names = dest.names()
+    names = dest.names(job + "-")
+    listed = set(names)
+    unfinished = tuple(n for n in dest.unfinished(job + "-") if n.endswith(IMAGE_SUFFIX))
     for name in names:
-        if name.endswith(VERIFIED_SUFFIX):
+        if not name.endswith(IMAGE_SUFFIX):
             continue
-        if name.endswith(PARTIAL_SUFFIX):
-            if name.startswith(job + "-") and name.endswith(IMAGE_SUFFIX + PARTIAL_SUFFIX):
-                leftovers.append(name)
-            continue
-        header = dest.header(name)
+        try:
+            reader = dest.open_image(name)
+        except DiskimgError as err:
+            reader, failed = None, err
+            header = dest.header(name)
+        else:
+            header, failed = reader.header, None
         meta = _backup_meta(header) if header is not None else None
         if meta is None or meta["job"] != job:
+            if reader is not None:
+                reader.close()
             continue
         try:
             when = parse_time(meta["time"])
         except ValueError:
+            if reader is not None:
+                reader.close()
             continue
         common = dict(
             name=name, path=dest.path(name), uuid=header.uuid, job=job, level=meta["level"],
@@ -213,12 +240,10 @@ def scan(dest: Destination, job: str) -> Catalogue:
             rescue=bool(header.extra.get("rescue")), source=header.source.get("path")
             if isinstance(header.source, dict) else None,
             identity=header.source if isinstance(header.source, dict) else None,
-            verified=_verification(dest, name))
-        try:
-            reader = dest.open_image(name)
-        except DiskimgError as err:
+            verified=_verification(dest, name) if name + VERIFIED_SUFFIX in listed else None)
+        if reader is None:
             points.append(Point(**common, image_bytes=0, stored_bytes=0, read_bytes=0,
-                                complete=False, problem=f"not complete: {err}"))
+                                complete=False, problem=f"not complete: {failed}"))
             continue
         with reader:
             stats = reader.footer.stats
@@ -237,7 +262,8 @@ def scan(dest: Destination, job: str) -> Catalogue:
                                         f"incomplete")
         checked.append(p)
     return Catalogue(job=job, location=dest.location, points=tuple(checked),
-                     leftovers=tuple(leftovers))
+                     leftovers=tuple(dest.store.unfinished_label(n) for n in unfinished),
+                     unfinished=unfinished)
 
 
 def _replace(p: Point, **changes) -> Point:

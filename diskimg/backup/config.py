@@ -8,7 +8,8 @@
     source = "/dev/disk/by-id/ata-WDC_WD40EFRX_WD-WCC4E1234567"   # or a table, one key of:
     # source = { serial = "WD-WCC4E1234567" }  { wwn = "0x50014ee2b1234567" }
     # source = { fs-uuid = "..." }  { ptuuid = "..." }  { path = "/dev/sdb" }
-    destination = "/srv/backup/root"        # a directory (s3:// once object storage exists)
+    destination = "/srv/backup/root"        # a directory, or s3://BUCKET/PREFIX
+    # endpoint-url = "https://s3.example.net" # the S3 server (default: AWS_ENDPOINT_URL...)
     schedule = "daily"                      # systemd OnCalendar of the timer
     random-delay = "30min"
     full-every = "4w"                       # or "monthly", "weekly", "daily", "never"
@@ -139,6 +140,14 @@ class Job:
     # settings that become ImageOptions fields where this diskimg has them (parity,
     # encryption): name -> value; refused when loading if the field does not exist
     image_options: dict = field(default_factory=dict)
+    # the S3 server of an s3:// destination (None: AWS_ENDPOINT_URL, the profile, or AWS);
+    # `--endpoint-url` on the command line wins
+    endpoint_url: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the images live in object storage (an s3:// destination)."""
+        return self.destination[:5].lower() == "s3://"
 
 
 @dataclass(frozen=True)
@@ -301,13 +310,31 @@ def _job(path: str, name: str, table: Any, state_dir: str) -> Job:
     destination = r.string("destination")
     if destination is None:
         raise r.fail("destination", "missing (the directory the images go to)")
-    if "://" in destination:
-        # `diskimg image` reaches s3:// now, but a job's catalogue, prune and check walk a
-        # local directory: refused rather than half-working until they go through the store
-        raise r.fail("destination", f"{destination}: backup jobs keep their images in a local "
-                                    f"directory for now (image to s3:// with `diskimg image`)")
+    if destination[:5].lower() == "s3://":
+        bucket = destination[5:].partition("/")[0]
+        if not bucket:
+            raise r.fail("destination", f"{destination}: no bucket in the URL "
+                                        f"(s3://BUCKET/PREFIX)")
+        if "//" in destination[5:] or destination[5:].startswith("/"):
+            raise r.fail("destination", f"{destination}: an empty name between slashes "
+                                        f"(s3://BUCKET/PREFIX)")
+    elif "://" in destination:
+        raise r.fail("destination", f"{destination}: a directory or s3://BUCKET/PREFIX "
+                                    f"expected")
     elif not os.path.isabs(destination):
         raise r.fail("destination", f"an absolute directory expected, got {_show(destination)}")
+    endpoint_url = r.string("endpoint-url")
+    if endpoint_url is not None:
+        if destination[:5].lower() != "s3://":
+            raise r.fail("endpoint-url", "only for an s3:// destination")
+        if not re.match(r"https?://[^/\s]+", endpoint_url):
+            raise r.fail("endpoint-url", f"an http:// or https:// URL expected, got "
+                                         f"{_show(endpoint_url)}")
+        if "@" in endpoint_url.partition("://")[2].partition("/")[0]:
+            # user:secret@host would end up in messages: credentials come the AWS ways
+            raise r.fail("endpoint-url", "no credentials in the URL (use AWS_ACCESS_KEY_ID/"
+                                         "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                                         "~/.aws/credentials)")
     schedule = r.string("schedule", "daily")
     delay_text = r.string("random-delay", "30min")
     try:
@@ -330,6 +357,10 @@ def _job(path: str, name: str, table: Any, state_dir: str) -> Job:
     health = r.string("health", "stop")
     if health not in HEALTH_ACTIONS:
         raise r.fail("health", f"one of {', '.join(HEALTH_ACTIONS)} expected, got {_show(health)}")
+    if health == "rescue" and destination[:5].lower() == "s3://":
+        raise r.fail("health", "rescue needs a local destination (a rescue image is written "
+                               "to a local file it can resume); use \"stop\" or \"ignore\" "
+                               "with an s3:// destination")
     level = r.count("compression-level", None, minimum=1)
     if level is not None and level > 22:
         raise r.fail("compression-level", f"1 to 22 expected, got {level}")
@@ -352,7 +383,7 @@ def _job(path: str, name: str, table: Any, state_dir: str) -> Job:
         state_dir=state_dir, schedule=schedule, random_delay=random_delay, levels=levels,
         keep=keep, health=health, smartctl=r.string("smartctl"), compression_level=level,
         block_size=block_size, digest=digest, all_blocks=r.boolean("all-blocks", False),
-        image_options=_image_options(r),
+        image_options=_image_options(r), endpoint_url=endpoint_url,
     )
     r.finish()
     _check_image_options(path, prefix, job.image_options)

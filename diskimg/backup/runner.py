@@ -14,6 +14,7 @@ the textfile metrics.  Status and metrics are written whatever the outcome, fail
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from diskimg.backup import catalogue as cat_mod
 from diskimg.backup import metrics, policy, retention
 from diskimg.backup.catalogue import Catalogue, Destination, Point, Verification, format_time
 from diskimg.backup.config import Job, Keep
-from diskimg.backup.lock import JobLock
+from diskimg.backup.lock import JobLock, RemoteClaim
 from diskimg.backup.source import resolve_source
 from diskimg.errors import (
     EXIT_FAILED,
@@ -81,6 +82,42 @@ class RunResult:
     exit_code: int
 
 
+@contextlib.contextmanager
+def _endpoint(job: Job):
+    """The job's ``endpoint-url`` for its s3:// destination while a command works on it,
+    unless one was given already (``--endpoint-url`` on the command line wins)."""
+    from diskimg.store import S3_OPTIONS
+    if not job.remote or not job.endpoint_url or S3_OPTIONS.get("endpoint_url"):
+        yield
+        return
+    S3_OPTIONS["endpoint_url"] = job.endpoint_url
+    try:
+        yield
+    finally:
+        S3_OPTIONS["endpoint_url"] = None
+
+
+def _destination(job: Job) -> Destination:
+    dest = Destination(job.destination)
+    dest.check_exists()
+    return dest
+
+
+@contextlib.contextmanager
+def _job_lock(job: Job, dest: Destination, what: str, notify: Notify):
+    """One run at a time: the host's flock, and in object storage the job's claim object
+    (other hosts: see lock.RemoteClaim)."""
+    with JobLock(job.state_dir, job.name, what):
+        if not dest.remote:
+            yield
+            return
+        with RemoteClaim(dest.store, job.name, what) as claim:
+            if claim.stale:
+                notify(f"replaced the claim of an interrupted run of this host (pid "
+                       f"{claim.stale.get('pid')} since {claim.stale.get('since')})")
+            yield
+
+
 def status_path(job: Job) -> str:
     return os.path.join(job.state_dir, f"{job.name}.status.json")
 
@@ -132,8 +169,9 @@ def run_job(job: Job, *, now: Clock = system_clock, level: str | None = None,
     }
     result: RunResult | None = None
     try:
-        result = _run(job, now, started_at, started, level, notify, progress, rescue_progress,
-                      threads, status)
+        with _endpoint(job):
+            result = _run(job, now, started_at, started, level, notify, progress,
+                          rescue_progress, threads, status)
         return result
     except KeyboardInterrupt:
         status.update(exit_code=EXIT_INTERRUPTED, error="interrupted", result="interrupted")
@@ -174,9 +212,8 @@ def _write_status(job: Job, status: dict, textfile: str | None) -> str | None:
 def _run(job: Job, now: Clock, started_at: datetime, started: float, level: str | None,
          notify: Notify, progress, rescue_progress, threads: int | None,
          status: dict) -> RunResult:
-    dest = Destination(job.destination)
-    dest.check_exists()
-    with JobLock(job.state_dir, job.name, f"backup run {job.name}"):
+    dest = _destination(job)
+    with _job_lock(job, dest, f"backup run {job.name}", notify):
         cat = cat_mod.scan(dest, job.name)
         removed = _remove_leftovers(dest, cat, notify)
         device = resolve_source(job.source)
@@ -190,7 +227,7 @@ def _run(job: Job, now: Clock, started_at: datetime, started: float, level: str 
             decision = policy.choose(job.levels, cat, started_at, size, level, mismatch)
         status.update(level=decision.level, reason=decision.reason)
         name = cat_mod.image_name(job.name, started_at, decision.level)
-        if dest.store.exists(name) or dest.store.exists(dest.store.partial_name(name)):
+        if dest.store.exists(name) or name in dest.unfinished(name):
             raise UsageError(f"{dest.path(name)}: already exists (two runs of job {job.name} in "
                              f"the same second?)")
         status["image"] = dest.path(name)
@@ -257,28 +294,33 @@ def _probe(device: str) -> tuple[int, Callable[[Point], str | None]]:
 
 
 def _remove_leftovers(dest: Destination, cat: Catalogue, notify: Notify) -> tuple[str, ...]:
-    """The NAME.partial files of interrupted runs: no run of the job holds them (we hold the
-    lock), and none is a restore point."""
+    """What interrupted runs left (a NAME.partial file, an unfinished multipart upload): no
+    run of the job holds them (we hold the lock, and in object storage the job's claim), and
+    none is a restore point."""
     removed = []
-    for name in cat.leftovers:
+    names = set(dest.names(cat.job + "-"))
+    for name, label in zip(cat.unfinished, cat.leftovers):
         try:
-            dest.delete(name)
+            dest.store.discard_unfinished(name)
         except DiskimgError as err:
-            notify(f"warning: cannot remove {dest.path(name)}, left by an interrupted run: {err}")
+            notify(f"warning: cannot remove {dest.path(label)}, left by an interrupted run: "
+                   f"{err}")
             continue
-        notify(f"removed {dest.path(name)}, left by an interrupted run")
-        removed.append(name)
-        _delete_beside(dest, name.removesuffix(cat_mod.PARTIAL_SUFFIX), (MAP_SUFFIX,))
+        notify(f"removed {dest.path(label)}, left by an interrupted run")
+        removed.append(label)
+        _delete_beside(dest, name, (MAP_SUFFIX,), names)
     return tuple(removed)
 
 
 MAP_SUFFIX = ".map"     # a rescue's GNU ddrescue mapfile, beside its image
 
 
-def _delete_beside(dest: Destination, image: str, suffixes: tuple[str, ...]) -> None:
-    """The small files that belong to `image` (its verification, its rescue map)."""
+def _delete_beside(dest: Destination, image: str, suffixes: tuple[str, ...],
+                   names: set[str]) -> None:
+    """The small files that belong to `image` (its verification, its rescue map), of those
+    listed in `names`."""
     for suffix in suffixes:
-        if dest.store.exists(image + suffix):
+        if image + suffix in names:
             dest.delete(image + suffix)
 
 
@@ -286,9 +328,8 @@ def _delete_beside(dest: Destination, image: str, suffixes: tuple[str, ...]) -> 
 # list, restore
 
 def catalogue(job: Job) -> Catalogue:
-    dest = Destination(job.destination)
-    dest.check_exists()
-    return cat_mod.scan(dest, job.name)
+    with _endpoint(job):
+        return cat_mod.scan(_destination(job), job.name)
 
 
 def parse_at(text: str) -> datetime | None:
@@ -322,10 +363,10 @@ def restore_job(job: Job, target: str, at: datetime | None, **restore_kwargs):
     """Restore the job's last restore point at or before `at` (None: the latest) onto
     `target`; returns (point, RestoreResult).  The restore's own checks and question apply."""
     from diskimg.ops.restore import restore_image
-    dest = Destination(job.destination)
-    dest.check_exists()
-    point = find_point(cat_mod.scan(dest, job.name), at)
-    result = restore_image(point.path, target, search=(dest.location,), **restore_kwargs)
+    with _endpoint(job):
+        dest = _destination(job)
+        point = find_point(cat_mod.scan(dest, job.name), at)
+        result = restore_image(point.path, target, search=(dest.location,), **restore_kwargs)
     return point, result
 
 
@@ -371,12 +412,18 @@ def check_job(job: Job, *, sample: float | None = None, now: Clock = system_cloc
               notify: Notify = _quiet, progress=None, threads: int | None = None,
               textfile: str | None = None) -> CheckResult:
     """Verify the job's images (all, or a sample) with their chains, and record each image's
-    result beside it (NAME.verified.json) for `list` and for the level policy."""
-    from diskimg.ops.verify import verify_image
+    result beside it (NAME.verified.json, a small object in object storage written by one
+    PUT) for `list` and for the level policy."""
     if sample is not None and not 0 < sample <= 100:
         raise UsageError(f"--sample {sample:g}: a percentage above 0 and up to 100 expected")
-    dest = Destination(job.destination)
-    dest.check_exists()
+    with _endpoint(job):
+        return _check(job, sample, now, notify, progress, threads, textfile)
+
+
+def _check(job: Job, sample: float | None, now: Clock, notify: Notify, progress,
+           threads: int | None, textfile: str | None) -> CheckResult:
+    from diskimg.ops.verify import verify_image
+    dest = _destination(job)
     cat = cat_mod.scan(dest, job.name)
     chosen = choose_sample(cat.restore_points, sample)
     done: dict[str, Checked] = {}
@@ -425,29 +472,29 @@ def prune_job(job: Job, rules: Keep | None = None, *, dry_run: bool = False,
     """Remove what the keep rules (the job's, or `rules`) and the chains do not keep, newest
     first so that no image is ever left without its parent, under the job's lock."""
     rules = rules if rules is not None else job.keep
-    dest = Destination(job.destination)
-    dest.check_exists()
-    if dry_run:
-        cat = cat_mod.scan(dest, job.name)
-        return PruneResult(job.name, retention.plan(cat, rules), True, ())
-    with JobLock(job.state_dir, job.name, f"backup prune {job.name}"):
-        cat = cat_mod.scan(dest, job.name)
-        plan = retention.plan(cat, rules)
-        removed = []
-        for d in plan.remove:
-            dest.delete(d.point.name)
-            removed.append(d.point.name)
-            _delete_beside(dest, d.point.name, (cat_mod.VERIFIED_SUFFIX, MAP_SUFFIX))
-        for name in plan.leftovers:
-            dest.delete(name)
-            removed.append(name)
-            _delete_beside(dest, name.removesuffix(cat_mod.PARTIAL_SUFFIX), (MAP_SUFFIX,))
-        # verification records whose image is gone (a check that ran while a prune removed)
-        names = set(dest.names())
-        for name in names:
-            image = name.removesuffix(cat_mod.VERIFIED_SUFFIX)
-            if name != image and image.startswith(job.name + "-") and image not in names:
-                dest.delete(name)
+    with _endpoint(job):
+        dest = _destination(job)
+        if dry_run:
+            cat = cat_mod.scan(dest, job.name)
+            return PruneResult(job.name, retention.plan(cat, rules), True, ())
+        with _job_lock(job, dest, f"backup prune {job.name}", notify):
+            cat = cat_mod.scan(dest, job.name)
+            plan = retention.plan(cat, rules)
+            names = set(dest.names(job.name + "-"))
+            removed = []
+            for d in plan.remove:
+                dest.delete(d.point.name)
+                removed.append(d.point.name)
+                _delete_beside(dest, d.point.name, (cat_mod.VERIFIED_SUFFIX, MAP_SUFFIX),
+                               names)
+            removed += _remove_leftovers(dest, cat, _quiet)   # the plan says it
+            # verification records whose image is gone (a check that ran while a prune
+            # removed)
+            names = set(dest.names(job.name + "-"))
+            for name in names:
+                image = name.removesuffix(cat_mod.VERIFIED_SUFFIX)
+                if name != image and image not in names:
+                    dest.delete(name)
     return PruneResult(job.name, plan, False, tuple(removed))
 
 

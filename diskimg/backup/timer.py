@@ -19,6 +19,7 @@ from diskimg.backup.metrics import write_atomic
 from diskimg.errors import PermissionDenied, UsageError
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
+ENV_DIR = "/etc/diskimg"       # JOB.env: the environment of an s3:// job's service (optional)
 
 
 def unit_names(job: str) -> tuple[str, str]:
@@ -36,13 +37,22 @@ def service_text(job: Job, command: list[str], textfile: str | None = None) -> s
     args = [*command, "backup", "run", job.name, "--config", job.config_path, "--no-progress"]
     if textfile:
         args += ["--textfile", textfile]
+    if job.remote:
+        # object storage: the network first; the credentials from root's ~/.aws, or from
+        # an optional environment file (AWS_ACCESS_KEY_ID=..., AWS_PROFILE=...) kept out of
+        # the unit, which is world-readable
+        after = ["Wants=network-online.target", "After=network-online.target local-fs.target"]
+        env = [f"EnvironmentFile=-{ENV_DIR}/{job.name}.env"]
+    else:
+        after, env = ["After=local-fs.target"], []
     return "\n".join([
         "[Unit]",
         f"Description=diskimg backup job {job.name}",
-        "After=local-fs.target",
+        *after,
         "",
         "[Service]",
         "Type=oneshot",
+        *env,
         "ExecStart=" + " ".join(_quote(a) for a in args),
         "Nice=19",
         "IOSchedulingClass=idle",

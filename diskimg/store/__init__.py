@@ -7,6 +7,9 @@ storage and streams later), so that nothing above this package calls ``os.listdi
 
 - `Store.list(prefix)`, `stat(name)`, `open(name)` returning a `StoreReader` that reads at any
   offset (``pread``, ``read_into`` for reused buffers), `delete(name)`;
+- `Store.unfinished(prefix)` and `discard_unfinished(name)`: what interrupted writes left
+  (a ``.partial`` file, an object store's uncompleted multipart upload), found and removed
+  the same way on every backend (backup jobs clean up after a killed run with them);
 - `Store.create(name)` returning a `StoreSink` that appends (``write``, ``sync``) and publishes
   the name atomically on ``commit`` (a rename in a directory, complete-multipart in object
   storage) or leaves nothing on ``abort``: a reader never sees half an image under its name;
@@ -156,6 +159,23 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """The names (sorted) of the objects whose names start with `prefix`."""
+
+    def unfinished(self, prefix: str = "") -> list[str]:
+        """The names (sorted) starting with `prefix` that an interrupted `create` left
+        something of, unpublished (a ``NAME.partial`` file here; an object store's multipart
+        upload never completed).  None of them is an image; `discard_unfinished` removes what
+        was left."""
+        partial = self.partial_name("")
+        return sorted(n[:-len(partial)] for n in self.list(prefix)
+                      if n.endswith(partial) and len(n) > len(partial))
+
+    def unfinished_label(self, name: str) -> str:
+        """How a listing names what an interrupted `create(name)` left."""
+        return self.partial_name(name)
+
+    def discard_unfinished(self, name: str) -> None:
+        """Remove what an interrupted `create(name)` left (NotAnImage when nothing)."""
+        self.delete(self.partial_name(name))
 
     @abstractmethod
     def stat(self, name: str) -> StoreStat:

@@ -602,24 +602,56 @@ class S3Store(Store):
         _retrying(self.path(name), "delete the object",
                   lambda: client.delete_object(Bucket=self.bucket, Key=self.key(name)))
 
+    def _uploads(self, prefix: str, url: str) -> list[dict]:
+        """The multipart uploads whose keys start with `prefix` (a key), every page."""
+        client = _client()
+        uploads: list[dict] = []
+        marker: dict = {}
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": prefix, **marker}
+            r = _retrying(url, "list unfinished uploads",
+                          lambda: client.list_multipart_uploads(**kwargs))
+            uploads += r.get("Uploads", [])
+            if not r.get("IsTruncated") or not r.get("NextKeyMarker"):
+                return uploads
+            marker = {"KeyMarker": r["NextKeyMarker"],
+                      "UploadIdMarker": r.get("NextUploadIdMarker") or ""}
+
     def unfinished_uploads(self, name: str) -> list[dict]:
         """The multipart uploads of `name` started and neither completed nor aborted."""
-        client = _client()
         key = self.key(name)
-        r = _retrying(self.path(name), "list unfinished uploads",
-                      lambda: client.list_multipart_uploads(Bucket=self.bucket, Prefix=key))
-        return [u for u in r.get("Uploads", []) if u.get("Key") == key]
+        return [u for u in self._uploads(key, self.path(name)) if u.get("Key") == key]
 
-    def abort_unfinished(self, name: str) -> int:
-        """Abort what an interrupted run left of an upload of `name` (saying so); how many."""
+    def unfinished(self, prefix: str = "") -> list[str]:
+        """The names under this prefix with a multipart upload never completed nor aborted
+        (a run killed while it uploaded): no object, but parts the bucket keeps (and bills)."""
+        names = {u["Key"][len(self.prefix):]
+                 for u in self._uploads(self.prefix + prefix, self.location)
+                 if "/" not in u["Key"][len(self.prefix):]}
+        return sorted(names)
+
+    def unfinished_label(self, name: str) -> str:
+        return name + " (unfinished upload)"
+
+    def discard_unfinished(self, name: str) -> None:
+        if not self._abort(name, self.unfinished_uploads(name)):
+            raise NotAnImage(self.path(name), "no unfinished upload")
+
+    def _abort(self, name: str, uploads: list[dict]) -> int:
         client = _client()
-        uploads = self.unfinished_uploads(name)
         for u in uploads:
             upload_id = u["UploadId"]
             _retrying(self.path(name), "abort an unfinished upload",
                       lambda: client.abort_multipart_upload(Bucket=self.bucket,
                                                             Key=self.key(name),
                                                             UploadId=upload_id))
+        return len(uploads)
+
+    def abort_unfinished(self, name: str) -> int:
+        """Abort what an interrupted run left of an upload of `name` (saying so); how many."""
+        uploads = self.unfinished_uploads(name)
+        self._abort(name, uploads)
+        for u in uploads:
             started = u.get("Initiated")
             log.warning("%s: aborted an unfinished upload of this name%s (an interrupted "
                         "run's); starting again", self.path(name),

@@ -117,8 +117,14 @@ def test_a_second_run_is_told_who_holds_the_job(setup):
 
 @pytest.mark.parametrize("body, message", [
     ("[jobs.x]\nsource = 3\n", "jobs.x.source: a device path or a table expected, got 3"),
-    ('[jobs.x]\nsource = "/dev/sdb"\ndestination = "s3://b/x"\n',
-     "jobs.x.destination: s3://b/x: backup jobs keep their images in a local directory"),
+    ('[jobs.x]\nsource = "/dev/sdb"\ndestination = "ftp://b/x"\n',
+     "jobs.x.destination: ftp://b/x: a directory or s3://BUCKET/PREFIX expected"),
+    ('[jobs.x]\nsource = "/dev/sdb"\ndestination = "/b"\nendpoint-url = "http://h:1"\n',
+     "jobs.x.endpoint-url: only for an s3:// destination"),
+    ('[jobs.x]\nsource = "/dev/sdb"\ndestination = "s3://b/x"\n'
+     'endpoint-url = "http://k:secret@h:1"\n', "jobs.x.endpoint-url: no credentials in the URL"),
+    ('[jobs.x]\nsource = "/dev/sdb"\ndestination = "s3://b/x"\nhealth = "rescue"\n',
+     "jobs.x.health: rescue needs a local destination"),
     ("jobs = 3\n", "jobs: a table of jobs expected"),
     ("[jobs.x\n", "not valid TOML"),
 ])

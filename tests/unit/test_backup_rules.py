@@ -54,8 +54,9 @@ def test_config_reads_every_key():
     ("keep-dialy = 7", "jobs.root.keep-dialy: unknown key (did you mean 'keep-daily'?)"),
     ('full-every = "fortnightly"', "jobs.root.full-every: a period expected"),
     ('health = "pray"', "jobs.root.health: one of stop, rescue, ignore expected"),
-    ('destination = "s3://bucket/root"', "jobs.root.destination: s3://bucket/root: backup "
-                                         "jobs keep their images in a local directory"),
+    ('destination = "s3://"', "jobs.root.destination: s3://: no bucket in the URL"),
+    ('destination = "s3://b//x"', "jobs.root.destination: s3://b//x: an empty name between"),
+    ('endpoint-url = "ftp://x"', "jobs.root.endpoint-url: only for an s3:// destination"),
     ('block-size = "3M"', "jobs.root.block-size: "),
     ('destination = "backups"', "jobs.root.destination: an absolute directory expected"),
     ('source = { serial = "A", wwn = "B" }', "jobs.root.source: a table with exactly one of"),

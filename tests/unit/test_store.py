@@ -259,6 +259,37 @@ def test_resume_a_partial(store):
     assert store.list() == ["rescue.dimg"]
 
 
+def _interrupted(store: Store, name: str) -> None:
+    """What a run killed while it wrote `name` leaves: a ``.partial`` file in a directory, an
+    uncompleted multipart upload (parts, no object) in object storage."""
+    if isinstance(store, LocalStore):
+        sink = store.create(name)
+        sink.write([b"x" * 1000])
+        sink.close()
+        return
+    from diskimg.store.s3 import _client
+    c = _client()
+    up = c.create_multipart_upload(Bucket=store.bucket, Key=store.key(name))
+    c.upload_part(Bucket=store.bucket, Key=store.key(name), UploadId=up["UploadId"],
+                  PartNumber=1, Body=b"x" * 1000)
+
+
+def test_unfinished_writes_are_found_and_discarded(store):
+    _put(store, "job-a.dimg", b"image")
+    _interrupted(store, "job-b.dimg")
+    _interrupted(store, "other-c.dimg")
+    assert store.unfinished() == ["job-b.dimg", "other-c.dimg"]
+    assert store.unfinished("job-") == ["job-b.dimg"]
+    assert not store.exists("job-b.dimg")          # no image under the name
+    assert "job-b.dimg" in store.unfinished_label("job-b.dimg")
+    store.discard_unfinished("job-b.dimg")
+    assert store.unfinished("job-") == [] and store.list("job-") == ["job-a.dimg"]
+    with pytest.raises(NotAnImage):
+        store.discard_unfinished("job-b.dimg")
+    store.discard_unfinished("other-c.dimg")
+    assert store.unfinished() == []
+
+
 def test_delete(store):
     _put(store, "a", b"1")
     _put(store, "b", b"2")
