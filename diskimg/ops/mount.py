@@ -23,7 +23,10 @@ Speed: mfusepy is bound to libfuse 3 (it would take libfuse 2, whose requests ar
 128 KiB), the kernel's read-ahead on the mount is widened to 4 MiB, so that a sequential reader
 has four 1 MiB requests in flight on libfuse's threads, and a request for a whole block has the
 block decoded straight into libfuse's reply buffer (`_fuse_class`, `BlockView.read_into`): one
-Python call, one decode and no copy per MiB.
+Python call, one decode and no copy per MiB.  A request inside a zero extent is answered with
+no bytes at all where the kernel grants the writeback cache: with it, FUSE takes a short read
+as a hole and zero-fills the pages itself, without changing the file's size (without it, a
+short read means the end of the file, see above, so zeros are then sent as bytes).
 
 The process model: `mount_image` runs the FUSE session on a thread and waits on `stop`;
 whoever calls it (the CLI) sets `stop` on SIGTERM, SIGINT or SIGHUP.  Stopping unmounts the
@@ -63,6 +66,8 @@ INFO_NAME = ".diskimg"
 # are 1 MiB (FUSE_MAX_PAGES), so 4 MiB keeps four in flight, answered by libfuse's threads at
 # once: whole blocks decoded in parallel, each straight into its reply buffer.
 MOUNT_READAHEAD_KB = 4096
+# libfuse 3's conn->want bit for the writeback cache (see _Fs.init_with_config)
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 # libfuse 3's threads kept waiting for requests: the read-ahead's four, and a random reader (a
 # filesystem mounted inside) has a few more
 FUSE_THREADS = 4
@@ -168,6 +173,8 @@ class _Fs:
         self.info = b"{}"
         self.zeros = _Zeros(disk)
         self.ready = threading.Event()
+        self.fuse3 = False           # set when bound to libfuse 3
+        self.zero_holes = False      # a read of zeros may be answered short (writeback cache)
         try:
             stamp = datetime.fromisoformat(disk.view.header.created.replace("Z", "+00:00"))
             self.time = int(stamp.timestamp() * 1e9)
@@ -179,6 +186,17 @@ class _Fs:
         return mfusepy.FuseOSError(code)
 
     def init(self, path):
+        self.ready.set()
+
+    def init_with_config(self, conn, config):
+        """libfuse 3 (mfusepy calls this instead of `init` when it is there): ask for the
+        writeback cache where the kernel offers it, only so that a short read is taken as a
+        hole (the kernel fills the rest of the request with zeros itself) instead of as the
+        end of the file; nothing is ever written, the mount is read-only."""
+        if conn is not None and hasattr(conn, "want") and self.fuse3 \
+                and conn.capable & FUSE_CAP_WRITEBACK_CACHE:
+            conn.want |= FUSE_CAP_WRITEBACK_CACHE
+            self.zero_holes = True
         self.ready.set()
 
     def getattr(self, path, fh=None):
@@ -231,7 +249,11 @@ class _Fs:
         size = min(len(out), f.length - offset)
         out = out[:size]
         if self.zeros.covers(f.offset + offset, size):
-            self.zeros.fill(out)          # zero or unused: no index lookup, nothing decoded
+            # zero or unused: no index lookup, nothing decoded; with the writeback cache not
+            # even zeros copied: the kernel fills the request's pages with zeros itself
+            if self.zero_holes and offset + size < f.length:
+                return 0
+            self.zeros.fill(out)
             return size
         try:
             self.disk.read_into(f.offset + offset, out)
@@ -431,7 +453,8 @@ def mount_image(image: str, mountpoint: str, *, search: Iterable[str] = (), fs: 
         def serve() -> None:
             try:
                 kw = {"allow_other": True} if os.geteuid() == 0 else {}
-                if mfusepy.fuse_version_major >= 3:
+                ops.fuse3 = mfusepy.fuse_version_major >= 3
+                if ops.fuse3:
                     # threads kept for the next requests instead of one made per request
                     # (and libfuse 3.14 warns on stderr when this is not set)
                     kw["max_idle_threads"] = FUSE_THREADS
