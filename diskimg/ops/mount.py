@@ -226,8 +226,14 @@ class _Fs:
             raise self._fuse_error(errno.EISDIR if path in self.dirs else errno.ENOENT)
         if fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise self._fuse_error(errno.EROFS)
-        fi.keep_cache = 1       # the content never changes
-        fi.direct_io = 0
+        if path == "/" + INFO_NAME:
+            # its content is filled in once mounted: no page cache, and no size trusted from
+            # an earlier lookup (the writeback cache keeps the first size it saw)
+            fi.keep_cache = 0
+            fi.direct_io = 1
+        else:
+            fi.keep_cache = 1       # the content never changes
+            fi.direct_io = 0
         return 0
 
     def read(self, path, size, offset, fi):
