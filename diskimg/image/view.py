@@ -21,8 +21,11 @@ several threads at once with different buffers.  `read(offset, length)` serves a
 for readers that ask for small pieces (a filesystem mount asks for 4 KiB at a time): the blocks
 it decodes go into a small LRU cache bounded by bytes, so that reading a block piece by piece
 decodes it once.  The cache's lock is held for dictionary operations only, never while
-decoding; two threads missing the same block at once may both decode it (harmless: the
-content is the same).
+decoding; a thread missing a block that another thread is decoding waits for that decode
+instead of doing it again (a FUSE mount has several requests for pieces of the same block in
+flight at once).  `read_into(offset, out)` serves a range into the caller's buffer: a whole
+block that is not cached is decoded straight into it (a mount's 1 MiB requests: no cache, no
+copy), pieces of blocks go through the cache.
 """
 from __future__ import annotations
 
@@ -105,6 +108,7 @@ class BlockView:
         self._counts: list[_Counts] = []      # every thread's, for `stats`
         self._capacity = 0 if cache_bytes <= 0 else max(1, cache_bytes // self.block_size)
         self._cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._decoding: dict[int, threading.Event] = {}   # blocks being decoded for the cache
         self._lock = threading.Lock()
         self._zeros = memoryview(bytes(self.block_size))
         self._top = len(chain.images) - 1
@@ -250,22 +254,63 @@ class BlockView:
         return cached
 
     def _decoded(self, src: BlockSource) -> bytearray:
-        """The content of the DATA block `src`, from the cache or decoded into it.  Cached
-        buffers are never written again, so a reader holding one while it is evicted is safe."""
+        """The content of the DATA block `src`, from the cache or decoded into it; when another
+        thread is decoding it, that decode is waited for (should it fail, this thread decodes
+        the block itself and meets the error on its own).  Cached buffers are never written
+        again, so a reader holding one while it is evicted is safe."""
         block = src.block
-        cached = self._cached(block)
-        if cached is not None:
-            return cached
-        buf = bytearray(self.header.block_length(block))
-        self._decode_into(src, buf)
-        self._mine().decoded += 1
-        if self._capacity:
+        done = None
+        while self._capacity:
+            cached = self._cached(block)
+            if cached is not None:
+                return cached
             with self._lock:
-                self._cache[block] = buf
-                self._cache.move_to_end(block)
-                while len(self._cache) > self._capacity:
-                    self._cache.popitem(last=False)
-        return buf
+                busy = self._decoding.get(block)
+                if busy is None:
+                    done = self._decoding[block] = threading.Event()
+                    break
+            busy.wait()       # then from the cache (or, that decode failed, decoded here)
+        try:
+            buf = bytearray(self.header.block_length(block))
+            self._decode_into(src, buf)
+            self._mine().decoded += 1
+            if self._capacity:
+                with self._lock:
+                    self._cache[block] = buf
+                    self._cache.move_to_end(block)
+                    while len(self._cache) > self._capacity:
+                        self._cache.popitem(last=False)
+            return buf
+        finally:
+            if done is not None:
+                with self._lock:
+                    del self._decoding[block]
+                done.set()
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """The `len(out)` bytes of the leaf's state from `offset` (which must lie within the
+        device), into `out`, a writable byte buffer.  A whole block is decoded straight into
+        `out` (or copied from the cache when it is there), pieces of blocks are copied from the
+        cache.  Raises ValueError for a range outside the device, and what `locate` and
+        `read_located` raise for a damaged block (`out` then holds part of the range)."""
+        if offset < 0 or offset + len(out) > self.size:
+            raise ValueError(f"cannot read {len(out)} bytes at offset {offset} of a "
+                             f"{self.size}-byte device")
+        bs = self.block_size
+        pos, end, at = offset, offset + len(out), 0
+        while pos < end:
+            block, within = divmod(pos, bs)
+            take = min(bs - within, end - pos)
+            src = self.locate(block)
+            if src.zero:
+                self.check_zero(src)
+                out[at:at + take] = self._zeros[:take]
+            elif within == 0 and take == self.header.block_length(block):
+                self.read_located(src, out[at:at + take])
+            else:
+                out[at:at + take] = memoryview(self._decoded(src))[within:within + take]
+            pos += take
+            at += take
 
     def read(self, offset: int, length: int) -> bytes:
         """The bytes of the leaf's state from `offset`, at most `length` of them (fewer at the

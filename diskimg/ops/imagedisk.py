@@ -16,11 +16,12 @@ module adds only what a disk has and an image does not say directly:
   which reports it).
 - `partitions()`: the MBR (with logical partitions) or GPT partitions of the device, parsed by
   the used-block scanner's parsers over the block view.
-- `read()` with `readahead`: a reader going through the disk in order (a sequential copy,
-  ``dd``, the kernel's read-ahead on a mount) has the next blocks decoded on worker threads
-  while it consumes this one, as restore decodes several blocks at once; they wait in the block
-  view's cache.  A reader asking for a block being decoded waits for that decode instead of
-  doing it twice.  Random readers start nothing.
+- `read()` and `read_into()` with `readahead`: a reader going through the disk in order in
+  small pieces, one at a time (a mount whose kernel read-ahead could not be widened) has the
+  next blocks decoded on worker threads while it consumes this one, as restore decodes several
+  blocks at once; they wait in the block view's cache.  A reader asking for a block being
+  decoded waits for that decode instead of doing it twice.  Random readers start nothing.
+  `read_into()` fills the caller's buffer, a whole block decoded straight into it.
 - `read_blocks()`: a byte range cut at block boundaries, each piece either its bytes or the
   error that made its block unreadable, so that a caller fails exactly the damaged range and
   serves the rest (FUSE answers EIO for a request that touches it, NBD an error chunk for
@@ -108,6 +109,18 @@ class ImageDisk:
     def read(self, offset: int, length: int) -> bytes:
         """The bytes from `offset` (fewer at the end of the disk); raises what the block view
         raises for a damaged block (a DiskimgError)."""
+        self._wait_ahead(offset, length)
+        return self.view.read(offset, length)
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """`len(out)` bytes from `offset` (within the disk) into `out`, whole blocks decoded
+        straight into it (`BlockView.read_into`); raises what `read` raises."""
+        self._wait_ahead(offset, len(out))
+        self.view.read_into(offset, out)
+
+    def _wait_ahead(self, offset: int, length: int) -> None:
+        """With `readahead`: start decoding the blocks after this read when it continues a
+        sequential one, and wait for the decodes of its own blocks already under way."""
         if self._pool is not None and length > 0:
             bs = self.block_size
             first, last = offset // bs, (offset + length - 1) // bs
@@ -116,7 +129,6 @@ class ImageDisk:
                 fut = self._inflight.get(b)
                 if fut is not None:
                     fut.result()        # its decode is in the cache now (or failed: see below)
-        return self.view.read(offset, length)
 
     def _read_ahead(self, first: int, last: int) -> None:
         with self._lock:

@@ -19,6 +19,15 @@ block's pages; a short read would not do, because FUSE's page cache takes it as 
 file and fills the rest with zeros, i.e. wrong bytes.  The files are immutable, so the kernel
 keeps its page cache across opens (``keep_cache``).
 
+Speed: mfusepy is bound to libfuse 3 (it would take libfuse 2, whose requests are at most
+128 KiB), the kernel's read-ahead on the mount is widened to 4 MiB, so that a sequential reader
+has four 1 MiB requests in flight on libfuse's threads, and a request for a whole block has the
+block decoded straight into libfuse's reply buffer (`_fuse_class`, `BlockView.read_into`): one
+Python call, one decode and no copy per MiB.  A request inside a zero extent is answered with
+no bytes at all where the kernel grants the writeback cache: with it, FUSE takes a short read
+as a hole and zero-fills the pages itself, without changing the file's size (without it, a
+short read means the end of the file, see above, so zeros are then sent as bytes).
+
 The process model: `mount_image` runs the FUSE session on a thread and waits on `stop`;
 whoever calls it (the CLI) sets `stop` on SIGTERM, SIGINT or SIGHUP.  Stopping unmounts the
 filesystems inside first (lazily when busy), detaches their loop devices, then unmounts the FUSE
@@ -29,6 +38,7 @@ never races libfuse's own exit.  mfusepy is imported only here, only when mounti
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import json
 import logging
@@ -37,6 +47,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,11 +62,20 @@ log = logging.getLogger(__name__)
 
 INFO_NAME = ".diskimg"
 
-# blocks decoded ahead of a sequential reader (ImageDisk): as many as restore's workers on the
-# 2-core machines this was measured on, one more so that one is always ready
+# The kernel's read-ahead on the FUSE mount (see _widen_readahead): with libfuse 3 its requests
+# are 1 MiB (FUSE_MAX_PAGES), so 4 MiB keeps four in flight, answered by libfuse's threads at
+# once: whole blocks decoded in parallel, each straight into its reply buffer.
+MOUNT_READAHEAD_KB = 4096
+# libfuse 3's conn->want bit for the writeback cache (see _Fs.init_with_config)
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+# libfuse 3's threads kept waiting for requests: the read-ahead's four, and a random reader (a
+# filesystem mounted inside) has a few more
+FUSE_THREADS = 4
+# Where the read-ahead cannot be widened (not root: sysfs), the kernel asks for 128 KiB at a
+# time, one request after the other: then ImageDisk decodes the blocks after the one being read
+# on as many threads (restore's workers on the 2-core machines this was measured on, and one
+# more so that one is always ready).  With the read-ahead widened this only costs a copy.
 READAHEAD = 3
-# the kernel's read-ahead on the FUSE mount (see _widen_readahead)
-MOUNT_READAHEAD_KB = 1024
 
 # mount options for a filesystem opened read-only from a backup: never replay a journal (the
 # image must not change, and the loop device is read-only anyway)
@@ -124,23 +144,21 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 
 class _Zeros:
     """The disk's zero extents, to answer reads inside them at once (a mostly empty disk is
-    mostly zero extents): the same immutable zero bytes for every request of a size."""
+    mostly zero extents)."""
 
     def __init__(self, disk: ImageDisk) -> None:
         zero = [e for e in disk.extents() if e.zero]
         self.starts = [e.offset for e in zero]
         self.ends = [e.offset + e.length for e in zero]
-        self._by_size: dict[int, bytes] = {}
 
     def covers(self, offset: int, size: int) -> bool:
         i = bisect.bisect_right(self.starts, offset) - 1
         return i >= 0 and offset + size <= self.ends[i]
 
-    def bytes(self, size: int) -> bytes:
-        z = self._by_size.get(size)
-        if z is None:
-            z = self._by_size[size] = bytes(size)
-        return z
+    @staticmethod
+    def fill(out: memoryview) -> None:
+        """Zero `out` (memset, without the GIL)."""
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(out)), 0, len(out))
 
 
 class _Fs:
@@ -155,6 +173,8 @@ class _Fs:
         self.info = b"{}"
         self.zeros = _Zeros(disk)
         self.ready = threading.Event()
+        self.fuse3 = False           # set when bound to libfuse 3
+        self.zero_holes = False      # a read of zeros may be answered short (writeback cache)
         try:
             stamp = datetime.fromisoformat(disk.view.header.created.replace("Z", "+00:00"))
             self.time = int(stamp.timestamp() * 1e9)
@@ -166,6 +186,17 @@ class _Fs:
         return mfusepy.FuseOSError(code)
 
     def init(self, path):
+        self.ready.set()
+
+    def init_with_config(self, conn, config):
+        """libfuse 3 (mfusepy calls this instead of `init` when it is there): ask for the
+        writeback cache where the kernel offers it, only so that a short read is taken as a
+        hole (the kernel fills the rest of the request with zeros itself) instead of as the
+        end of the file; nothing is ever written, the mount is read-only."""
+        if conn is not None and hasattr(conn, "want") and self.fuse3 \
+                and conn.capable & FUSE_CAP_WRITEBACK_CACHE:
+            conn.want |= FUSE_CAP_WRITEBACK_CACHE
+            self.zero_holes = True
         self.ready.set()
 
     def getattr(self, path, fh=None):
@@ -195,21 +226,44 @@ class _Fs:
             raise self._fuse_error(errno.EISDIR if path in self.dirs else errno.ENOENT)
         if fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise self._fuse_error(errno.EROFS)
-        fi.keep_cache = 1       # the content never changes
-        fi.direct_io = 0
+        if path == "/" + INFO_NAME:
+            # its content is filled in once mounted: no page cache, and no size trusted from
+            # an earlier lookup (the writeback cache keeps the first size it saw)
+            fi.keep_cache = 0
+            fi.direct_io = 1
+        else:
+            fi.keep_cache = 1       # the content never changes
+            fi.direct_io = 0
         return 0
 
     def read(self, path, size, offset, fi):
+        """The bytes asked for (mfusepy calls this only without `_fuse_class`'s `read`)."""
+        buf = bytearray(size)
+        n = self.read_into(path, memoryview(buf), offset, fi)
+        return bytes(buf[:n])
+
+    def read_into(self, path, out: memoryview, offset: int, fi) -> int:
+        """Fill `out` (libfuse's reply buffer, as long as the kernel's request) with the bytes
+        of `path` from `offset`; how many there are (fewer at the end of the file)."""
         if path == "/" + INFO_NAME:
-            return self.info[offset:offset + size]
+            data = self.info[offset:offset + len(out)]
+            out[:len(data)] = data
+            return len(data)
         f = self.files[path]
         if offset >= f.length:
-            return b""
-        size = min(size, f.length - offset)
+            return 0
+        size = min(len(out), f.length - offset)
+        out = out[:size]
         if self.zeros.covers(f.offset + offset, size):
-            return self.zeros.bytes(size)     # zero or unused: no index lookup, no copy
+            # zero or unused: no index lookup, nothing decoded; with the writeback cache not
+            # even zeros copied: the kernel fills the request's pages with zeros itself
+            if self.zero_holes and offset + size < f.length:
+                return 0
+            self.zeros.fill(out)
+            return size
         try:
-            return self.disk.read(f.offset + offset, size)
+            self.disk.read_into(f.offset + offset, out)
+            return size
         except DiskimgError:
             # name (and log) the damaged blocks; the whole request fails, see the docstring
             bad = [p for p in self.disk.read_blocks(f.offset + offset, size) if p.error]
@@ -324,10 +378,10 @@ def _teardown(real: str, fs_mounts: Iterable[str]) -> list[str]:
 
 
 def _widen_readahead(real: str) -> None:
-    """Let the kernel read ahead 1 MiB on the mount instead of FUSE's 128 KiB: FUSE requests
-    stay 128 KiB (libfuse's buffer), but several are in flight at once, answered by several
-    threads while the next blocks are decoded; a sequential read got about 20% faster in
-    measurements.  Root only (sysfs); without it the mount works as well, only slower."""
+    """Let the kernel read ahead MOUNT_READAHEAD_KB on the mount instead of FUSE's 128 KiB, so
+    that a sequential reader has several 1 MiB requests in flight (with libfuse 3; 128 KiB
+    ones with libfuse 2), answered by several threads at once.  Root only (sysfs); without it
+    the mount works as well, only slower."""
     try:
         st = os.stat(os.path.join(real, "disk"))
         with open(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb",
@@ -337,6 +391,44 @@ def _widen_readahead(real: str) -> None:
         log.debug("%s: read-ahead left as it is: %s", real, err)
 
 
+def _fuse_class(mfusepy):
+    """mfusepy's FUSE with a `read` that lets the operations fill libfuse's reply buffer
+    themselves (`_Fs.read_into`): mfusepy's own asks for the bytes and copies them into it, so a
+    block would be decoded into a buffer of its own, copied and thrown away.  The method is
+    mfusepy's ctypes callback for libfuse's read (same signature as mfusepy's `FUSE.read`)."""
+
+    class Fuse(mfusepy.FUSE):
+        def read(self, path, buf, size, offset, fip):
+            if size <= 0:
+                return 0
+            out = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
+            return self.operations.read_into(path.decode(self.encoding, self.errors),
+                                             memoryview(out).cast("B"), offset, fip.contents)
+
+    return Fuse
+
+
+def _import_mfusepy():
+    """mfusepy bound to libfuse 3 when it is installed.  mfusepy looks for libfuse 2 first, and
+    libfuse 2 reads at most 128 KiB per request (its buffer); libfuse 3 asks the kernel for
+    FUSE_MAX_PAGES, so that with the mount's read-ahead widened a sequential reader's requests
+    are 1 MiB, one block each: 8 times fewer requests, each a Python call.  A library chosen
+    with FUSE_LIBRARY_PATH or FUSE_LIBRARY_NAME (mfusepy's own variables) is left as chosen."""
+    if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH") \
+            and not os.environ.get("FUSE_LIBRARY_NAME"):
+        from ctypes.util import find_library
+        lib = find_library("fuse3")
+        if lib:
+            os.environ["FUSE_LIBRARY_PATH"] = lib
+            try:
+                import mfusepy
+            finally:
+                del os.environ["FUSE_LIBRARY_PATH"]   # not for the tools run from here
+            return mfusepy
+    import mfusepy
+    return mfusepy
+
+
 def mount_image(image: str, mountpoint: str, *, search: Iterable[str] = (), fs: bool = False,
                 stop: threading.Event, ready: Callable[[Mounted], None] | None = None) -> Mounted:
     """Mount `image` (its chain resolved through `search`) on `mountpoint` and serve it until
@@ -344,7 +436,7 @@ def mount_image(image: str, mountpoint: str, *, search: Iterable[str] = (), fs: 
     called once everything is mounted.  Raises UsageError (mount point missing, not empty,
     mounted), what opening the chain raises, OperationFailed when FUSE cannot mount."""
     try:
-        import mfusepy
+        mfusepy = _import_mfusepy()
     except (ImportError, OSError) as err:   # OSError: libfuse not installed
         raise OperationFailed(f"{mountpoint}: cannot mount: FUSE is not available ({err}); "
                               f"install fuse3 and the Python package mfusepy") from err
@@ -352,7 +444,9 @@ def mount_image(image: str, mountpoint: str, *, search: Iterable[str] = (), fs: 
     if not os.path.exists("/dev/fuse"):
         raise OperationFailed(f"{mountpoint}: cannot mount: /dev/fuse does not exist "
                               f"(modprobe fuse)")
-    with ImageDisk(image, search, readahead=READAHEAD) as disk:
+    # root widens the kernel's read-ahead (sysfs), which then reads ahead for us
+    ahead = 0 if os.geteuid() == 0 else READAHEAD
+    with ImageDisk(image, search, readahead=ahead) as disk:
         files = {"/disk": _File(0, disk.size)}
         for part in disk.partitions():
             if part.offset + part.length <= disk.size:
@@ -365,9 +459,15 @@ def mount_image(image: str, mountpoint: str, *, search: Iterable[str] = (), fs: 
         def serve() -> None:
             try:
                 kw = {"allow_other": True} if os.geteuid() == 0 else {}
-                mfusepy.FUSE(ops, real, raw_fi=True, foreground=True, ro=True,
-                             default_permissions=True, fsname=f"diskimg:{os.path.abspath(image)}",
-                             subtype="diskimg", **kw)
+                ops.fuse3 = mfusepy.fuse_version_major >= 3
+                if ops.fuse3:
+                    # threads kept for the next requests instead of one made per request
+                    # (and libfuse 3.14 warns on stderr when this is not set)
+                    kw["max_idle_threads"] = FUSE_THREADS
+                _fuse_class(mfusepy)(ops, real, raw_fi=True, foreground=True, ro=True,
+                                     default_permissions=True,
+                                     fsname=f"diskimg:{os.path.abspath(image)}",
+                                     subtype="diskimg", **kw)
             except BaseException as err:   # noqa: BLE001 (reported by the main thread)
                 session.error = err
             finally:

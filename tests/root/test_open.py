@@ -23,6 +23,7 @@ from helpers import MiB, PYTHON, diskimg, fill_tree, run
 
 from diskimg import format as fmt
 from diskimg.image.imagefile import ImageReader
+from diskimg.ops.imagedisk import ImageDisk
 
 pytestmark = pytest.mark.root
 
@@ -215,6 +216,34 @@ def test_mount_chain_through_a_loop_device_on_disk(ext4_chain, mounts, mloops, t
     assert "unmounted" in res.stdout
     assert not _mounted(m.dir)
     assert os.listdir(m.dir) == []
+
+
+def test_mount_reads_what_restore_writes_zeros_included(ext4_chain, mounts, tmp_path):
+    """DIR/disk read whole (1 MiB requests) and page by page in its zero extents (its page
+    cache dropped) is byte for byte what restore writes, and keeps its size: requests inside
+    zero extents are answered short where the kernel grants the writeback cache, and a short
+    read must read as zeros, not as the end of the file."""
+    ref = ext4_chain.restored["inc"]
+    m = mounts(ext4_chain.inc, tmp_path / "m")
+    disk = m.dir / "disk"
+    size = ref.stat().st_size
+    assert run("cmp", str(disk), str(ref), check=False).returncode == 0
+    assert disk.stat().st_size == size
+    with ImageDisk(str(ext4_chain.inc)) as d:
+        zero = [e for e in d.extents() if e.zero]
+    assert zero and sum(e.length for e in zero) > size // 4
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)     # this file's pages only
+        for e in zero:          # the first page, the last one, one in the middle of each
+            for off in {e.offset, e.offset + e.length - 4096, e.offset + e.length // 8192 * 4096}:
+                assert os.pread(fd, 4096, off) == bytes(4096)
+        assert os.fstat(fd).st_size == size
+        assert os.pread(fd, 8192, size - 4096) == Path(ref).read_bytes()[-4096:]
+    finally:
+        os.close(fd)
+    assert disk.stat().st_size == size
+    m.umount()
 
 
 def test_mount_fs_and_sigterm(ext4_chain, mounts, tmp_path):

@@ -9,6 +9,7 @@ import mmap
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,72 @@ def test_zero_entry_with_a_nonzero_checksum_is_refused(images, tmp_path):
             view.read(block * BS + 10, 10)
     assert got.value.block == block
     assert str(_restore_error(full, tmp_path / "out.raw")) == str(got.value)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["full", "inc1", "inc2"])
+def test_read_into_equals_the_source(images, level):
+    """read_into fills the caller's buffer with what read returns: whole blocks decoded
+    straight into it (not cached), pieces of blocks through the cache."""
+    state = images.states[level]
+    rnd = random.Random(200 + level)
+    ranges = [(rnd.randrange(SIZE), rnd.choice([1, 512, 4096, 5000, BS, 3 * BS + 17]))
+              for _ in range(300)]
+    ranges += [(b * BS, BS) for b in range(NBLOCKS)] + [(b * BS - 10, 20) for b in
+                                                        range(1, NBLOCKS + 1)]
+    ranges += [(LAST * BS, 1234), (0, SIZE), (SIZE - 1, 1), (7, 0)]
+    chain, view = _view(images.paths[level])
+    with chain:
+        for off, length in ranges:
+            length = min(length, SIZE - off)
+            out = bytearray(b"\xff" * (length + 3))         # zero blocks must overwrite it
+            view.read_into(off, memoryview(out)[:length])
+            assert out[:length] == state[off:off + length], f"read_into({off}, {length})"
+            assert out[length:] == b"\xff" * 3               # nothing written past the range
+        for off, length in ((-1, 10), (SIZE - 5, 10)):
+            with pytest.raises(ValueError):
+                view.read_into(off, memoryview(bytearray(length)))
+
+
+def test_read_into_a_whole_block_bypasses_the_cache(images):
+    state = images.states[2]
+    chain, view = _view(images.paths[2], cache_bytes=4 * BS)
+    with chain:
+        out = bytearray(BS)
+        for _ in range(2):          # a whole block: decoded into `out` each time, not cached
+            view.read_into(BS, memoryview(out))
+            assert out == state[BS:2 * BS]
+        assert (view.stats.decoded, view.stats.cache_hits) == (2, 0)
+        view.read_into(BS + 100, memoryview(out)[:100])     # a piece: decoded into the cache
+        view.read_into(BS, memoryview(out))                 # now the whole block is copied
+        assert out == state[BS:2 * BS]
+        assert (view.stats.decoded, view.stats.cache_hits) == (3, 1)
+
+
+def test_threads_missing_the_same_block_decode_it_once(images, monkeypatch):
+    """A FUSE mount has several requests for pieces of one block in flight at once: the
+    threads that miss a block another one is decoding wait for that decode."""
+    state = images.states[0]
+    chain, view = _view(images.paths[0], cache_bytes=4 * BS)
+    decode = view._decode_into
+    started = threading.Barrier(4)
+
+    def slow_decode(src, out):      # the real decode, made slow enough for the others to miss
+        time.sleep(0.2)
+        return decode(src, out)
+
+    monkeypatch.setattr(view, "_decode_into", slow_decode)
+    got: dict[int, bytes] = {}
+
+    def reader(i: int) -> None:
+        off = 2 * BS + i * 4096
+        started.wait()
+        got[i] = view.read(off, 4096)
+
+    with chain:
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(got[i] == state[2 * BS + i * 4096:2 * BS + (i + 1) * 4096] for i in range(4))
+        assert (view.stats.decoded, view.stats.cache_hits) == (1, 3)
