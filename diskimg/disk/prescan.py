@@ -30,6 +30,7 @@ class EarlyScan:
         self._source: Source | None = None
         self._id: tuple[int, int, int, int, int] | None = None   # what was scanned
         self._result = None
+        self._said: list[logging.LogRecord] = []     # the scan's log records, held back
         self._thread: threading.Thread | None = None
         try:
             st = os.stat(path)
@@ -48,11 +49,24 @@ class EarlyScan:
 
     def _scan(self) -> None:
         source = self._source
+        held = _Held(threading.get_ident())
+        loggers: list[logging.Logger] = []
         try:
             from diskimg.disk.used import scan
+            # what the scan says (a filesystem read fully, a repaired allocation map) is said
+            # when its map is taken, where imaging would have scanned: not at all when the
+            # command is refused first (a mounted source, an image on the source)
+            loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                       if name == "diskimg.disk.used" or name.startswith("diskimg.disk.used.")]
+            for lg in loggers:
+                lg.addFilter(held)
             self._result = scan(source.fd, source.size, sector_size=source.logical_sector)
         except BaseException as err:   # a thread's failure is only a missed head start
             log.debug("%s: early scan failed: %s", source.path, err, exc_info=True)
+        finally:
+            for lg in loggers:
+                lg.removeFilter(held)
+            self._said = held.records
 
     def take(self, source: Source):
         """The used-block map (disk.used.UsedMap) of `source` when the early scan read that
@@ -63,6 +77,9 @@ class EarlyScan:
         if _identity(source) != self._id:
             log.debug("%s: the early scan was of another source; scanning again", source.path)
             return None
+        said, self._said = self._said, []
+        for record in said:
+            logging.getLogger(record.name).handle(record)
         return self._result
 
     def close(self) -> None:
@@ -73,6 +90,21 @@ class EarlyScan:
         if self._source is not None:
             self._source.close()
             self._source = None
+
+
+class _Held(logging.Filter):
+    """Holds back the records the scan thread logs (other threads' pass)."""
+
+    def __init__(self, thread: int) -> None:
+        super().__init__()
+        self.thread = thread
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        self.records.append(record)
+        return False
 
 
 def _identity(source: Source) -> tuple[int, int, int, int, int]:

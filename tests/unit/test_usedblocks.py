@@ -679,3 +679,28 @@ def test_early_scan_never_opens_a_pipe_or_a_missing_source(tmp_path):
         early = EarlyScan(str(path))          # an open of the fifo would block here forever
         assert early._thread is None
         early.close()
+
+
+@need("mke2fs", "debugfs")
+def test_early_scan_says_what_it_found_only_when_its_map_is_taken(tmp_path, caplog):
+    """A refused command (a mounted source, an image on the source) must not first print what
+    the early scan found: its log lines wait for `take`, and are dropped with an unused scan."""
+    from diskimg.disk.blockdev import open_source
+    from diskimg.disk.prescan import EarlyScan
+
+    img = make_ext(tmp_path / "fs.img", 32 * MiB, populate(tmp_path / "src", big=MiB), "-t",
+                   "ext4")
+    run("debugfs", "-w", "-R", "feature needs_recovery", str(img))
+    with caplog.at_level(logging.WARNING):
+        dropped = EarlyScan(str(img))
+        dropped.close()                   # refused before imaging scans: nothing said
+        assert "needs recovery" not in caplog.text
+        early = EarlyScan(str(img))
+        early.close()
+        assert "needs recovery" not in caplog.text
+        src = open_source(str(img))
+        try:
+            assert _whole(early.take(src))
+        finally:
+            src.close()
+    assert caplog.text.count("needs recovery") == 1
