@@ -32,6 +32,9 @@ class EarlyScan:
         self._result = None
         self._said: list[logging.LogRecord] = []     # the scan's log records, held back
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._done = False          # the scan thread has finished
+        self._abandoned = False     # closed while it ran: the thread lets go of the source
         try:
             st = os.stat(path)
             # only what imaging reads at offsets; never a pipe or a character device, whose
@@ -42,7 +45,7 @@ class EarlyScan:
             self._id = _identity(source)
         except Exception as err:      # imaging opens it again and says what is wrong
             log.debug("%s: no early scan: %s", path, err)
-            self.close()
+            self._release()
             return
         self._thread = threading.Thread(target=self._scan, name="early-scan", daemon=True)
         self._thread.start()
@@ -67,11 +70,19 @@ class EarlyScan:
             for lg in loggers:
                 lg.removeFilter(held)
             self._said = held.records
+            with self._lock:
+                self._done = True
+                if self._abandoned:
+                    self._release()
 
     def take(self, source: Source):
         """The used-block map (disk.used.UsedMap) of `source` when the early scan read that
-        very device or file at that size and finished; else None (the caller scans)."""
-        self.close()
+        very device or file at that size and finished; else None (the caller scans).
+        Waits for the scan."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._release()
         if self._result is None:
             return None
         if _identity(source) != self._id:
@@ -83,10 +94,16 @@ class EarlyScan:
         return self._result
 
     def close(self) -> None:
-        """Wait for the scan and let go of its descriptor (idempotent)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Let go of the scan (idempotent) without waiting for it: a command refused before
+        imaging (or interrupted) must not wait for the scan of a large filesystem; a scan
+        still running finishes on its own (daemon) thread and closes its descriptor then."""
+        with self._lock:
+            if self._thread is not None and not self._done:
+                self._abandoned = True
+                return
+        self._release()
+
+    def _release(self) -> None:
         if self._source is not None:
             self._source.close()
             self._source = None

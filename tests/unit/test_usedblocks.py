@@ -651,6 +651,7 @@ def test_early_scan_hands_over_the_same_map_only_for_the_same_source(tmp_path):
     src = open_source(str(a))
     try:
         got = early.take(src)
+        early.close()
         assert got is not None and got == scan(src.fd, src.size)
         assert early.take(src) is got                 # taken twice: the same map
     finally:
@@ -661,7 +662,7 @@ def test_early_scan_hands_over_the_same_map_only_for_the_same_source(tmp_path):
     finally:
         other.close()
     grown = EarlyScan(str(a))
-    grown.close()
+    grown._thread.join()
     os.truncate(a, 33 * MiB)                          # the file changed size since
     src = open_source(str(a))
     try:
@@ -693,10 +694,12 @@ def test_early_scan_says_what_it_found_only_when_its_map_is_taken(tmp_path, capl
     run("debugfs", "-w", "-R", "feature needs_recovery", str(img))
     with caplog.at_level(logging.WARNING):
         dropped = EarlyScan(str(img))
+        thread = dropped._thread
         dropped.close()                   # refused before imaging scans: nothing said
-        assert "needs recovery" not in caplog.text
+        thread.join()
+        assert "needs recovery" not in caplog.text and dropped._source is None
         early = EarlyScan(str(img))
-        early.close()
+        early._thread.join()
         assert "needs recovery" not in caplog.text
         src = open_source(str(img))
         try:
@@ -704,3 +707,29 @@ def test_early_scan_says_what_it_found_only_when_its_map_is_taken(tmp_path, capl
         finally:
             src.close()
     assert caplog.text.count("needs recovery") == 1
+
+
+def test_closing_an_early_scan_does_not_wait_for_it(tmp_path, monkeypatch):
+    """A command refused (or interrupted) before imaging returns at once: the scan, here held
+    up on purpose, finishes on its own thread, which then lets go of the source."""
+    import threading
+    from diskimg.disk import used
+    from diskimg.disk.prescan import EarlyScan
+
+    src = tmp_path / "a.raw"
+    src.write_bytes(b"\0" * MiB)
+    release, started = threading.Event(), threading.Event()
+    real = used.scan
+
+    def held_up(*a, **kw):
+        started.set()
+        release.wait()
+        return real(*a, **kw)
+    monkeypatch.setattr(used, "scan", held_up)
+    early = EarlyScan(str(src))
+    assert started.wait(30)
+    early.close()                           # returns although the scan is still running
+    assert early._source is not None and early._thread.is_alive()
+    release.set()
+    early._thread.join()
+    assert early._source is None            # the thread closed the descriptor itself
