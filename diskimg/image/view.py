@@ -296,12 +296,8 @@ class BlockView:
         if offset < 0 or offset + len(out) > self.size:
             raise ValueError(f"cannot read {len(out)} bytes at offset {offset} of a "
                              f"{self.size}-byte device")
-        bs = self.block_size
-        pos, end, at = offset, offset + len(out), 0
-        while pos < end:
-            block, within = divmod(pos, bs)
-            take = min(bs - within, end - pos)
-            src = self.locate(block)
+        at = 0
+        for block, within, take, src in self._spans(offset, offset + len(out)):
             if src.zero:
                 self.check_zero(src)
                 out[at:at + take] = self._zeros[:take]
@@ -309,8 +305,18 @@ class BlockView:
                 self.read_located(src, out[at:at + take])
             else:
                 out[at:at + take] = memoryview(self._decoded(src))[within:within + take]
-            pos += take
             at += take
+
+    def _spans(self, offset: int, end: int):
+        """(block, offset within it, bytes of it, its located source) of each block that
+        `offset`..`end` touches, in order."""
+        bs = self.block_size
+        pos = offset
+        while pos < end:
+            block, within = divmod(pos, bs)
+            take = min(bs - within, end - pos)
+            yield block, within, take, self.locate(block)
+            pos += take
 
     def read(self, offset: int, length: int) -> bytes:
         """The bytes of the leaf's state from `offset`, at most `length` of them (fewer at the
@@ -319,14 +325,8 @@ class BlockView:
         `read_located` raise for a damaged block."""
         if offset < 0 or length < 0:
             raise ValueError(f"cannot read {length} bytes at offset {offset}")
-        end = min(offset + length, self.size)
-        bs = self.block_size
         parts: list[memoryview | bytearray] = []
-        pos = offset
-        while pos < end:
-            block, within = divmod(pos, bs)
-            take = min(bs - within, end - pos)
-            src = self.locate(block)
+        for _, within, take, src in self._spans(offset, min(offset + length, self.size)):
             if src.zero:
                 self.check_zero(src)
                 parts.append(self._zeros[:take])
@@ -334,5 +334,4 @@ class BlockView:
                 data = self._decoded(src)
                 parts.append(data if within == 0 and take == len(data)
                              else memoryview(data)[within:within + take])
-            pos += take
         return b"".join(parts)
