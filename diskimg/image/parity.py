@@ -245,11 +245,6 @@ class UnfinishedReader(StoreReader):
             offset += n
         return b"".join(out)
 
-    def read_into(self, buf, offset: int) -> int:
-        data = self.pread(len(buf), offset)
-        memoryview(buf).cast("B")[:len(data)] = data
-        return len(data)
-
     def close(self) -> None:
         self.raw.close()
 
@@ -288,11 +283,6 @@ class PartialParityReader(StoreReader):
 
     def pread(self, length: int, offset: int) -> bytes:
         return self.sink.read_logical(self.raw, length, offset)
-
-    def read_into(self, buf, offset: int) -> int:
-        data = self.pread(len(buf), offset)
-        memoryview(buf).cast("B")[:len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self.raw.close()
@@ -540,11 +530,6 @@ class HealingReader(StoreReader):
                 at = logical - offset + (lo - rel)
                 buf[at:at + hi - lo] = fixed[lo - slot * s:hi - slot * s]
         return data if buf is None else bytes(buf)
-
-    def read_into(self, buf, offset: int) -> int:
-        data = self.pread(len(buf), offset)
-        memoryview(buf).cast("B")[:len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self.raw.close()

@@ -50,11 +50,6 @@ class _Physical(StoreReader):
                                                                       "stream"), offset)
         return self.fwd.pread(length, offset)
 
-    def read_into(self, buf, offset: int) -> int:
-        data = self.pread(len(buf), offset)
-        memoryview(buf).cast("B")[:len(data)] = data
-        return len(data)
-
     def close(self) -> None:
         """The stream stays the caller's."""
 

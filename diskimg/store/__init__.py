@@ -65,9 +65,12 @@ class StoreReader(ABC):
         """Up to `length` bytes at `offset` (fewer only at the end).  Raises DiskIOError
         ("read", at the offset) or PermissionDenied."""
 
-    @abstractmethod
     def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
-        """Fill `buf` from `offset`; the number of bytes read (fewer only at the end)."""
+        """Fill `buf` from `offset`; the number of bytes read (fewer only at the end).  This
+        one copies what `pread` returns; a reader that can fill `buf` directly overrides it."""
+        data = self.pread(len(buf), offset)
+        memoryview(buf).cast("B")[:len(data)] = data
+        return len(data)
 
     @abstractmethod
     def close(self) -> None:
@@ -90,11 +93,6 @@ class BytesReader(StoreReader):
 
     def pread(self, length: int, offset: int) -> bytes:
         return self.data[offset:offset + length]
-
-    def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
-        got = self.data[offset:offset + len(buf)]
-        memoryview(buf).cast("B")[:len(got)] = got
-        return len(got)
 
     def close(self) -> None:
         pass
