@@ -25,9 +25,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from diskimg.errors import DiskIOError
+from diskimg.errors import DiskIOError, OperationFailed
 from diskimg.format import parity as pf
-from diskimg.store import StoreReader, StoreSink, StoreStat
+from diskimg.store import Store, StoreReader, StoreSink, StoreStat
 from diskimg.transforms import parity as rs
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,33 @@ class UnfinishedReader(StoreReader):
 
     def close(self) -> None:
         self.raw.close()
+
+
+REWRITE_CHUNK = 4 << 20     # bytes of the logical stream copied at a time by `rewrite`
+
+
+def rewrite(store: Store, name: str, geom: pf.Geometry, header: bytes, reader: StoreReader,
+            size: int, path: str) -> None:
+    """Write the image `name` in `store` with its parity made afresh: `header`, then the
+    logical stream `reader` (of the image `path`) from `len(header)` up to `size` (the stored
+    bytes, copied as they are: no key needed).  What was written is removed if anything fails;
+    the caller checks the result before renaming it over anything."""
+    sink = ParitySink(store.create(name), geom, header)
+    try:
+        sink.write([header])
+        pos = len(header)
+        while pos < size:
+            n = min(REWRITE_CHUNK, size - pos)
+            data = reader.pread(n, pos)
+            if len(data) != n:
+                raise OperationFailed(f"{path}: short read at byte {pos} of the image's "
+                                      f"logical stream")
+            sink.write([data])
+            pos += n
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def resume_point(raw: StoreReader, geom: pf.Geometry, logical: int

@@ -82,27 +82,14 @@ class _Image:
         as they are, no key needed for them), checked slice by slice, and renamed over."""
         from diskimg.errors import DiskimgError, OperationFailed
         from diskimg.image.imagefile import ImageReader
-        from diskimg.image.parity import ParitySink
+        from diskimg.image.parity import rewrite
         tmp = self.name + ".rekey"
         with ImageReader(self.name, store=self.store, unlock=False) as img:
             if img.healing is None or len(new) != img.data_start:
                 raise OperationFailed(f"{self.path}: cannot rewrite its key slots (its "
                                       f"parity layout was not found)")
-            sink = ParitySink(self.store.create(tmp), img.healing.geom, new)
-            try:
-                sink.write([new])
-                pos, size = len(new), img.file_size
-                while pos < size:
-                    n = min(8 << 20, size - pos)
-                    data = img.reader.pread(n, pos)
-                    if len(data) != n:
-                        raise OperationFailed(f"{self.path}: short read at byte {pos}")
-                    sink.write([data])
-                    pos += n
-                sink.commit()
-            except BaseException:
-                sink.abort()
-                raise
+            rewrite(self.store, tmp, img.healing.geom, new, img.reader, img.file_size,
+                    self.path)
             index_sha256 = img.index_sha256
         try:
             with ImageReader(tmp, store=self.store, unlock=False) as check:

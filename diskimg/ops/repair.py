@@ -16,14 +16,12 @@ from dataclasses import dataclass
 
 from diskimg.errors import BeyondRepair, DiskimgError, OperationFailed, UsageError
 from diskimg.image.imagefile import ImageReader
-from diskimg.image.parity import ParitySink
+from diskimg.image.parity import rewrite
 from diskimg.ops.progress import Progress
 from diskimg.ops.verify import _verify_one
 from diskimg.ops.pipeline import default_threads
 
 log = logging.getLogger(__name__)
-
-CHUNK = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -90,23 +88,7 @@ def repair_image(path: str, threads: int | None = None,
         store, name = img.store, img.name
         new = name + ".repair"
         header_bytes = h.tail.header or img.reader.pread(img.data_start, 0)
-        sink = ParitySink(store.create(new), h.geom, header_bytes)
-        try:
-            size = img.file_size
-            sink.write([header_bytes])
-            pos = len(header_bytes)
-            while pos < size:
-                n = min(CHUNK, size - pos)
-                data = img.reader.pread(n, pos)
-                if len(data) != n:
-                    raise OperationFailed(f"{img.path}: short read at byte {pos} of the "
-                                          f"image's logical stream")
-                sink.write([data])
-                pos += n
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
+        rewrite(store, new, h.geom, header_bytes, img.reader, img.file_size, img.path)
         index_sha256 = img.index_sha256
     try:
         with ImageReader(new, store=store) as check:
