@@ -66,6 +66,18 @@ class Server:
                                           response_checksum_validation="when_required",
                                           s3={"addressing_style": "path"}))
 
+    def _launch(self, cmd: list[str]) -> None:
+        """Start `cmd` in its own session, its output in workdir/server.log, and wait until
+        it answers; stopped and cleaned up if it does not."""
+        with open(Path(self.workdir, "server.log"), "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.wait()
+        except BaseException:
+            self.stop()
+            raise
+
     def wait(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         last = None
@@ -158,15 +170,7 @@ class SeaweedFS(Server):
                f"-metricsPort={metrics}", f"-debug.port={debug}",
                f"-s3.config={config}", "-master.telemetry=false",
                "-master.volumeSizeLimitMB=256", "-volume.max=64"]
-        log = open(Path(self.workdir, "server.log"), "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        try:
-            self.wait()
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(cmd)
         return self
 
 
@@ -186,16 +190,7 @@ class MotoServer(Server):
         self.workdir = tempfile.mkdtemp(prefix="diskimg-moto-")
         (port,) = free_ports(1)
         self.endpoint = f"http://127.0.0.1:{port}"
-        log = open(Path(self.workdir, "server.log"), "wb")
-        self.proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                                     stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        try:
-            self.wait()
-        except BaseException:
-            self.stop()
-            raise
+        self._launch([moto, "-H", "127.0.0.1", "-p", str(port)])
         return self
 
 
