@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from faulty import faulty  # noqa: F401  (faulty-device factory fixture, tests/faulty.py)
-from helpers import run
+from helpers import LoopDevices, run
 
 IS_ROOT = os.geteuid() == 0
 TOOLS = ["losetup", "smartctl", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat", "fsck.ext4", "ddrescue",
@@ -44,48 +44,6 @@ def _probe_only_loop_devices(monkeypatch):
         ok = os.path.basename(path).startswith("loop") or os.path.isfile(path)
         return real(path) if ok else {}
     monkeypatch.setattr(devices, "probe_fs", probe)
-
-
-class LoopDevices:
-    """Attaches loop devices over files in a test's tmp_path and always detaches them."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.devices: list[str] = []
-        self.mounts: list[str] = []
-
-    def attach(self, backing: Path, *extra: str) -> str:
-        dev = run("losetup", "--find", "--show", *extra, str(backing)).stdout.strip()
-        self.devices.append(dev)
-        return dev
-
-    def create(self, size: int, name: str = "disk", *extra: str) -> tuple[str, Path]:
-        """A new zero-filled (sparse) backing file of `size` bytes, attached."""
-        backing = self.tmp_path / f"{name}.img"
-        with open(backing, "wb") as f:
-            f.truncate(size)
-        return self.attach(backing, *extra), backing
-
-    def mount(self, dev: str, mnt: Path, *opts: str) -> Path:
-        mnt.mkdir(parents=True, exist_ok=True)
-        run("mount", *opts, dev, str(mnt))
-        self.mounts.append(str(mnt))
-        return mnt
-
-    def umount(self, mnt: Path) -> None:
-        run("umount", str(mnt))
-        self.mounts.remove(str(mnt))
-
-    def cleanup(self) -> None:
-        for mnt in reversed(self.mounts):
-            run("umount", "-l", mnt, check=False)
-        for dev in reversed(self.devices):
-            # a read-only flag set by a test (blockdev --setro) outlives the detach, and so do
-            # partitions added with partx -a (BLKPG): the next test to get this device would
-            # see them
-            run("blockdev", "--setrw", dev, check=False)
-            run("partx", "-d", dev, check=False)
-            run("losetup", "-d", dev, check=False)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from helpers import cli, run, sha256_of
+from helpers import LoopDevices, cli, run, sha256_of
 
 from diskimg.backup import runner
 from diskimg.backup.config import load_config
@@ -86,34 +86,6 @@ run_job(job, now=lambda: when, progress=Stall(), threads=1)
 """
 
 
-class Loops:
-    """Loop devices for the module's month (the `loops` fixture is per test), always
-    detached."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.devices: list[str] = []
-
-    def attach(self, backing: Path) -> str:
-        dev = run("losetup", "--find", "--show", str(backing)).stdout.strip()
-        self.devices.append(dev)
-        return dev
-
-    def create(self, size: int, name: str) -> tuple[str, Path]:
-        backing = self.root / f"{name}.img"
-        with open(backing, "wb") as f:
-            f.truncate(size)
-        return self.attach(backing), backing
-
-    def detach(self, dev: str) -> None:
-        run("losetup", "-d", dev)
-        self.devices.remove(dev)
-
-    def cleanup(self) -> None:
-        for dev in reversed(self.devices):
-            run("losetup", "-d", dev, check=False)
-
-
 class Month:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -145,7 +117,7 @@ def month(tmp_path_factory):
         return real_probe(path) if ok else {}
 
     root = tmp_path_factory.mktemp("month")
-    lo = Loops(root)
+    lo = LoopDevices(root)
     mp = pytest.MonkeyPatch()
     mp.setattr(devices, "probe_fs", probe)
     try:
@@ -155,7 +127,7 @@ def month(tmp_path_factory):
         lo.cleanup()
 
 
-def _simulate(root: Path, lo: Loops) -> Month:
+def _simulate(root: Path, lo: LoopDevices) -> Month:
     m = Month(root)
     m.dest.mkdir()
     m.mnt.mkdir()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MiB, PYTHON, diskimg, fill_tree, run
+from helpers import MiB, PYTHON, LoopDevices, diskimg, fill_tree, run
 
 from diskimg import format as fmt
 from diskimg.image.imagefile import ImageReader
@@ -37,44 +37,6 @@ def _tools():
         pytest.skip(f"not installed: {', '.join(missing)} (scripts/test installs them)")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
-
-
-class LoopDevices:
-    """Loop devices and mounts for the module's shared fixtures (tests/conftest.py's `loops` is
-    per test); always released, partitions included."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.devices: list[str] = []
-        self.mounts: list[str] = []
-
-    def attach(self, backing: Path, *extra: str) -> str:
-        dev = run("losetup", "--find", "--show", *extra, str(backing)).stdout.strip()
-        self.devices.append(dev)
-        return dev
-
-    def create(self, size: int, name: str) -> tuple[str, Path]:
-        backing = self.tmp_path / f"{name}.img"
-        with open(backing, "wb") as f:
-            f.truncate(size)
-        return self.attach(backing), backing
-
-    def mount(self, dev: str, mnt: Path, *opts: str) -> Path:
-        mnt.mkdir(parents=True, exist_ok=True)
-        run("mount", *opts, dev, str(mnt))
-        self.mounts.append(str(mnt))
-        return mnt
-
-    def umount(self, mnt: Path) -> None:
-        run("umount", str(mnt))
-        self.mounts.remove(str(mnt))
-
-    def cleanup(self) -> None:
-        for mnt in reversed(self.mounts):
-            run("umount", "-l", mnt, check=False)
-        for dev in reversed(self.devices):
-            run("partx", "-d", dev, check=False)
-            run("losetup", "-d", dev, check=False)
 
 
 @pytest.fixture(scope="module")
