@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 from faulty import faulty  # noqa: F401  (faulty-device factory fixture, tests/faulty.py)
-from helpers import LoopDevices, run
+from helpers import LoopDevices
 
 IS_ROOT = os.geteuid() == 0
 TOOLS = ["losetup", "smartctl", "mkfs.ext4", "mkfs.xfs", "mkfs.vfat", "fsck.ext4", "ddrescue",

@@ -334,3 +334,21 @@ class LoopDevices:
             run("blockdev", "--setrw", dev, check=False)
             run("partx", "-d", dev, check=False)
             run("losetup", "-d", dev, check=False)
+
+
+def need(*tools: str) -> None:
+    """Skip the test (or the module's fixture) unless every tool is on the PATH."""
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        import pytest
+        pytest.skip(f"needs {', '.join(missing)}")
+
+
+def scan_path(path: str | os.PathLike):
+    """The used-block map (diskimg.disk.used.UsedMap) of the file or device at `path`."""
+    from diskimg.disk.used import scan
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return scan(fd, os.lseek(fd, 0, os.SEEK_END))
+    finally:
+        os.close(fd)

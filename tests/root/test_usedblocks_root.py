@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import blanked_copy, dumpe2fs_counts, dumpe2fs_used, run
+from helpers import blanked_copy, dumpe2fs_counts, dumpe2fs_used, need, run, scan_path
 
 from diskimg.disk.used import UsedMap, scan
 
@@ -28,23 +28,9 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 
 
-def need(*tools: str) -> None:
-    missing = [t for t in tools if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-
-
 def kernel_has(fstype: str) -> bool:
     with open("/proc/filesystems") as f:
         return any(line.split()[-1] == fstype for line in f if line.strip())
-
-
-def scan_path(path: str | Path) -> UsedMap:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return scan(fd, os.lseek(fd, 0, os.SEEK_END))
-    finally:
-        os.close(fd)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

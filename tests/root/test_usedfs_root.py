@@ -18,25 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MiB, blanked_copy, fill_tree, run, tree_sha256
+from helpers import MiB, blanked_copy, fill_tree, need, run, scan_path, tree_sha256
 
-from diskimg.disk.used import UsedMap, scan
+from diskimg.disk.used import UsedMap
 
 pytestmark = pytest.mark.root
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-
-
-def scan_path(path: str | Path) -> UsedMap:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return scan(fd, os.lseek(fd, 0, os.SEEK_END))
-    finally:
-        os.close(fd)
 
 
 def partclone_used(tool: str, dev: str | Path) -> int | None:

@@ -16,23 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import blanked_copy, run
+from helpers import blanked_copy, need, run, scan_path
 
-from diskimg.disk.used import UsedMap, scan
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-
-
-def scan_path(path: Path) -> UsedMap:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return scan(fd, os.lseek(fd, 0, os.SEEK_END))
-    finally:
-        os.close(fd)
+from diskimg.disk.used import UsedMap
 
 
 def clusters_of(img: Path, name: str) -> list[int]:
