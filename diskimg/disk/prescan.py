@@ -63,6 +63,8 @@ class EarlyScan:
                        if name == "diskimg.disk.used" or name.startswith("diskimg.disk.used.")]
             for lg in loggers:
                 lg.addFilter(held)
+            # the moment the source is first read: scripts/bench times start-up by this line
+            log.debug("%s: reading its used-block map", source.path)
             self._result = scan(source.fd, source.size, sector_size=source.logical_sector)
         except BaseException as err:   # a thread's failure is only a missed head start
             log.debug("%s: early scan failed: %s", source.path, err, exc_info=True)
