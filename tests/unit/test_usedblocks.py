@@ -29,7 +29,8 @@ from diskimg.disk.used.raw import bit_runs as _bit_runs
 MiB = 1 << 20
 
 needs = {t: shutil.which(t) for t in ("mke2fs", "e2fsck", "debugfs", "dumpe2fs", "mkfs.vfat",
-                                      "fsck.vfat", "mcopy", "mkfs.xfs", "sfdisk", "mkswap")}
+                                      "fsck.vfat", "mcopy", "mkfs.xfs", "sfdisk", "mkswap",
+                                      "fincore")}
 
 
 def need(*tools: str):
@@ -733,3 +734,98 @@ def test_closing_an_early_scan_does_not_wait_for_it(tmp_path, monkeypatch):
     release.set()
     early._thread.join()
     assert early._source is None            # the thread closed the descriptor itself
+
+
+@need("mke2fs", "debugfs")
+def test_scan_tells_ahead_what_its_map_holds_before_the_inode_walk(tmp_path, monkeypatch):
+    """`ahead` hears of the data the bitmaps call used before the (slower) inode walk reads
+    anything, and only of spans the final map holds: whoever reads them early reads nothing
+    imaging would not."""
+    from diskimg import ranges
+    from diskimg.disk.used import ext
+
+    img = make_ext(tmp_path / "fs.img", 32 * MiB, populate(tmp_path / "src", big=MiB), "-t",
+                   "ext4")
+    events: list = []
+    real = ext.owned_blocks
+
+    def walk(*a, **kw):
+        events.append("walk")
+        return real(*a, **kw)
+    monkeypatch.setattr(ext, "owned_blocks", walk)
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        m = scan(fd, img.stat().st_size, ahead=lambda spans: events.append(list(spans)))
+    finally:
+        os.close(fd)
+    assert events.index("walk") > 0, events           # told before the walk
+    told = [s for e in events if e != "walk" for s in e]
+    assert told == sorted(told) and ranges.total(told) > MiB
+    assert ranges.subtract(told, list(m.ranges)) == []
+
+
+def _resident(path: Path, spans) -> int:
+    """Bytes of the (offset, length) spans of `path` that are in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # never written: no copy
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        total = 0
+        for off, n in spans:
+            lo, hi = off // page * page, -(-(off + n) // page) * page
+            vec = (ctypes.c_ubyte * ((hi - lo) // page))()
+            assert libc.mincore(ctypes.c_void_p(base + lo), ctypes.c_size_t(hi - lo), vec) == 0
+            total += sum(v & 1 for v in vec) * page
+        return total
+    finally:
+        del base
+        mm.close()
+
+
+@need("mke2fs", "debugfs")
+def test_early_scan_has_the_kernel_read_the_first_used_data_and_gives_back_what_is_unused(
+        tmp_path, monkeypatch):
+    """The early scan asks the kernel for the first WARM_BYTES of used data (here 2 MiB), to
+    read while imaging loads; `take` says below which offset imaging finds it in the page
+    cache, and a scan closed without `take` gives those pages back."""
+    from diskimg.disk import prescan
+    from diskimg.disk.blockdev import open_source
+
+    img = make_ext(tmp_path / "fs.img", 32 * MiB, populate(tmp_path / "src", big=MiB), "-t",
+                   "ext4")
+    monkeypatch.setattr(prescan, "WARM_BYTES", 2 * MiB)
+    m = scan_file(img)
+    want, left = 0, 2 * MiB                          # where the first 2 MiB of used data end
+    for s, n in m.ranges:
+        want, left = s + min(n, left), left - min(n, left)
+        if not left:
+            break
+    warm = m.used_in(0, want)
+
+    early = prescan.EarlyScan(str(img))
+    src = open_source(str(img))
+    try:
+        assert early.take(src) == m and early.cached_below == want
+    finally:
+        src.close()
+        early.close()
+    # what was asked for: exactly the used spans below that offset; a scan that is never
+    # taken gives them back (read here, so that they are in the cache whatever the kernel did
+    # with the hint meanwhile)
+    unused = prescan.EarlyScan(str(img))
+    unused._thread.join()
+    assert unused._warmed == warm
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        for off, n in warm:
+            os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+    assert _resident(img, warm) == 2 * MiB
+    unused.close()
+    assert _resident(img, warm) == 0, "the pages asked for were not given back"
