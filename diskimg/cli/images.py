@@ -93,8 +93,8 @@ def _cmd_image(args: argparse.Namespace) -> render.ImageDone:
     # block and asks the disk's health first, --all-blocks needs no scan
     early = None
     if not (args.rescue or args.all_blocks or args.source == "-"):
-        from diskimg.disk.prescan import EarlyScan
-        early = EarlyScan(args.source)
+        from diskimg.disk import prescan
+        early = prescan.claim(args.source)     # begun by the entry point, or now
     try:
         return _image(args, early)
     finally:

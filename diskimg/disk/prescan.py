@@ -34,10 +34,42 @@ log = logging.getLogger(__name__)
 WARM_BYTES = 256 << 20
 
 
+_started: EarlyScan | None = None    # started by the entry point, not yet claimed
+
+
+def start(path: str) -> None:
+    """Start the scan of `path` before the command line is even parsed (diskimg.__main__,
+    when the command line reads `diskimg image SRC ...`); `claim` hands it over."""
+    global _started
+    release()
+    _started = EarlyScan(path)
+
+
+def claim(path: str) -> EarlyScan:
+    """The early scan of `path`: the one `start` began when it was for that very argument,
+    else a new one."""
+    global _started
+    early, _started = _started, None
+    if early is not None and early.path == path:
+        return early
+    if early is not None:
+        early.close()
+    return EarlyScan(path)
+
+
+def release() -> None:
+    """Let go of a scan `start` began that no command claimed (a usage error, --help)."""
+    global _started
+    early, _started = _started, None
+    if early is not None:
+        early.close()
+
+
 class EarlyScan:
     """The used-block map of `path`, computed on a thread from construction on."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self._source: Source | None = None
         self._id: tuple[int, int, int, int, int] | None = None   # what was scanned
         self._result = None
@@ -68,16 +100,24 @@ class EarlyScan:
         source = self._source
         held = _Held(threading.get_ident())
         loggers: list[logging.Logger] = []
+        levels: list[int] = []
         try:
             from diskimg.disk.used import scan
             # what the scan says (a filesystem read fully, a repaired allocation map) is said
             # when its map is taken, where imaging would have scanned: not at all when the
             # command is refused first (a mounted source, an image on the source)
-            loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-                       if name == "diskimg.disk.used" or name.startswith("diskimg.disk.used.")]
+            loggers = [log] + [
+                logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                if name == "diskimg.disk.used" or name.startswith("diskimg.disk.used.")]
             for lg in loggers:
                 lg.addFilter(held)
+                # every record made, whatever the level then: the scan may run before the
+                # command line has set logging up, and what is shown is decided when the
+                # records are handed on (by the handlers' levels)
+                levels.append(lg.level)
+                lg.setLevel(logging.DEBUG)
             # the moment the source is first read: scripts/bench times start-up by this line
+            # (held back like the rest, with its time: logging may not be set up yet)
             log.debug("%s: reading its used-block map", source.path)
             self._result = scan(source.fd, source.size, sector_size=source.logical_sector,
                                 ahead=self._warm)
@@ -85,6 +125,8 @@ class EarlyScan:
         except BaseException as err:   # a thread's failure is only a missed head start
             log.debug("%s: early scan failed: %s", source.path, err, exc_info=True)
         finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
             for lg in loggers:
                 lg.removeFilter(held)
             self._said = held.records
@@ -122,15 +164,16 @@ class EarlyScan:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._result is None or _identity(source) != self._id:
-            if self._result is not None:
-                log.debug("%s: the early scan was of another source; scanning again",
-                          source.path)
+        if self._result is not None and _identity(source) != self._id:
+            log.debug("%s: the early scan was of another source; scanning again", source.path)
             self._release()
             return None
         said, self._said = self._said, []
-        for record in said:
+        for record in said:      # what it found, or (at --debug) why it failed
             logging.getLogger(record.name).handle(record)
+        if self._result is None:
+            self._release()
+            return None
         if self._warmed:
             self.cached_below = self._warmed[-1][0] + self._warmed[-1][1]
             self._warmed = []       # imaging's now: it drops each block once read

@@ -583,3 +583,54 @@ def test_entry_point_is_light():
     assert imports == ["_signal", "sys"]
     assert "diskimg.__main__:main" in (REPO / "pyproject.toml").read_text()
     assert stat.S_IMODE(os.stat(DISKIMG).st_mode) & 0o111
+
+
+def _scans_logged(log: Path) -> int:
+    return log.read_text().count("reading its used-block map")
+
+
+@pytest.mark.parametrize("form", ["plain", "global options first", "option before the source"])
+def test_the_entry_point_starts_the_scan_and_the_image_command_takes_it(tmp_path, form):
+    """`diskimg image SRC IMG`: the entry point starts the used-block scan of SRC before the
+    command line's modules are imported, and the image command takes that scan over: the
+    source is scanned once, as when the command starts the scan itself (an option right after
+    `image`: the entry point does not guess)."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(os.urandom(3 * MiB))
+    log, img = tmp_path / "log", tmp_path / "a.dimg"
+    argv = {"plain": ["image", str(src), str(img), "--log-file", str(log)],
+            "global options first": ["-v", "--log-file", str(log), "image", str(src), str(img)],
+            "option before the source": ["image", "--level", "2", str(src), str(img),
+                                         "--log-file", str(log)]}[form]
+    r = subprocess.run([PYTHON, "-m", "diskimg", *argv, "--no-progress"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _scans_logged(log) == 1, log.read_text()
+    assert cli("verify", img).rc == 0
+
+
+def test_a_scan_the_entry_point_started_for_nothing_is_let_go(tmp_path):
+    """A command refused before imaging (here a usage error, and a source that is no file)
+    exits at once with its one error line: the early scan is not waited for."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(os.urandom(3 * MiB))
+    r = subprocess.run([PYTHON, "-m", "diskimg", "image", str(src), str(tmp_path / "a.dimg"),
+                        "--level", "99"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == EXIT_USAGE and "--level 99" in _one_error_line(r.stderr)
+    r = subprocess.run([PYTHON, "-m", "diskimg", "image", str(tmp_path / "missing"),
+                        str(tmp_path / "b.dimg")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "missing" in _one_error_line(r.stderr)
+    assert not (tmp_path / "a.dimg").exists() and not (tmp_path / "b.dimg").exists()
+
+
+def test_the_entry_points_global_options_are_the_parsers():
+    """The entry point skips the global options before `image` by name: the same names, with
+    and without values, as the parser's."""
+    from diskimg import __main__ as entry
+    from diskimg.cli.options import common
+
+    flags, valued = set(), set()
+    for action in common(top=True)._actions:
+        (valued if action.nargs is None and action.const is None else flags).update(
+            action.option_strings)
+    assert flags == set(entry.GLOBAL_FLAGS) and valued == set(entry.GLOBAL_WITH_VALUE)
