@@ -599,7 +599,10 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     else:
         used_map = opts.prescan.take(source) if opts.prescan is not None else None
         if used_map is not None:
-            cached_below = opts.prescan.cached_below
+            cached_below = opts.prescan.cached_below if source.is_block else 0
+            if cached_below:
+                log.debug("%s: the used data below byte %d was read ahead by the used-block "
+                          "scan: taken from the page cache", source.path, cached_below)
         else:
             used_map = scan_used(source.fd, source.size, sector_size=source.logical_sector)
         used = list(used_map.ranges)
