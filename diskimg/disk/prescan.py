@@ -78,7 +78,7 @@ class EarlyScan:
         self._lock = threading.Lock()
         self._done = False          # the scan thread has finished
         self._abandoned = False     # closed while it ran: the thread lets go of the source
-        self._warm_left = WARM_BYTES
+        self._warm_left = _warm_budget()
         self._warmed: list[tuple[int, int]] = []   # the spans asked for, in order
         self.cached_below = 0       # after take: read what lies below through the page cache
         try:
@@ -201,6 +201,16 @@ class EarlyScan:
             self._warmed = []
             self._source.close()
             self._source = None
+
+
+def _warm_budget() -> int:
+    """WARM_BYTES, but never more than an eighth of the memory free now (a rescue system with
+    little memory keeps its page cache)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return WARM_BYTES
+    return max(0, min(WARM_BYTES, free // 8))
 
 
 class _Held(logging.Filter):
