@@ -142,6 +142,12 @@ def main() -> int:
         except KeyboardInterrupt:
             # before cli.main could catch it: during the imports, or between its return and here
             return _report_interrupted()
+        except RuntimeError as err:
+            # the same, wrapped by Python while it made a class during an import ("Error
+            # calling __set_name__" of a dataclass field)
+            if isinstance(err.__cause__, KeyboardInterrupt):
+                return _report_interrupted()
+            raise
         return code
     finally:
         _signal.setitimer(_signal.ITIMER_REAL, 0)

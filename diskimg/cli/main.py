@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                              json_out=want_json, err=e)
     except Exception as e:  # a bug: still one line, the traceback with --debug
         errors.begin_cleanup()
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            # a Ctrl-C that Python wrapped while it made a class (RuntimeError "Error calling
+            # __set_name__", raised by a dataclass field during an import): still Ctrl-C
+            return _report_error(args, "interrupted", EXIT_INTERRUPTED, json_out=want_json)
         return _report_error(args, f"internal error: {type(e).__name__}: {e} (run with --debug "
                                    f"for the traceback, and please report it)", EXIT_FAILED,
                              json_out=want_json)

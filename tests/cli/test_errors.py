@@ -634,3 +634,21 @@ def test_the_entry_points_global_options_are_the_parsers():
         (valued if action.nargs is None and action.const is None else flags).update(
             action.option_strings)
     assert flags == set(entry.GLOBAL_FLAGS) and valued == set(entry.GLOBAL_WITH_VALUE)
+
+
+def test_a_ctrl_c_that_python_wrapped_while_making_a_class_is_still_ctrl_c(monkeypatch, tmp_path):
+    """Python turns a KeyboardInterrupt raised in a descriptor's __set_name__ (a dataclass
+    field's, while a module is imported) into a RuntimeError; the Ctrl-C storm above caught
+    one as an "internal error", exit 3. It is a Ctrl-C: one line, exit 130."""
+    from diskimg.cli import images
+
+    class Interrupts:
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+
+    def info_while_a_class_is_made(args):
+        class Made:
+            field = Interrupts()
+    monkeypatch.setattr(images, "_cmd_info", info_while_a_class_is_made)
+    r = cli("info", _image_of(tmp_path))
+    assert r.rc == EXIT_INTERRUPTED and r.err == "diskimg: error: interrupted\n"

@@ -764,68 +764,37 @@ def test_scan_tells_ahead_what_its_map_holds_before_the_inode_walk(tmp_path, mon
     assert ranges.subtract(told, list(m.ranges)) == []
 
 
-def _resident(path: Path, spans) -> int:
-    """Bytes of the (offset, length) spans of `path` that are in the page cache (mincore)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # never written: no copy
-    try:
-        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-        total = 0
-        for off, n in spans:
-            lo, hi = off // page * page, -(-(off + n) // page) * page
-            vec = (ctypes.c_ubyte * ((hi - lo) // page))()
-            assert libc.mincore(ctypes.c_void_p(base + lo), ctypes.c_size_t(hi - lo), vec) == 0
-            total += sum(v & 1 for v in vec) * page
-        return total
-    finally:
-        del base
-        mm.close()
-
-
+@pytest.mark.root
 @need("mke2fs", "debugfs")
-def test_early_scan_has_the_kernel_read_the_first_used_data_and_gives_back_what_is_unused(
-        tmp_path, monkeypatch):
-    """The early scan asks the kernel for the first WARM_BYTES of used data (here 2 MiB), to
-    read while imaging loads; `take` says below which offset imaging finds it in the page
-    cache, and a scan closed without `take` gives those pages back."""
+def test_early_scan_reads_the_first_used_blocks_of_a_device_ahead(tmp_path, monkeypatch, loops):
+    """From a device, the early scan reads the first PREFETCH_BYTES of used data (here 3 MiB:
+    the first three 1 MiB blocks the map touches) with O_DIRECT while it scans, and hands
+    them over with the map, byte for byte the device's; a scan let go of without `take`
+    closes the descriptor it read them with."""
     from diskimg.disk import prescan
     from diskimg.disk.blockdev import open_source
 
     img = make_ext(tmp_path / "fs.img", 32 * MiB, populate(tmp_path / "src", big=MiB), "-t",
                    "ext4")
-    monkeypatch.setattr(prescan, "WARM_BYTES", 2 * MiB)
-    m = scan_file(img)
-    want, left = 0, 2 * MiB                          # where the first 2 MiB of used data end
-    for s, n in m.ranges:
-        want, left = s + min(n, left), left - min(n, left)
-        if not left:
-            break
-    warm = m.used_in(0, want)
-
-    early = prescan.EarlyScan(str(img))
-    src = open_source(str(img))
+    dev = loops.attach(img)
+    monkeypatch.setattr(prescan, "PREFETCH_BYTES", 3 * MiB)
+    early = prescan.EarlyScan(dev)
+    early._thread.join()                      # the scan, then the reads it asked for
+    early._prefetch.thread.join(30)
+    src = open_source(dev)
     try:
-        assert early.take(src) == m and early.cached_below == want
+        m = early.take(src)
+        blocks = sorted({b for s, n in m.ranges for b in range(s // MiB, (s + n - 1) // MiB + 1)})
+        assert sorted(early.prefetched) == blocks[:3]
+        for b, buf in early.prefetched.items():
+            assert buf[:MiB] == os.pread(src.fd, MiB, b * MiB), f"block {b}"
     finally:
         src.close()
         early.close()
-    # what was asked for: exactly the used spans below that offset; a scan that is never
-    # taken gives them back (read here, so that they are in the cache whatever the kernel did
-    # with the hint meanwhile)
-    unused = prescan.EarlyScan(str(img))
+    unused = prescan.EarlyScan(dev)
+    reader = unused._prefetch
     unused._thread.join()
-    assert unused._warmed == warm
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        for off, n in warm:
-            os.pread(fd, n, off)
-    finally:
-        os.close(fd)
-    assert _resident(img, warm) == 2 * MiB
     unused.close()
-    assert _resident(img, warm) == 0, "the pages asked for were not given back"
+    if reader.thread is not None:
+        reader.thread.join(30)
+    assert reader.fd is None and not reader.blocks
