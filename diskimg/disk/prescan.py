@@ -6,12 +6,9 @@ its inode tables: 0.07-0.1 s on the benchmark disk) used to wait for all of them
 `EarlyScan` opens the source read-only and scans it on its own thread while those imports run,
 so that the disk is read from the start and the scan's reads overlap the imports' (issue 20).
 
-From a block device it also reads the first data imaging will need (`PREFETCH_BYTES` of what
-the filesystem's bitmaps call used, in the default 1 MiB blocks, O_DIRECT like imaging's own
-reads), on a third thread from the moment the bitmaps are read: the disk then delivers data
-while the scan's cross-check and the imports run instead of sitting idle until imaging's first
-read, and imaging takes those blocks as they are (`prefetched`).  What was not read by then,
-imaging reads itself.
+For `diskimg image SRC ...` the entry point (diskimg.__main__) `start`s it before the command
+line's own modules are imported, and the image command `claim`s it (or starts its own when the
+command line named another source).
 
 It is only ever a head start: `take` hands over the map when the source that imaging opened is
 the same device or file, of the same size, as the one scanned; otherwise, or when the early
@@ -20,24 +17,14 @@ raises: a source that cannot be opened is imaging's to report.
 """
 from __future__ import annotations
 
-import collections
 import logging
-import mmap
 import os
 import stat
 import threading
 
-from diskimg.disk.blockdev import Source, open_direct, open_source, preadv_full
+from diskimg.disk.blockdev import Source, open_source
 
 log = logging.getLogger(__name__)
-
-# How much used data to read ahead of imaging, from a block device.  From the bitmaps to
-# imaging's first read the disk would otherwise sit idle for 0.1-0.2 s: at 1.5-2.5 GB/s that
-# is 150-500 MiB.  It is memory until imaging has taken it (never more than an eighth of the
-# memory free), so the head start is bounded.
-PREFETCH_BYTES = 128 << 20
-PREFETCH_BLOCK = 1 << 20          # imaging's default block size: imaging takes them as blocks
-
 
 _started: EarlyScan | None = None    # started by the entry point, not yet claimed
 
@@ -83,8 +70,6 @@ class EarlyScan:
         self._lock = threading.Lock()
         self._done = False          # the scan thread has finished
         self._abandoned = False     # closed while it ran: the thread lets go of the source
-        self._prefetch: _Prefetch | None = None
-        self.prefetched: dict[int, mmap.mmap] = {}   # after take: block number -> its bytes
         try:
             st = os.stat(path)
             # only what imaging reads at offsets; never a pipe or a character device, whose
@@ -93,8 +78,6 @@ class EarlyScan:
                 return
             self._source = source = open_source(path)
             self._id = _identity(source)
-            if source.is_block:
-                self._prefetch = _Prefetch(source, _prefetch_budget())
         except Exception as err:      # imaging opens it again and says what is wrong
             log.debug("%s: no early scan: %s", path, err)
             self._release()
@@ -103,7 +86,7 @@ class EarlyScan:
         self._thread.start()
 
     def _scan(self) -> None:
-        source, prefetch = self._source, self._prefetch
+        source = self._source
         held = _Held(threading.get_ident())
         loggers: list[logging.Logger] = []
         levels: list[int] = []
@@ -125,16 +108,10 @@ class EarlyScan:
             # the moment the source is first read: scripts/bench times start-up by this line
             # (held back like the rest, with its time: logging may not be set up yet)
             log.debug("%s: reading its used-block map", source.path)
-            ahead = prefetch.ask if prefetch is not None else None
-            self._result = scan(source.fd, source.size, sector_size=source.logical_sector,
-                                ahead=ahead)
-            if ahead is not None:
-                ahead(self._result.ranges)    # what no bitmap told early (other filesystems)
+            self._result = scan(source.fd, source.size, sector_size=source.logical_sector)
         except BaseException as err:   # a thread's failure is only a missed head start
             log.debug("%s: early scan failed: %s", source.path, err, exc_info=True)
         finally:
-            if prefetch is not None:
-                prefetch.ask(())              # nothing more to read ahead
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
             for lg in loggers:
@@ -152,8 +129,6 @@ class EarlyScan:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        prefetched = self._prefetch.stop() if self._prefetch is not None else {}
-        self._prefetch = None
         if self._result is not None and _identity(source) != self._id:
             log.debug("%s: the early scan was of another source; scanning again", source.path)
             self._release()
@@ -162,18 +137,12 @@ class EarlyScan:
         for record in said:      # what it found, or (at --debug) why it failed
             logging.getLogger(record.name).handle(record)
         self._release()
-        if self._result is not None:
-            self.prefetched = prefetched
         return self._result
 
     def close(self) -> None:
         """Let go of the scan (idempotent) without waiting for it: a command refused before
         imaging (or interrupted) must not wait for the scan of a large filesystem; a scan
         still running finishes on its own (daemon) thread and closes its descriptor then."""
-        if self._prefetch is not None:
-            self._prefetch.abandon()
-            self._prefetch = None
-        self.prefetched = {}
         with self._lock:
             if self._thread is not None and not self._done:
                 self._abandoned = True
@@ -184,107 +153,6 @@ class EarlyScan:
         if self._source is not None:
             self._source.close()
             self._source = None
-
-
-def _prefetch_budget() -> int:
-    """PREFETCH_BYTES, but never more than an eighth of the memory free now (a rescue system
-    with little memory keeps it)."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return PREFETCH_BYTES
-    return max(0, min(PREFETCH_BYTES, free // 8))
-
-
-class _Prefetch:
-    """Blocks of a device read with O_DIRECT on a thread of their own, in the order they are
-    asked for (`ask`, from the scan thread), up to a budget, until `stop` hands them over or
-    `abandon` lets them go.  A read that fails ends it: imaging reads that block itself and
-    says what is wrong."""
-
-    def __init__(self, source: Source, budget: int) -> None:
-        self.path, self.size, self.sector = source.path, source.size, source.logical_sector
-        self.left = budget // PREFETCH_BLOCK
-        self.fd = open_direct(source.path) if self.left > 0 else None
-        self.want: collections.deque[int] = collections.deque()
-        self.last = -1                        # the last block asked for
-        self.asked_all = False
-        self.stopped = False
-        self.blocks: dict[int, mmap.mmap] = {}
-        self.cond = threading.Condition()
-        self.thread: threading.Thread | None = None
-
-    def ask(self, spans) -> None:
-        """Read the blocks of these byte spans (in order; empty: nothing more will be asked)."""
-        with self.cond:
-            if not spans:
-                self.asked_all = True
-            for start, length in spans:
-                if self.left <= 0 or self.fd is None:
-                    break
-                first = max(start // PREFETCH_BLOCK, self.last + 1)
-                end = min((start + length - 1) // PREFETCH_BLOCK + 1, first + self.left)
-                self.want.extend(range(first, end))
-                self.left -= max(0, end - first)
-                self.last = max(self.last, end - 1)
-            if self.want and self.thread is None and not self.stopped:
-                self.thread = threading.Thread(target=self._run, name="early-read",
-                                               daemon=True)
-                self.thread.start()
-            self.cond.notify()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self.cond:
-                    while not (self.want or self.stopped or self.asked_all):
-                        self.cond.wait()
-                    if self.stopped or not self.want:
-                        return
-                    block = self.want.popleft()
-                offset = block * PREFETCH_BLOCK
-                n = min(PREFETCH_BLOCK, self.size - offset)
-                n = -(-n // self.sector) * self.sector        # whole sectors, for O_DIRECT
-                buf = mmap.mmap(-1, PREFETCH_BLOCK)
-                try:
-                    preadv_full(self.fd, memoryview(buf)[:n], offset, self.path)
-                except OSError as err:
-                    log.debug("%s: read ahead stops at byte %d: %s", self.path, offset, err)
-                    return
-                with self.cond:
-                    if self.stopped:
-                        return
-                    self.blocks[block] = buf
-        finally:
-            with self.cond:
-                self._close()
-
-    def stop(self) -> dict[int, mmap.mmap]:
-        """Stop reading (waiting for the read under way) and hand over the blocks read."""
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
-            thread = self.thread
-        if thread is not None:
-            thread.join()
-        with self.cond:
-            self._close()
-            blocks, self.blocks = self.blocks, {}
-        return blocks
-
-    def abandon(self) -> None:
-        """Stop without waiting: the thread closes its descriptor when its read returns."""
-        with self.cond:
-            self.stopped = True
-            self.blocks = {}
-            self.cond.notify()
-            if self.thread is None:
-                self._close()
-
-    def _close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 class _Held(logging.Filter):

@@ -26,7 +26,6 @@ from typing import Callable, Iterator
 
 from diskimg import __version__, devices, ranges
 from diskimg.disk import identity
-from diskimg.disk.prescan import PREFETCH_BLOCK
 from diskimg.disk.used import content_ids, scan as scan_used
 from diskimg import format as fmt
 from diskimg.format import delta
@@ -594,19 +593,11 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     keys, slots = _image_keys(opts, ref, new_uuid, source.size, bs, digest)
     transforms = keys.writing_chain(opts.level) if keys else writing_chain(opts.level)
     used_map = None
-    prefetched: dict = {}    # blocks the early scan read ahead (disk.prescan)
     if opts.all_blocks:
         used = [(0, source.size)]
     else:
         used_map = opts.prescan.take(source) if opts.prescan is not None else None
-        if used_map is not None:
-            prefetched, opts.prescan.prefetched = opts.prescan.prefetched, {}
-            if prefetched and bs != PREFETCH_BLOCK:
-                prefetched = {}          # read in blocks of another size: of no use
-            if prefetched:
-                log.debug("%s: %d blocks were read ahead during the used-block scan",
-                          source.path, len(prefetched))
-        else:
+        if used_map is None:
             used_map = scan_used(source.fd, source.size, sector_size=source.logical_sector)
         used = list(used_map.ranges)
     # blocks the filesystem's metadata owns that its allocation map marked free (read all the
@@ -645,8 +636,7 @@ def _create(source: Source, image_path: str, opts: ImageOptions, ident: dict,
     # cost 0.5-0.66 s of system time (read-ahead, copy, invalidation), O_DIRECT 0.07-0.14 s
     direct_fd = open_direct(source.path) if source.is_block else None
     stages = _BlockStages(source, header, to_read, used, direct_fd, transforms,
-                          ref.iter_entries() if ref is not None else None, parent_pages,
-                          prefetched=prefetched if direct_fd is not None else {})
+                          ref.iter_entries() if ref is not None else None, parent_pages)
     try:
         if progress:
             progress.start(source.size, "B")
@@ -769,22 +759,17 @@ class _BlockStages:
 
     def __init__(self, source: Source, header: fmt.Header, to_read: list[tuple[int, int]],
                  used: list[tuple[int, int]], direct_fd: int | None, transforms: TransformChain,
-                 ref_entries: Iterator | None, parent_pages: ParentPages | None = None,
-                 prefetched: dict | None = None) -> None:
+                 ref_entries: Iterator | None, parent_pages: ParentPages | None = None) -> None:
         self.source = source
         self.header = header
         self.to_read = to_read     # the byte ranges to read: used, and not a hole
         self.used = used           # the used byte ranges (the rest: UNUSED runs)
         self.bs = header.block_size
         self.direct_fd = direct_fd
-        # blocks the early scan read ahead (whole blocks, as an O_DIRECT read here would be):
-        # taken as they are, each once, then kept by the pool like its own buffers
-        self.prefetched = prefetched or {}
         self.transforms = transforms
         self.ref_entries = ref_entries
         self.parent_pages = parent_pages
-        # at most what is in flight is kept for reuse (the blocks read ahead add to it once)
-        self.pool = BufferPool(self.bs, keep=2 * IN_FLIGHT_BYTES // self.bs + 16)
+        self.pool = BufferPool(self.bs)
         self.zeros = bytes(self.bs)
         self.read_bytes = 0        # counted by write, on one thread
         self.unchanged_zero = 0    # zero/unused runs that were zeros in the reference too
@@ -847,32 +832,16 @@ class _BlockStages:
         space around and between them zeros.  A read error names the bad sector when it can."""
         if type(job) is Run:
             return job
+        source, sector = self.source, self.source.logical_sector
         start, length = job.block * self.bs, job.length
         parts = job.parts or ((0, length),)
         lo, hi = parts[0][0], parts[-1][0] + parts[-1][1]
-        early = self.prefetched.pop(job.block, None) if self.prefetched else None
-        if early is not None:   # the whole block, read ahead by the early scan (disk.prescan)
-            view = memoryview(early)[:length]
-        else:
-            view = memoryview(self.pool.get())[:length]
-            self._read_into(view, start, lo, hi)
-        pos = 0
-        zeros = self.zeros
-        for off, n in (*parts, (length, 0)):   # zero what lies outside the data ranges
-            if off > pos:
-                view[pos:off] = zeros[:off - pos]
-            pos = off + n
-        job.view, job.read_bytes = view, hi - lo
-        return job
-
-    def _read_into(self, view: memoryview, start: int, lo: int, hi: int) -> None:
-        """Bytes lo..hi of the block at `start` into the same place of `view`."""
-        source, sector = self.source, self.source.logical_sector
+        view = memoryview(self.pool.get())[:length]
         try:
             if self.direct_fd is None:
                 preadv_full(source.fd, view[lo:hi], start + lo, source.path)
             else:   # whole sectors, into the page-aligned buffer at the same place
-                a, e = lo // sector * sector, min(-(-hi // sector) * sector, len(view))
+                a, e = lo // sector * sector, min(-(-hi // sector) * sector, length)
                 try:
                     preadv_full(self.direct_fd, view[a:e], start + a, source.path)
                 except OSError as err:
@@ -890,6 +859,14 @@ class _BlockStages:
                     where, length = bad, source.logical_sector
             raise ReadError(source.path, where, length, err,
                             hint="use --rescue to image past unreadable sectors") from err
+        pos = 0
+        zeros = self.zeros
+        for off, n in (*parts, (length, 0)):   # zero what lies outside the data ranges
+            if off > pos:
+                view[pos:off] = zeros[:off - pos]
+            pos = off + n
+        job.view, job.read_bytes = view, hi - lo
+        return job
 
     def read_and_hash(self, job: Run | BlockJob) -> Run | BlockJob:
         """read, then hash_compare on the same thread."""

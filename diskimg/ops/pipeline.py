@@ -102,9 +102,8 @@ class BufferPool:
     whose host reclaims freed memory).  A pool holds at most as many buffers as blocks are in
     flight.  Page alignment also makes them usable for O_DIRECT I/O."""
 
-    def __init__(self, size: int, keep: int | None = None) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
-        self.keep = keep           # at most this many kept for reuse (None: every one)
         self._free: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
@@ -116,8 +115,7 @@ class BufferPool:
 
     def put(self, buf: mmap.mmap) -> None:
         with self._lock:
-            if self.keep is None or len(self._free) < self.keep:
-                self._free.append(buf)
+            self._free.append(buf)
 
 
 _END = object()

@@ -29,8 +29,7 @@ from diskimg.disk.used.raw import bit_runs as _bit_runs
 MiB = 1 << 20
 
 needs = {t: shutil.which(t) for t in ("mke2fs", "e2fsck", "debugfs", "dumpe2fs", "mkfs.vfat",
-                                      "fsck.vfat", "mcopy", "mkfs.xfs", "sfdisk", "mkswap",
-                                      "fincore")}
+                                      "fsck.vfat", "mcopy", "mkfs.xfs", "sfdisk", "mkswap")}
 
 
 def need(*tools: str):
@@ -734,67 +733,3 @@ def test_closing_an_early_scan_does_not_wait_for_it(tmp_path, monkeypatch):
     release.set()
     early._thread.join()
     assert early._source is None            # the thread closed the descriptor itself
-
-
-@need("mke2fs", "debugfs")
-def test_scan_tells_ahead_what_its_map_holds_before_the_inode_walk(tmp_path, monkeypatch):
-    """`ahead` hears of the data the bitmaps call used before the (slower) inode walk reads
-    anything, and only of spans the final map holds: whoever reads them early reads nothing
-    imaging would not."""
-    from diskimg import ranges
-    from diskimg.disk.used import ext
-
-    img = make_ext(tmp_path / "fs.img", 32 * MiB, populate(tmp_path / "src", big=MiB), "-t",
-                   "ext4")
-    events: list = []
-    real = ext.owned_blocks
-
-    def walk(*a, **kw):
-        events.append("walk")
-        return real(*a, **kw)
-    monkeypatch.setattr(ext, "owned_blocks", walk)
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        m = scan(fd, img.stat().st_size, ahead=lambda spans: events.append(list(spans)))
-    finally:
-        os.close(fd)
-    assert events.index("walk") > 0, events           # told before the walk
-    told = [s for e in events if e != "walk" for s in e]
-    assert told == sorted(told) and ranges.total(told) > MiB
-    assert ranges.subtract(told, list(m.ranges)) == []
-
-
-@pytest.mark.root
-@need("mke2fs", "debugfs")
-def test_early_scan_reads_the_first_used_blocks_of_a_device_ahead(tmp_path, monkeypatch, loops):
-    """From a device, the early scan reads the first PREFETCH_BYTES of used data (here 3 MiB:
-    the first three 1 MiB blocks the map touches) with O_DIRECT while it scans, and hands
-    them over with the map, byte for byte the device's; a scan let go of without `take`
-    closes the descriptor it read them with."""
-    from diskimg.disk import prescan
-    from diskimg.disk.blockdev import open_source
-
-    img = make_ext(tmp_path / "fs.img", 32 * MiB, populate(tmp_path / "src", big=MiB), "-t",
-                   "ext4")
-    dev = loops.attach(img)
-    monkeypatch.setattr(prescan, "PREFETCH_BYTES", 3 * MiB)
-    early = prescan.EarlyScan(dev)
-    early._thread.join()                      # the scan, then the reads it asked for
-    early._prefetch.thread.join(30)
-    src = open_source(dev)
-    try:
-        m = early.take(src)
-        blocks = sorted({b for s, n in m.ranges for b in range(s // MiB, (s + n - 1) // MiB + 1)})
-        assert sorted(early.prefetched) == blocks[:3]
-        for b, buf in early.prefetched.items():
-            assert buf[:MiB] == os.pread(src.fd, MiB, b * MiB), f"block {b}"
-    finally:
-        src.close()
-        early.close()
-    unused = prescan.EarlyScan(dev)
-    reader = unused._prefetch
-    unused._thread.join()
-    unused.close()
-    if reader.thread is not None:
-        reader.thread.join(30)
-    assert reader.fd is None and not reader.blocks

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from diskimg import ranges
 from diskimg.disk.used.ext import ExtFs
@@ -263,8 +262,7 @@ def _scan_partitions(rd: SourceReader, table: str, parts: list[Partition], out: 
 # --------------------------------------------------------------------------------------------
 # entry point
 
-def scan(fd: int, size: int, *, sector_size: int = 512, min_gap: int = 0,
-         ahead: Callable[[Sequence[tuple[int, int]]], None] | None = None) -> UsedMap:
+def scan(fd: int, size: int, *, sector_size: int = 512, min_gap: int = 0) -> UsedMap:
     """Which byte ranges of the source open on ``fd`` (``size`` bytes) must be read.
 
     ``sector_size`` is the logical sector size used to interpret MBR LBAs (GPT finds its own
@@ -273,11 +271,8 @@ def scan(fd: int, size: int, *, sector_size: int = 512, min_gap: int = 0,
 
     Never raises for the content of the source: whatever cannot be analysed safely, including
     unreadable metadata, is reported as used (and logged).
-
-    ``ahead(spans)`` is called during the scan with byte spans the map will hold (in source
-    order, before the result is complete), for a caller that starts reading them early.
     """
-    rd = SourceReader(fd, size, ahead)
+    rd = SourceReader(fd, size)
     out = RangeCollector()
     regions: list[Region] = []
     if size <= 0:

@@ -11,7 +11,7 @@ import logging
 from typing import Iterator
 
 from diskimg import ranges
-from diskimg.disk.used.ext_check import GroupInodes, inode_spans, owned_blocks
+from diskimg.disk.used.ext_check import GroupInodes, owned_blocks
 from diskimg.disk.used.raw import (
     FAST_CRC,
     NotThisFilesystem,
@@ -318,12 +318,6 @@ class ExtFs:
         bitmap_used = out.merged(end)
         for s, n in bitmap_used:
             final_out.add(s, n)
-        if check:
-            # the walk's inode tables asked for first, then the data the bitmaps call used (a
-            # caller reading it early, disk.prescan), then the walk (the kernel reads in order)
-            self.rd.will_need(inode_spans(base, bs=bs, ipg=self.ipg, inode_size=self.inode_size,
-                                          has_itable_unused=bool(uninit_ok), groups=inode_groups))
-        self.rd.used_ahead(bitmap_used)
         if check:
             owned = owned_blocks(self.rd, base, self.sb, bs=bs, blocks=self.blocks,
                                  first_data=self.first_data, ipg=self.ipg,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Iterator, Sequence
+from typing import Iterator
 
 import crcmod
 
@@ -28,17 +28,11 @@ class NotThisFilesystem(Unrecognised):
 
 
 class SourceReader:
-    """pread within ``[0, size)``; a short read or an I/O error means "cannot analyse".
+    """pread within ``[0, size)``; a short read or an I/O error means "cannot analyse"."""
 
-    ``ahead``, when set, is told early of byte spans the result will certainly hold (a
-    filesystem's bitmaps, before their cross-check), so that whoever reads the data next can
-    start reading them while the scan goes on (disk.prescan)."""
-
-    def __init__(self, fd: int, size: int,
-                 ahead: Callable[[Sequence[tuple[int, int]]], None] | None = None) -> None:
+    def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
         self.size = size
-        self.ahead = ahead
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -68,16 +62,6 @@ class SourceReader:
                                      os.POSIX_FADV_WILLNEED)
                 except OSError:
                     return
-
-
-    def used_ahead(self, spans: Sequence[tuple[int, int]]) -> None:
-        """Pass spans that are certainly used to ``ahead`` (a hint: a failing callback changes
-        nothing in the scan)."""
-        if self.ahead is not None and spans:
-            try:
-                self.ahead(spans)
-            except Exception:
-                self.ahead = None
 
 
 class RangeCollector:
