@@ -78,42 +78,6 @@ def _is_the_program() -> bool:
     return getattr(top, "main", None) is main
 
 
-# the options every command takes before its name (diskimg.cli.options.common; a test keeps
-# these in step with it)
-GLOBAL_FLAGS = ("-v", "--verbose", "--debug")
-GLOBAL_WITH_VALUE = ("--log-file", "--endpoint-url")
-
-
-def _start_early_scan(argv: list[str]) -> None:
-    """`diskimg image SRC ...`: start the used-block scan of SRC now, before the command line's
-    modules are imported and its parser built (issue 20: 0.03-0.05 s earlier); the image
-    command claims it (diskimg.disk.prescan.claim) when SRC is its source, else a new scan
-    starts there.  Only the plain form is recognised (global options, the command, its source
-    right after it), so no option's value is ever taken for SRC; what the scan does not need
-    (--rescue, --all-blocks, standard input, help) starts nothing."""
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        if argv[i] in GLOBAL_WITH_VALUE:
-            i += 2
-        elif argv[i] in GLOBAL_FLAGS or argv[i].split("=", 1)[0] in GLOBAL_WITH_VALUE:
-            i += 1
-        else:
-            return
-    argv = argv[i:]
-    if len(argv) < 2 or argv[0] != "image" or argv[1].startswith("-"):
-        return
-    if any(a in ("--rescue", "--all-blocks", "-h", "--help") for a in argv):
-        return
-    from diskimg.disk import prescan
-    prescan.start(argv[1])
-
-
-def _release_early_scan() -> None:
-    prescan = sys.modules.get("diskimg.disk.prescan")
-    if prescan is not None:
-        prescan.release()
-
-
 def main() -> int:
     """Run the CLI with sys.argv; returns the exit code (130 on Ctrl-C at any point)."""
     global _interrupted, _pending
@@ -126,7 +90,8 @@ def main() -> int:
         try:
             try:
                 if _is_the_program():
-                    _start_early_scan(sys.argv[1:])
+                    from diskimg.cli.early import start_scan
+                    start_scan(sys.argv[1:])      # the used-block scan of `image SRC`, now
                 from diskimg.cli.main import main as cli_main
                 code = cli_main()
                 if _pending and not _cleanup_begun():
@@ -138,7 +103,9 @@ def main() -> int:
                 _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
                 _signal.setitimer(_signal.ITIMER_REAL, 0)
                 _pending = False
-                _release_early_scan()
+                early = sys.modules.get("diskimg.cli.early")
+                if early is not None:
+                    early.release()
         except KeyboardInterrupt:
             # before cli.main could catch it: during the imports, or between its return and here
             return _report_interrupted()

@@ -624,9 +624,9 @@ def test_a_scan_the_entry_point_started_for_nothing_is_let_go(tmp_path):
 
 
 def test_the_entry_points_global_options_are_the_parsers():
-    """The entry point skips the global options before `image` by name: the same names, with
-    and without values, as the parser's."""
-    from diskimg import __main__ as entry
+    """The entry point's early scan skips the global options before `image` by name: the same
+    names, with and without values, as the parser's."""
+    from diskimg.cli import early as entry
     from diskimg.cli.options import common
 
     flags, valued = set(), set()
