@@ -33,14 +33,15 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from diskimg import format as fmt
-from diskimg.disk.used.partitions import GPT_SIG, Partition, mbr_entries, parse_gpt, parse_mbr
-from diskimg.disk.used.raw import Unrecognised
 from diskimg.errors import DiskimgError
 from diskimg.image.chain import open_chain
 from diskimg.image.view import DEFAULT_CACHE_BYTES, BlockView
+
+if TYPE_CHECKING:
+    from diskimg.disk.used.partitions import Partition
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,10 @@ class ImageDisk:
     def partitions(self) -> list[Partition]:
         """The partitions of the disk's MBR or GPT (empty for an unpartitioned disk, a bare
         filesystem, or a table that cannot be parsed: that is logged)."""
+        # here, not at the top: importing the used-block scanners (every file system's parser)
+        # would slow down the start of an export, which needs none of them
+        from diskimg.disk.used.partitions import GPT_SIG, mbr_entries, parse_gpt, parse_mbr
+        from diskimg.disk.used.raw import Unrecognised
         rd = _ViewReader(self.view)
         try:
             sector0 = rd.read(0, 512) if self.size >= 512 else b""
@@ -254,6 +259,7 @@ class _ViewReader:
         self.size = view.size
 
     def read(self, offset: int, length: int) -> bytes:
+        from diskimg.disk.used.raw import Unrecognised
         if offset < 0 or length < 0 or offset + length > self.size:
             raise Unrecognised(f"structure at byte {offset} (+{length}) lies outside the disk "
                                f"({self.size} bytes)")
