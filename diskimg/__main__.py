@@ -78,36 +78,6 @@ def _is_the_program() -> bool:
     return getattr(top, "main", None) is main
 
 
-def _s3_endpoint(argv: list[str]) -> tuple[bool, str | None]:
-    """Whether `argv` names an s3:// location, and the --endpoint-url it gives (a guess made
-    before the parser runs: the real parse decides, see _warm_up_s3)."""
-    remote, endpoint = False, None
-    for i, arg in enumerate(argv):
-        if arg[:5].lower() == "s3://":
-            remote = True
-        elif arg == "--endpoint-url" and i + 1 < len(argv):
-            endpoint = argv[i + 1]
-        elif arg.startswith("--endpoint-url="):
-            endpoint = arg.partition("=")[2]
-    return remote, endpoint
-
-
-def _warm_up_s3(endpoint: str | None) -> None:
-    """Load the S3 client (boto3's import, its service model) on a daemon thread while the
-    main thread imports the CLI and checks the command: the client is what an s3:// command
-    waits for first.  Errors are left to the first real use, which reports them; a guess of
-    the endpoint that the parse contradicts only costs a client made for nothing."""
-    import threading
-
-    def run() -> None:
-        try:
-            from diskimg.store import s3
-            s3.warm_up(endpoint)
-        except BaseException:  # noqa: BLE001 - reported by the first real use
-            pass
-    threading.Thread(target=run, name="s3-warm-up", daemon=True).start()
-
-
 def _exit_now(code: int) -> None:
     """End the program at once with `code`, skipping the interpreter's teardown, once output
     is flushed and the exit handlers (logging's flush among them) have run.  Only when boto3
@@ -142,10 +112,6 @@ def main() -> int:
     try:
         try:
             try:
-                if program:
-                    remote, endpoint = _s3_endpoint(sys.argv[1:])
-                    if remote:
-                        _warm_up_s3(endpoint)
                 from diskimg.cli.main import main as cli_main
                 code = cli_main()
                 if _pending and not _cleanup_begun():

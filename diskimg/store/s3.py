@@ -95,22 +95,9 @@ def part_size_for(size_hint: int | None) -> int:
     return min(MAX_PART, max(MIN_PART, -(-want // MiB) * MiB))
 
 
-def warm_up(endpoint_url: str | None) -> None:
-    """Make the client `_client` will give for `endpoint_url`, ahead of its first use: called
-    on a background thread by the program's entry point (diskimg/__main__.py) as soon as an
-    s3:// argument is seen, so that boto3's import and its service model (about 0.35 s of CPU
-    here) are loaded while the CLI imports its own modules and checks the command.  Failures
-    are left to the first real use, which reports them."""
-    _client(endpoint_url or None)
-
-
-_SETTINGS = object()
-
-
-def _client(endpoint=_SETTINGS):
-    """One client per endpoint (thread-safe: boto3 clients may be shared by threads); the
-    endpoint is the configured one unless given."""
-    endpoint = _settings["endpoint_url"] if endpoint is _SETTINGS else endpoint
+def _client():
+    """One client per endpoint (thread-safe: boto3 clients may be shared by threads)."""
+    endpoint = _settings["endpoint_url"]
     # the environment is read when a client is made: a change of it (tests, a library user
     # switching accounts) gets a new one
     key = (endpoint, *(os.environ.get(v) for v in _ENV))
