@@ -108,10 +108,10 @@ def main() -> int:
     previous_alarm = _signal.signal(_signal.SIGALRM, _on_alarm)
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _make_unraisable_hook(previous_hook)
-    program = _is_the_program()
     try:
         try:
             try:
+                program = _is_the_program()
                 from diskimg.cli.main import main as cli_main
                 code = cli_main()
                 if _pending and not _cleanup_begun():

@@ -271,7 +271,8 @@ def test_the_program_ends_at_once_with_its_output_and_log_whole(s3, tmp_path):
     r = subprocess.run([PYTHON, "-m", "diskimg", "info", missing, "--json", "--log-file",
                         str(log)], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert "no such object" in json.loads(r.stdout)["error"]["message"]
+    error = json.loads(r.stdout)["error"]
+    assert "no such object" in error["message"] and error["path"] == missing
     assert "no such object" in log.read_text(), log.read_text()   # flushed and closed
     out = tmp_path / "out.raw"
     r = subprocess.run([PYTHON, "-m", "diskimg", "restore", url, str(out)], capture_output=True,
