@@ -202,6 +202,11 @@ def use_s3(monkeypatch, server: Server) -> None:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.setitem(S3_OPTIONS, "endpoint_url", None)
+    # what an earlier in-process command's --endpoint-url left in the client's settings (it
+    # is set again only when the CLI opens an s3:// store): a store built directly must not
+    # inherit it
+    from diskimg.store import s3
+    monkeypatch.setitem(s3._settings, "endpoint_url", None)
 
 
 class Relay:

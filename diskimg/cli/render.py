@@ -83,7 +83,9 @@ def error_path(err: BaseException | None) -> str | None:
         getattr(err, "filename", None) if isinstance(err, OSError) else None)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    return os.path.abspath(path) if isinstance(path, str) and path else None
+    if not (isinstance(path, str) and path):
+        return None
+    return path if path[:5].lower() == "s3://" else os.path.abspath(path)   # a URL as it is
 
 
 def error_json(message: str, code: int, err: BaseException | None = None) -> dict:

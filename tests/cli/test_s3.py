@@ -248,3 +248,35 @@ def test_incremental_stream_against_a_parent_in_the_store(s3, tmp_path):
                             s3.prefix], stdin=f, capture_output=True, env=env)
     assert r.returncode == 0, r.stderr
     assert target.read_bytes() == src.read_bytes()
+
+
+def test_the_program_ends_at_once_with_its_output_and_log_whole(s3, tmp_path):
+    """After an s3:// command the program skips the interpreter's teardown of boto3's client
+    (diskimg/__main__.py _exit_now): its exit code, its output and its log file are still
+    complete, for a success and for a failure, run as the real program."""
+    import subprocess
+
+    from helpers import PYTHON
+    src = _source(tmp_path / "src.raw", size=2 * MiB, data=MiB)
+    url = s3.prefix + "x.dimg"
+    assert cli("image", src, url).rc == 0
+    r = subprocess.run([PYTHON, "-m", "diskimg", "info", url, "--json"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["uuid"]                  # the whole JSON document, flushed
+    r = subprocess.run([PYTHON, "-m", "diskimg", "verify", url], capture_output=True, text=True)
+    assert r.returncode == 0 and "OK" in r.stdout.upper(), (r.stdout, r.stderr)
+    missing = s3.prefix + "missing.dimg"
+    log = tmp_path / "log.txt"
+    r = subprocess.run([PYTHON, "-m", "diskimg", "info", missing, "--json", "--log-file",
+                        str(log)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    error = json.loads(r.stdout)["error"]
+    assert "no such object" in error["message"] and error["path"] == missing
+    assert "no such object" in log.read_text(), log.read_text()   # flushed and closed
+    out = tmp_path / "out.raw"
+    r = subprocess.run([PYTHON, "-m", "diskimg", "restore", url, str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == src.read_bytes()
+    assert "restored" in r.stdout

@@ -385,3 +385,48 @@ def test_only_the_store_lists_renames_or_preads_images():
                         isinstance(node.value, ast.Name) and node.value.id == "os":
                     found.append(f"{path.relative_to(pkg)}:{node.lineno}: os.{node.attr}")
     assert found == []
+
+
+def test_s3_window_buffers_are_reused_only_once_no_read_copies_from_them(seaweedfs, monkeypatch):
+    """S3Reader reuses the buffer of a read-ahead window dropped from its cache, but only once
+    no read is copying from it: readers on several threads taking the next record in turn (as
+    restore's workers do), over windows made small so that dozens are fetched, dropped and
+    reused, all get their bytes right, with pread and read_into alike."""
+    import threading
+    import uuid
+
+    from diskimg.store import s3
+    from s3servers import use_s3
+    use_s3(monkeypatch, seaweedfs)
+    monkeypatch.setattr(s3, "WINDOW", 64 << 10)
+    store = s3.S3Store(seaweedfs.bucket, f"suite-{uuid.uuid4().hex[:12]}/")
+    data = os.urandom(6 << 20)
+    _put(store, "big", data)
+    step, errors = 100_000, []
+    for pass_ in range(2):
+        with store.open("big") as r:
+            cursor = iter(range(0, len(data), step))
+            lock = threading.Lock()
+
+            def work() -> None:
+                buf = bytearray(step)
+                while True:
+                    with lock:
+                        off = next(cursor, None)
+                    if off is None:
+                        return
+                    want = data[off:off + step]
+                    if pass_:
+                        got = bytes(buf[:r.read_into(buf, off)])
+                    else:
+                        got = r.pread(step, off)
+                    if got != want:
+                        errors.append(off)
+            threads = [threading.Thread(target=work) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert errors == []
+            assert r._free, "no window buffer was reused"
+            assert not r._pins          # every read let go of its windows
