@@ -123,8 +123,14 @@ def main() -> int:
             finally:
                 # nothing that happens after the command (interpreter shutdown, joining
                 # threads) may turn a late Ctrl-C into a traceback
-                _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
-                _signal.setitimer(_signal.ITIMER_REAL, 0)
+                try:
+                    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+                    _signal.setitimer(_signal.ITIMER_REAL, 0)
+                except OSError:
+                    # a Ctrl-C that came as it was being ignored: Python reports it when it
+                    # finds it pending with no handler ("Signal 2 ignored due to race
+                    # condition"); it is ignored, as it was meant to be
+                    _signal.setitimer(_signal.ITIMER_REAL, 0)
                 _pending = False
                 early = sys.modules.get("diskimg.cli.early")
                 if early is not None:
