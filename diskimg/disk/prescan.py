@@ -43,6 +43,7 @@ def claim(path: str) -> EarlyScan:
     global _started
     early, _started = _started, None
     if early is not None and early.path == path:
+        log.debug("%s: the used-block scan begun at start-up goes on", path)
         return early
     if early is not None:
         early.close()

@@ -606,6 +606,8 @@ def test_the_entry_point_starts_the_scan_and_the_image_command_takes_it(tmp_path
                        text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert _scans_logged(log) == 1, log.read_text()
+    claimed = "the used-block scan begun at start-up goes on" in log.read_text()
+    assert claimed == (form != "option before the source"), log.read_text()
     assert cli("verify", img).rc == 0
 
 
