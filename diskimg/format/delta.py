@@ -148,6 +148,12 @@ def max_delta_length(length: int) -> int:
     return bitmap_size(length) + length
 
 
+def plausible_length(raw_len: int, length: int) -> bool:
+    """Whether a decoded delta payload of `raw_len` bytes can be one of a block of `length`
+    bytes: more than its page bitmap, at most max_delta_length."""
+    return bitmap_size(length) < raw_len <= max_delta_length(length)
+
+
 def differing_pages(data: bytes | bytearray | memoryview, vector: bytes) -> list[int]:
     """The pages of `data` whose hashes differ from `vector` (what verify names in a damaged
     block)."""

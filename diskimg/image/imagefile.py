@@ -445,7 +445,7 @@ class ImageReader:
         against the entry's digest.  Raises BlockError or DiskIOError."""
         rec, payload = self._record(block, entry, None)
         length = self.header.block_length(block)
-        if not delta.bitmap_size(length) < rec.raw_len <= delta.max_delta_length(length):
+        if not delta.plausible_length(rec.raw_len, length):
             raise self.block_error(block, f"delta record damaged: its length {rec.raw_len} is "
                                           f"implausible for a block of {length} bytes")
         out = bytearray(rec.raw_len)

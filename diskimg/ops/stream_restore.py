@@ -101,9 +101,9 @@ def _open_parents(header: fmt.Header, search: Iterable[str]) -> Chain:
     return parents
 
 
-def _restore(src: ForwardReader | ParityStreamReader, header: fmt.Header, pos: int, parents: Chain | None,
-             target: str, confirm, salvage: bool, keep_partial: bool, progress,
-             started: float) -> RestoreResult:
+def _restore(src: ForwardReader | ParityStreamReader, header: fmt.Header, pos: int,
+             parents: Chain | None, target: str, confirm, salvage: bool, keep_partial: bool,
+             progress, started: float) -> RestoreResult:
     bs, blocks = header.block_size, header.blocks
     transforms = transforms_of(header)
     opener = header.keys.open_segment if header.keys is not None else None
@@ -150,9 +150,8 @@ def _restore(src: ForwardReader | ParityStreamReader, header: fmt.Header, pos: i
                     continue
                 is_delta = bool(rec.flags & fmt.FLAG_DELTA)
                 length = header.block_length(rec.block) if rec.block < blocks else 0
-                if rec.block >= blocks or not (
-                        delta.bitmap_size(length) < rec.raw_len <= delta.max_delta_length(length)
-                        if is_delta else rec.raw_len == length):
+                if rec.block >= blocks or not (delta.plausible_length(rec.raw_len, length)
+                                               if is_delta else rec.raw_len == length):
                     raise stop(f"record at byte {pos} names block {rec.block} of "
                                f"{rec.raw_len} bytes, not a block of this image")
                 if is_delta and view is None:
