@@ -100,12 +100,12 @@ class EarlyScan:
                 logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
                 if name == "diskimg.disk.used" or name.startswith("diskimg.disk.used.")]
             for lg in loggers:
-                lg.addFilter(held)
                 # every record made, whatever the level then: the scan may run before the
                 # command line has set logging up, and what is shown is decided when the
                 # records are handed on (by the handlers' levels)
                 levels.append(lg.level)
                 lg.setLevel(logging.DEBUG)
+                lg.addFilter(held)
             # the moment the source is first read: scripts/bench times start-up by this line
             # (held back like the rest, with its time: logging may not be set up yet)
             log.debug("%s: reading its used-block map", source.path)
@@ -115,7 +115,6 @@ class EarlyScan:
         finally:
             for lg, level in zip(loggers, levels):
                 lg.setLevel(level)
-            for lg in loggers:
                 lg.removeFilter(held)
             self._said = held.records
             with self._lock:
