@@ -113,7 +113,8 @@ def main() -> int:
             try:
                 program = _is_the_program()
                 if program:
-                    from diskimg.cli.early import start_scan
+                    from diskimg.cli.early import pause_gc, start_scan
+                    pause_gc()                    # until the command runs (cli.main)
                     start_scan(sys.argv[1:])      # the used-block scan of `image SRC`, now
                 from diskimg.cli.main import main as cli_main
                 code = cli_main()

@@ -8,9 +8,14 @@ Only the plain form is recognised (global options, the command, its source right
 so no option's value is ever taken for SRC; what needs no scan (--rescue, --all-blocks,
 standard input, help) starts nothing.  This module imports nothing heavy: the entry point runs
 it first.
+
+The entry point also holds back Python's cyclic garbage collector while the program starts
+(`pause_gc`), until the command runs (`resume_gc`): loading the CLI and a command's modules
+makes tens of thousands of objects that stay, and the collector walked them over and over.
 """
 from __future__ import annotations
 
+import gc
 import sys
 
 # the options every command takes before its name (cli.options.common; a test keeps these in
@@ -37,6 +42,30 @@ def start_scan(argv: list[str]) -> None:
         return
     from diskimg.disk import prescan
     prescan.start(argv[1])
+
+
+_gc_paused = False
+
+
+def pause_gc() -> None:
+    """No cyclic garbage collection while the program starts (the entry point, before it
+    imports the CLI).  Measured (`diskimg image --incremental` of the benchmark disk, README
+    "Start-up"): the source's first data read ~0.04 s sooner."""
+    global _gc_paused
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def resume_gc() -> None:
+    """The command is about to run: what start-up loaded is set aside for good (`gc.freeze`:
+    the collector no longer walks it), and collection goes on for everything made from now on.
+    Does nothing unless `pause_gc` paused it."""
+    global _gc_paused
+    if _gc_paused:
+        _gc_paused = False
+        gc.freeze()
+        gc.enable()
 
 
 def release() -> None:

@@ -17,6 +17,7 @@ import os
 import sys
 
 from diskimg import __version__, errors
+from diskimg.cli import early
 from diskimg.cli.lazy import render
 from diskimg.cli.options import Parser, common, credentials
 from diskimg.crypto import keyring
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         creds = credentials(args, confirm=getattr(args, "encrypt", False)
                             and not getattr(args, "incremental", None)
                             and not getattr(args, "differential", None))
+        early.resume_gc()     # paused by the entry point while the program started
         with keyring.using(creds):
             outcome = args.func(args)
             if args.command == "image" and getattr(args, "image", None) == "-":

@@ -625,6 +625,44 @@ def test_a_scan_the_entry_point_started_for_nothing_is_let_go(tmp_path):
     assert not (tmp_path / "a.dimg").exists() and not (tmp_path / "b.dimg").exists()
 
 
+_GC_PROBE = """
+import gc, sys
+import diskimg.__main__ as entry
+from diskimg.cli import images, main as cli_main
+seen = {}
+real_main, real_image = cli_main.main, images._cmd_image
+def starting(*a, **k):
+    seen["while starting"] = gc.isenabled()
+    return real_main(*a, **k)
+def imaging(args):
+    seen["while imaging"] = (gc.isenabled(), gc.get_freeze_count() > 0)
+    return real_image(args)
+cli_main.main, images._cmd_image = starting, imaging
+sys.modules["__main__"].main = entry.main      # run as the program, as `python -m diskimg`
+sys.argv = ["diskimg"] + sys.argv[1:]
+code = entry.main()
+print(seen, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_the_program_collects_no_garbage_while_it_starts_and_does_while_the_command_runs(
+        tmp_path):
+    """The entry point holds Python's cyclic garbage collector back while the CLI and the
+    command's modules load (start-up time, issue 20), and the command runs with it on again,
+    start-up's objects set aside (gc.freeze); called as a library, main() leaves it alone."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(os.urandom(3 * MiB))
+    r = subprocess.run([PYTHON, "-c", _GC_PROBE, "image", str(src), str(tmp_path / "a.dimg"),
+                        "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "{'while starting': False, 'while imaging': (True, True)}" in r.stderr, r.stderr
+    import gc
+    assert gc.isenabled()
+    assert cli("info", tmp_path / "a.dimg").rc == 0     # in-process: not the program
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
 def test_the_entry_points_global_options_are_the_parsers():
     """The entry point's early scan skips the global options before `image` by name: the same
     names, with and without values, as the parser's."""
