@@ -21,6 +21,8 @@ name in it.  Errors are the diskimg errors, raised where the I/O happens and nam
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import stat as _stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -230,9 +232,25 @@ def is_remote(location: str) -> bool:
     return str(location)[:5].lower() == "s3://"
 
 
+@contextlib.contextmanager
+def collector_paused():
+    """No cyclic garbage collection inside: importing boto3 and making its client build large
+    object graphs that all stay (botocore's service models and their caches), which the
+    collector walked again and again (README "Object storage": `diskimg info s3://...` 0.317 ->
+    0.292 s on a warm cache)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def _s3():
     try:
-        from diskimg.store import s3
+        with collector_paused():
+            from diskimg.store import s3
     except ImportError as err:   # boto3 missing: an install without the dependency
         raise UsageError(f"object storage needs boto3 (pip install boto3): {err}") from err
     s3.configure(S3_OPTIONS["endpoint_url"])

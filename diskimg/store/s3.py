@@ -47,7 +47,7 @@ from botocore.config import Config
 
 from diskimg.errors import DiskimgError, NotAnImage, OperationFailed, PermissionDenied
 from diskimg.errors import UsageError
-from diskimg.store import Store, StoreReader, StoreSink, StoreStat
+from diskimg.store import Store, StoreReader, StoreSink, StoreStat, collector_paused
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +107,18 @@ def _client():
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            session = boto3.session.Session()
-            config = Config(
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                retries={"max_attempts": 1, "mode": "standard"},   # ours, logged, below
-                connect_timeout=10, read_timeout=60, max_pool_connections=32,
-                s3={"addressing_style": "path"} if endpoint else None,
-            )
-            client = session.client("s3", endpoint_url=endpoint,
-                                    region_name=session.region_name or "us-east-1",
-                                    config=config)
+            with collector_paused():
+                session = boto3.session.Session()
+                config = Config(
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                    retries={"max_attempts": 1, "mode": "standard"},   # ours, logged, below
+                    connect_timeout=10, read_timeout=60, max_pool_connections=32,
+                    s3={"addressing_style": "path"} if endpoint else None,
+                )
+                client = session.client("s3", endpoint_url=endpoint,
+                                        region_name=session.region_name or "us-east-1",
+                                        config=config)
             _clients[key] = client
         return client
 

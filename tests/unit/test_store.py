@@ -430,3 +430,28 @@ def test_s3_window_buffers_are_reused_only_once_no_read_copies_from_them(seaweed
             assert errors == []
             assert r._free, "no window buffer was reused"
             assert not r._pins          # every read let go of its windows
+
+
+def test_the_collector_paused_for_boto3_is_put_back_as_it_was():
+    """boto3 is imported and its client made with the cyclic garbage collector held back
+    (store.collector_paused); afterwards the collector is as it was: on again when it was on,
+    still off when something else had turned it off (the entry point, while the program
+    starts), also when what ran inside failed."""
+    import gc
+
+    from diskimg.store import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ImportError), collector_paused():
+        raise ImportError("no boto3")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
