@@ -8,7 +8,10 @@ commands, cache drops, medians, wall/CPU/peak RSS).  Measures, in one run:
   settings), and against `dd | restic backup --stdin` to the same server;
 - `diskimg restore` from s3:// against downloading that file with the same client (ranged
   GETs, 8 MiB, 4 at a time) and against `restic dump | dd`;
-- peak memory of `diskimg image` of a 4 TiB sparse source (the --sparse one) to s3://.
+- peak memory of `diskimg image` of a 4 TiB sparse source (the --sparse one) to s3://;
+- in the same rounds, the same image made to a local file and the same restore from the local
+  image file: the work that is diskimg's own, which no object store takes away (their ratios to
+  the upload and the download are what the S3 goals can be at best on this machine).
 
 The server (tests/s3servers.py: every port explicit, 127.0.0.1 only) is stopped whatever happens.
 """
@@ -87,6 +90,11 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
                  stages=[[diskimg, "image", src, url, "--force", "--no-progress"]]),
             dict(key="s3_upload", server_cpu=weed, label="upload the image file (boto3, same client)",
                  stages=[[python, "-c", UPLOAD, str(out_img), BUCKET, "upload/disk.dimg", "up"]]),
+            # the same image made to a local file in the same rounds: what S3 adds is the rest
+            dict(key="s3_image_local", label="diskimg image to a local file (the same image)",
+                 stages=[[diskimg, "image", src, str(outdir / "local.dimg"), "--force",
+                          "--no-progress"]],
+                 after=lambda rec: (outdir / "local.dimg").unlink(missing_ok=True)),
             *([dict(key="s3_restic", server_cpu=weed, label="dd \\| restic backup --stdin",
                     stages=[["dd", f"if={src}", "bs=4M", "status=none"],
                             [restic, "-r", repo, "backup", "--stdin", "--stdin-filename",
@@ -100,6 +108,11 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
             dict(key="s3_download", server_cpu=weed, label="download the image file (boto3, same client)",
                  stages=[[python, "-c", UPLOAD, str(down), BUCKET, "upload/disk.dimg", "down"]],
                  after=lambda rec: down.unlink(missing_ok=True)),
+            # the same restore from the local image file in the same rounds: the restore's own
+            # work, which no object store can take away
+            dict(key="s3_restore_local", label="diskimg restore of the same image from a local file",
+                 stages=[[diskimg, "restore", str(out_img), tgt, "--yes", "--no-progress"]],
+                 before=reset_target, after=fsck_target),
             *([dict(key="s3_restic_restore", server_cpu=weed, label="restic dump \\| dd conv=fsync",
                     stages=[[restic, "-r", repo, "dump", "latest", "disk.img"],
                             ["dd", f"of={tgt}", "bs=4M", "conv=fsync", "status=none"]],
@@ -120,8 +133,8 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
         if backup and bench.ok("s3_image"):
             _backup_job(bench, diskimg, src, url, log)
         rows = []
-        for key in ("s3_image", "s3_upload", "s3_restic", "s3_restore", "s3_download",
-                    "s3_restic_restore", "s3_sparse", "s3_backup_run", "s3_backup_image",
+        for key in ("s3_image", "s3_upload", "s3_image_local", "s3_restic", "s3_restore",
+                    "s3_download", "s3_restore_local", "s3_restic_restore", "s3_sparse", "s3_backup_run", "s3_backup_image",
                     "s3_backup_list"):
             r = bench.results.get(key)
             if r is None:
@@ -140,7 +153,12 @@ def run_s3(bench, diskimg: str, src: str, tgt: str, out_img: Path, reset_target,
                                  ("restore from S3 vs downloading the file", "s3_restore",
                                   "s3_download", GOALS["restore"]),
                                  ("restore from S3 vs restic dump \\| dd", "s3_restore",
-                                  "s3_restic_restore", None)):
+                                  "s3_restic_restore", None),
+                                 # the floors: the same work without the object store
+                                 ("image to a local file vs uploading the file",
+                                  "s3_image_local", "s3_upload", None),
+                                 ("restore from a local file vs downloading the file",
+                                  "s3_restore_local", "s3_download", None)):
             ra, rb = bench.results.get(a), bench.results.get(b)
             if not (ra and rb and ra["ok"] and rb["ok"]):
                 lines.append(f"| {what} | — | {goal or ''} | n/a |")
