@@ -1,7 +1,7 @@
 """The unchanged incremental's read floor, for scripts/bench (issue 20): read what `diskimg image`
 reads of a device and nothing more, the way it reads it, and do nothing with it.
 
-Usage: read_used.py DEVICE [BLOCK_SIZE]
+Usage: bench_floor.py DEVICE [BLOCK_SIZE]
 
 The used-block scan of DEVICE (diskimg.disk.used, as imaging runs it), then, for each block
 that holds used bytes, one O_DIRECT read of the span from its first used sector to its last
