@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from diskimg.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, DiskimgError
+from diskimg.store import is_remote
 from diskimg.units import human
 
 log = logging.getLogger("diskimg")
@@ -85,7 +86,7 @@ def error_path(err: BaseException | None) -> str | None:
         path = os.fsdecode(path)
     if not (isinstance(path, str) and path):
         return None
-    return path if path[:5].lower() == "s3://" else os.path.abspath(path)   # a URL as it is
+    return path if is_remote(path) else os.path.abspath(path)   # a URL as it is
 
 
 def error_json(message: str, code: int, err: BaseException | None = None) -> dict:
