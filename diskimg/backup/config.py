@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diskimg.errors import PermissionDenied, UsageError, is_permission_error
+from diskimg.store import is_remote
 
 DEFAULT_CONFIG = "/etc/diskimg/jobs.toml"
 DEFAULT_STATE_DIR = "/var/lib/diskimg"
@@ -147,7 +148,7 @@ class Job:
     @property
     def remote(self) -> bool:
         """Whether the images live in object storage (an s3:// destination)."""
-        return self.destination[:5].lower() == "s3://"
+        return is_remote(self.destination)
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ def _job(path: str, name: str, table: Any, state_dir: str) -> Job:
     destination = r.string("destination")
     if destination is None:
         raise r.fail("destination", "missing (the directory the images go to)")
-    if destination[:5].lower() == "s3://":
+    if is_remote(destination):
         bucket = destination[5:].partition("/")[0]
         if not bucket:
             raise r.fail("destination", f"{destination}: no bucket in the URL "
@@ -325,7 +326,7 @@ def _job(path: str, name: str, table: Any, state_dir: str) -> Job:
         raise r.fail("destination", f"an absolute directory expected, got {_show(destination)}")
     endpoint_url = r.string("endpoint-url")
     if endpoint_url is not None:
-        if destination[:5].lower() != "s3://":
+        if not is_remote(destination):
             raise r.fail("endpoint-url", "only for an s3:// destination")
         if not re.match(r"https?://[^/\s]+", endpoint_url):
             raise r.fail("endpoint-url", f"an http:// or https:// URL expected, got "
@@ -357,7 +358,7 @@ def _job(path: str, name: str, table: Any, state_dir: str) -> Job:
     health = r.string("health", "stop")
     if health not in HEALTH_ACTIONS:
         raise r.fail("health", f"one of {', '.join(HEALTH_ACTIONS)} expected, got {_show(health)}")
-    if health == "rescue" and destination[:5].lower() == "s3://":
+    if health == "rescue" and is_remote(destination):
         raise r.fail("health", "rescue needs a local destination (a rescue image is written "
                                "to a local file it can resume); use \"stop\" or \"ignore\" "
                                "with an s3:// destination")
